@@ -1,0 +1,233 @@
+"""The Python API: ``patch``, its handle, persistence and attention maps."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .engine import Engine
+from .errors import AttnSurgeryError, RecipeError, UnknownSurgeryError
+from .recipes import Recipe, SurgerySpec, find_recipe, parse_recipe
+from .registry import get_surgery_class
+from .surgery import Surgery
+from .targeting import parse_layers, resolve_targets
+
+CONFIG_NAME = "attnsurgery_config.json"
+STATE_NAME = "attnsurgery_state.safetensors"
+
+
+class SurgeryHandle:
+    """What :func:`patch` returns: the surgeries it applied, removable, usable as a context manager.
+
+    >>> with patch(model, "temperature", tau=0.8) as handle:
+    ...     out = model.generate(**inputs)
+    >>> # the model is exactly as before here
+    """
+
+    def __init__(self, model: nn.Module, surgeries: list[Surgery], recipe: Recipe | None = None) -> None:
+        self.model = model
+        self.surgeries = surgeries
+        self.recipe = recipe
+        self.active = True
+
+    def remove(self) -> None:
+        """Undo the surgeries; once the last one on a model is gone, the model is restored exactly."""
+        if not self.active:
+            return
+        engine = Engine.of(self.model, create=False)
+        if engine is not None:
+            for surgery in self.surgeries:
+                engine.remove(surgery)
+        self.active = False
+
+    def __enter__(self) -> SurgeryHandle:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def parameters(self) -> Iterable[nn.Parameter]:
+        """Trainable surgery parameters (for fitting temperatures, gates ...)."""
+        for surgery in self.surgeries:
+            yield from surgery.parameters()
+
+    def save(self, directory: str | Path) -> Path:
+        return save_surgery(self, directory)
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        body = "; ".join(f"{s.name}({_short_args(s)}) on {s.targets}" for s in self.surgeries)
+        return f"<SurgeryHandle {state}: {body}>"
+
+
+def _short_args(surgery: Surgery) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in surgery.config.to_dict().items())
+
+
+def _build(model: nn.Module, engine: Engine, spec: SurgerySpec) -> Surgery:
+    cls = get_surgery_class(spec.surgery)
+    config = cls.config_class.from_kwargs(cls.name, spec.args)
+    targets = resolve_targets(spec.layers, spec.heads, engine.info.num_layers, engine.info.num_heads)
+    return cls(config, targets)
+
+
+def patch(model: nn.Module, surgery: str | Recipe | Path, /, *, layers: Any = None, heads: Any = None,
+          **args: Any) -> SurgeryHandle:
+    """Apply a surgery (by name) or a recipe (name, YAML path or :class:`Recipe`) to a transformers model.
+
+    ``layers`` / ``heads`` pick where it acts (``layers="2:30"``, ``heads={10: [0, 3]}``); other keyword
+    arguments are the surgery's own (validated; unknown names and out-of-range values raise). Several patches
+    compose on one model. The model is changed in place; ``handle.remove()`` (or leaving a ``with`` block)
+    restores it exactly.
+
+    >>> handle = patch(model, "temperature", tau=0.8)
+    >>> handle = patch(model, "head_scale", heads={10: [0, 3]}, scale=0.0)
+    >>> handle = patch(model, "temperature/sharpen")          # a shipped recipe
+    """
+    recipe: Recipe | None = None
+    if isinstance(surgery, Recipe):
+        recipe = surgery
+    elif isinstance(surgery, Mapping):
+        recipe = parse_recipe(dict(surgery))
+    else:
+        name = str(surgery)
+        try:
+            get_surgery_class(name)
+        except UnknownSurgeryError as unknown:
+            if "/" not in name and not name.endswith((".yaml", ".yml")) and not Path(name).exists():
+                try:
+                    recipe = find_recipe(name)
+                except RecipeError:
+                    raise unknown from None
+            else:
+                recipe = find_recipe(name)
+    if recipe is None:
+        specs = [SurgerySpec(str(surgery), dict(args), layers, heads)]
+    else:
+        specs = list(recipe.surgeries)
+        if args or layers is not None or heads is not None:
+            if len(specs) != 1:
+                raise RecipeError(
+                    f"recipe {recipe.name!r} has {len(specs)} surgeries; keyword overrides are ambiguous. "
+                    "Edit a copy of the recipe instead."
+                )
+            only = specs[0]
+            specs = [SurgerySpec(only.surgery, {**only.args, **args}, layers if layers is not None else only.layers,
+                                 heads if heads is not None else only.heads, only.state)]
+    engine = Engine.of(model)
+    added: list[Surgery] = []
+    try:
+        for spec in specs:
+            surgery_obj = _build(model, engine, spec)
+            engine.add(surgery_obj)
+            added.append(surgery_obj)
+            if spec.state is not None:
+                _load_state(surgery_obj, load_file(str(spec.state)), engine)
+    except BaseException:
+        for surgery_obj in added:  # nothing half-applied
+            engine.remove(surgery_obj)
+        engine.discard_if_unused()
+        raise
+    return SurgeryHandle(model, added, recipe)
+
+
+def _load_state(surgery: Surgery, tensors: dict[str, torch.Tensor], engine: Engine) -> None:
+    own = surgery.state_dict()
+    missing = set(own) - set(tensors)
+    unexpected = set(tensors) - set(own)
+    if missing or unexpected:
+        raise AttnSurgeryError(
+            f"{surgery.name}: saved state does not match (missing {sorted(missing)}, unexpected {sorted(unexpected)}); "
+            "was it saved for another model or surgery version?"
+        )
+    for key, value in tensors.items():
+        if own[key].shape != value.shape:
+            raise AttnSurgeryError(
+                f"{surgery.name}: saved tensor {key!r} has shape {tuple(value.shape)}, this model needs "
+                f"{tuple(own[key].shape)}; it was saved for a different model."
+            )
+    surgery.load_state_dict(tensors)
+    engine.refresh()  # loaded state can switch layers on or off
+
+
+def save_surgery(handle: SurgeryHandle, directory: str | Path) -> Path:
+    """Save a handle's surgeries peft-style: ``attnsurgery_config.json`` + ``attnsurgery_state.safetensors``.
+
+    Only the surgery (arguments, targets, calibrated/trained tensors) is written, never the model weights.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    entries, tensors = [], {}
+    for i, surgery in enumerate(handle.surgeries):
+        entries.append({"surgery": surgery.name, "args": surgery.config.to_dict(), **surgery.targets.to_json()})
+        for key, value in surgery.state_dict().items():
+            tensors[f"{i}.{key}"] = value.detach().cpu().contiguous()
+    config = {
+        "attnsurgery_version": __version__,
+        "model_type": getattr(handle.model.config, "model_type", None),
+        "num_layers": handle.surgeries[0].targets.num_layers if handle.surgeries else None,
+        "num_heads": handle.surgeries[0].targets.num_heads if handle.surgeries else None,
+        "recipe": handle.recipe.name if handle.recipe else None,
+        "surgeries": entries,
+    }
+    # write to temporary names, then rename, so an interrupted save never leaves a half-written pair
+    tmp_state, tmp_config = directory / (STATE_NAME + ".tmp"), directory / (CONFIG_NAME + ".tmp")
+    save_file(tensors, str(tmp_state), metadata={"format": "pt"})
+    tmp_config.write_text(json.dumps(config, indent=2) + "\n")
+    tmp_state.replace(directory / STATE_NAME)
+    tmp_config.replace(directory / CONFIG_NAME)
+    return directory
+
+
+def load_surgery(model: nn.Module, directory: str | Path) -> SurgeryHandle:
+    """Re-apply surgeries saved with :func:`save_surgery` onto a (fresh) model of the same shape."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise AttnSurgeryError(f"{directory} holds no {CONFIG_NAME}; save one with save_surgery(handle, dir).")
+    config = json.loads(config_path.read_text())
+    tensors = load_file(str(directory / STATE_NAME)) if (directory / STATE_NAME).is_file() else {}
+    handles = []
+    try:
+        for i, entry in enumerate(config["surgeries"]):
+            heads = entry.get("heads")
+            if heads is not None:
+                heads = {int(k): v for k, v in heads.items()}
+            handle = patch(model, entry["surgery"], layers=entry.get("layers"), heads=heads, **entry.get("args", {}))
+            prefix = f"{i}."
+            own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            _load_state(handle.surgeries[0], own, Engine.of(model))
+            handles.append(handle)
+    except BaseException:
+        for handle in handles:
+            handle.remove()
+        raise
+    return SurgeryHandle(model, [s for h in handles for s in h.surgeries])
+
+
+@torch.no_grad()
+def attention_maps(model: nn.Module, inputs: Mapping[str, torch.Tensor] | torch.Tensor,
+                   layers: Any = None) -> dict[int, torch.Tensor]:
+    """Attention probabilities ``{layer: (B, H, Tq, Tk)}`` as the (patched) model computes them.
+
+    Works on patched and unpatched models alike; probability-level surgeries' edits are included (what the
+    surgery sees and produces). Only the requested layers materialise a full map.
+    """
+    engine = Engine.of(model)
+    selected = parse_layers(layers, engine.info.num_layers)
+    if isinstance(inputs, torch.Tensor):
+        inputs = {"input_ids": inputs}
+    engine.start_recording(set(selected))
+    try:
+        model(**inputs, use_cache=False)
+    finally:
+        maps = engine.stop_recording()
+    return {layer: torch.cat(maps[layer], dim=2) if len(maps[layer]) > 1 else maps[layer][0]
+            for layer in sorted(maps)}

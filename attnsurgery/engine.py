@@ -1,0 +1,506 @@
+"""The engine: one attention function registered on transformers' attention seam, routing each layer.
+
+transformers calls ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation](module, query, key, value,
+attention_mask, scaling=..., dropout=..., **kwargs)`` from every attention layer. We register one dispatcher
+(:func:`attnsurgery_attention`) under our own name, plus the matching mask function in
+``AttentionMaskInterface`` (without it transformers silently passes ``attention_mask=None`` and causality is
+lost), then switch the model over with ``set_attn_implementation``. No model code is copied.
+
+Per layer the dispatcher runs the active surgeries' stages (see :mod:`attnsurgery.surgery`) on the cheapest
+backend that is exact for them:
+
+* only ``QUERY``/``HEAD_OUTPUT`` stages -> the model's own kernel (SDPA, or its eager function if the model
+  was loaded with ``attn_implementation="eager"``) on the modified query/scaling;
+* one ``fused`` probability surgery -> that surgery's exact kernel;
+* other probability-level stages -> :func:`tiled_attention`, O(block x n) memory, never an n x n tensor
+  unless attention maps were requested;
+* a ``REPLACE`` surgery -> its own kernel.
+
+Per-request state (real-token positions under padding and a KV cache) reaches surgeries through a
+:class:`RequestState` filled by a forward pre-hook on the decoder, which survives ``generate()`` (that
+rejects unknown forward kwargs).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+from .errors import SurgeryConfigError, UnsupportedModelError
+from .surgery import PROBABILITY_STAGES, AttentionCall, AttentionTile, Stage, Surgery
+
+#: implementation names we register; which one a model gets depends on what it ran before
+SDPA_NAME = "attnsurgery"
+EAGER_NAME = "attnsurgery_eager"
+_BASE_OF = {SDPA_NAME: "sdpa", EAGER_NAME: "eager"}
+
+#: memory budget for one query block of scores on the tiled path
+TILE_BYTES = int(float(os.environ.get("ATTNSURGERY_TILE_MB", "32")) * 2**20)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model discovery
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelInfo:
+    """What the engine needs to know about a model's decoder."""
+
+    model: nn.Module
+    decoder: nn.Module
+    attention: list[nn.Module]  # self-attention modules indexed by layer
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.attention)
+
+
+def _is_self_attention(module: nn.Module) -> bool:
+    name = type(module).__name__
+    return (
+        name.endswith("Attention")
+        and isinstance(getattr(module, "layer_idx", None), int)
+        and not getattr(module, "is_cross_attention", False)
+    )
+
+
+def discover(model: nn.Module) -> ModelInfo:
+    """Find the decoder and its self-attention modules, or explain why this model is not supported."""
+    if not hasattr(model, "set_attn_implementation") or not hasattr(model, "config"):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a transformers PreTrainedModel; attnsurgery patches models loaded "
+            "with transformers (e.g. attnsurgery.load_model or AutoModelForCausalLM.from_pretrained)."
+        )
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    if decoder is None:
+        decoder = model
+    attention = [m for m in decoder.modules() if _is_self_attention(m)]
+    if not attention:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: found no self-attention modules with a layer index. attnsurgery works "
+            "through transformers' AttentionInterface; this architecture does not route attention through it."
+        )
+    by_layer = {m.layer_idx: m for m in attention}
+    if sorted(by_layer) != list(range(len(attention))):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: attention layer indices {sorted(by_layer)} are not 0..{len(attention) - 1}."
+        )
+    config = getattr(decoder, "config", model.config)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    num_heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    return ModelInfo(model, decoder, [by_layer[i] for i in range(len(attention))], num_heads, num_kv_heads,
+                     head_dim)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The per-request side channel
+# ----------------------------------------------------------------------------------------------------------
+
+
+class RequestState:
+    """What one forward call carries that attention functions never see: real-token positions.
+
+    Filled by a forward pre-hook on the decoder from its ``attention_mask`` (2D, covering cached and new
+    tokens), ``position_ids`` or cache length. Surgeries may stash their own per-request data in ``extras``
+    (e.g. sink sets frozen at prefill); it is cleared when a new prompt starts (no cache, or an empty one).
+    """
+
+    def __init__(self) -> None:
+        self._positions: torch.Tensor | None = None
+        self.key_valid: torch.Tensor | None = None  # (B, Tk_total) bool, when a 2D mask was given
+        self.past_len: int = 0
+        self.extras: dict[str, Any] = {}
+
+    def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        ref = ids if ids is not None else embeds
+        if ref is None:
+            self._positions = None
+            return
+        batch, q_len = ref.shape[0], ref.shape[1]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        if past == 0:
+            self.extras.clear()  # a new prompt: forget state frozen for the previous one
+        self.past_len = past
+        mask = kwargs.get("attention_mask")
+        position_ids = kwargs.get("position_ids")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            self.key_valid = mask.bool()
+            # index among real tokens: right padding (lm-eval scoring) and left padding (generate) alike
+            self._positions = (self.key_valid.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
+        else:
+            self.key_valid = None
+            if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2:
+                self._positions = position_ids.expand(batch, -1)
+            else:
+                self._positions = (torch.arange(q_len, device=ref.device) + past).expand(batch, q_len)
+
+    def query_positions(self, q_len: int, k_len: int) -> torch.Tensor:
+        pos = self._positions
+        if pos is None or pos.shape[1] != q_len:
+            # Called without going through the decoder (stale state): the queries are the last q_len keys.
+            return torch.arange(k_len - q_len, k_len).unsqueeze(0)
+        return pos
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backends
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _allowed_tile(mask: torch.Tensor | None, is_causal: bool, q_len: int, k_len: int, s: int, e: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, int, int]:
+    """(allowed bool mask, additive float mask or None, k_start, k_end) for query rows [s, e)."""
+    if mask is None:
+        if is_causal and q_len > 1:
+            # transformers drops the mask only for a plain causal prefill: query i sees keys 0..i (SDPA's
+            # upper-left alignment; extra keys would be empty static-cache slots).
+            k_end = min(e, k_len)
+            rows = torch.arange(s, e, device=device)[:, None]
+            cols = torch.arange(k_end, device=device)[None, :]
+            return (cols <= rows)[None, None], None, 0, k_end
+        return torch.ones(1, 1, e - s, k_len, dtype=torch.bool, device=device), None, 0, k_len
+    rows = mask[:, :, s:e] if mask.shape[2] > 1 else mask
+    if rows.dtype == torch.bool:
+        allowed, additive = rows, None
+    else:  # an additive float mask (eager): keep its values, they may carry biases
+        allowed, additive = rows > torch.finfo(rows.dtype).min / 2, rows
+    cols = allowed.flatten(0, -2).any(0).nonzero()
+    if len(cols) == 0:
+        k_start, k_end = 0, k_len
+    else:
+        k_start, k_end = int(cols[0]), int(cols[-1]) + 1
+    allowed = allowed[..., k_start:k_end]
+    if additive is not None:
+        additive = additive[..., k_start:k_end]
+    return allowed, additive, k_start, k_end
+
+
+def tiled_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, scaling: float, call: AttentionCall,
+                    logit_stages: list[Surgery] = (), normalizer: Surgery | None = None,
+                    prob_stages: list[Surgery] = (), dropout: float = 0.0,
+                    record: list[torch.Tensor] | None = None, block_rows: int | None = None) -> torch.Tensor:
+    """Exact attention computed over blocks of query rows, with probability-level stages applied per block.
+
+    Memory is O(block x n): scores for at most ``TILE_BYTES`` at a time. Keys outside the block's visible range
+    (above the causal diagonal, before a sliding window) are skipped. Scores and probabilities are fp32 as in
+    transformers' eager path. Returns attn_output (B, Tq, H, Dv).
+    """
+    bsz, num_heads, q_len, head_dim = query.shape
+    num_kv, k_len = key.shape[1], key.shape[2]
+    groups = num_heads // num_kv
+    softcap = call.kwargs.get("softcap")
+    # (B, Hkv, G, Tq, D): query heads grouped by the key/value head they share, so GQA never repeats K/V
+    q = (query.float() * scaling).view(bsz, num_kv, groups, q_len, head_dim)
+    k_t = key.float().transpose(-1, -2)  # (B, Hkv, D, Tk)
+    out = query.new_empty(bsz, q_len, num_heads, value.shape[-1])
+    if block_rows is None:
+        block_rows = max(16, TILE_BYTES // max(1, 3 * 4 * bsz * num_heads * k_len))
+    if record is not None:
+        maps = torch.zeros(bsz, num_heads, q_len, k_len, dtype=torch.float32, device=query.device)
+    for s in range(0, q_len, block_rows):
+        e = min(s + block_rows, q_len)
+        allowed, additive, k0, k1 = _allowed_tile(attention_mask, call.is_causal, q_len, k_len, s, e, q.device)
+        tile = AttentionTile(call, s, e, k0, k1, allowed)
+        qb = q[:, :, :, s:e].reshape(bsz, num_kv, groups * (e - s), head_dim)
+        scores = torch.matmul(qb, k_t[..., k0:k1]).view(bsz, num_heads, e - s, k1 - k0)  # (B, H, bq, bk)
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        if additive is not None:
+            scores = scores + additive
+        for surgery in logit_stages:
+            scores = surgery.logits(scores, tile)
+        # finite fill (as eager does): a fully masked padding row stays finite instead of NaN, so it cannot
+        # poison real rows through 0 * NaN in the value product of the next layer
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        probs = normalizer.normalize(scores, tile) if normalizer is not None else torch.softmax(scores, dim=-1)
+        for surgery in prob_stages:
+            probs = surgery.probs(probs, tile)
+        if record is not None:
+            maps[:, :, s:e, k0:k1] = probs
+        if dropout > 0.0:
+            probs = nn.functional.dropout(probs, p=dropout, training=True)
+        probs = probs.to(value.dtype).view(bsz, num_kv, groups * (e - s), k1 - k0)
+        block = torch.matmul(probs, value[:, :, k0:k1])  # (B, Hkv, G*bq, Dv)
+        out[:, s:e] = block.view(bsz, num_heads, e - s, -1).transpose(1, 2)
+    if record is not None:
+        record.append(maps.cpu())
+    return out
+
+
+def _eager_base(module: nn.Module) -> Callable:
+    """The model's own eager attention function (GPT-2, Gemma ... each define theirs)."""
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        from transformers.models.llama.modeling_llama import eager_attention_forward as fn
+    return fn
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-layer plan and the dispatcher
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerPlan:
+    """The surgeries active on one layer, sorted into stages, and the backend to use."""
+
+    layer_idx: int
+    engine: Engine
+    base: Callable
+    query: list[Surgery] = field(default_factory=list)
+    logits: list[Surgery] = field(default_factory=list)
+    normalizer: Surgery | None = None
+    probs: list[Surgery] = field(default_factory=list)
+    head_output: list[Surgery] = field(default_factory=list)
+    replace: Surgery | None = None
+
+    kernel: Surgery | None = None  # computes the core attention itself (REPLACE, or a lone ``fused`` surgery)
+    tiled: bool = False  # probability-level stages run on the tiled path
+    idle: bool = True  # no surgery acts here: straight to the base kernel
+
+    def freeze(self) -> LayerPlan:
+        """Decide the backend once, when surgeries change, not on every call."""
+        prob_level = [*self.logits, *self.probs] + ([self.normalizer] if self.normalizer else [])
+        owners = {id(s): s for s in prob_level}
+        self.kernel = self.replace
+        if self.kernel is None and len(owners) == 1:
+            (only,) = owners.values()
+            self.kernel = only if only.fused else None
+        self.tiled = bool(prob_level) and self.kernel is None
+        self.idle = not (self.query or self.head_output or prob_level or self.replace)
+        return self
+
+    def run(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            attention_mask: torch.Tensor | None, scaling: float | None, dropout: float,
+            kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if scaling is None:
+            scaling = query.shape[-1] ** -0.5
+        record = self.engine.recording(self.layer_idx)
+        if self.idle and record is None:
+            return self.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        call = AttentionCall(
+            module=module, layer_idx=self.layer_idx, num_heads=query.shape[1], num_kv_heads=key.shape[1],
+            query_len=query.shape[2], key_len=key.shape[2], attention_mask=attention_mask,
+            is_causal=kwargs.get("is_causal", getattr(module, "is_causal", True)) is not False,
+            request=self.engine.request, kwargs=kwargs,
+        )
+        for surgery in self.query:
+            query, scaling = surgery.query(query, scaling, call)
+        kernel = self.kernel if record is None else self.replace
+        weights = None
+        if kernel is not None:
+            attn_output = kernel.attention(query, key, value, scaling, call)
+        elif self.tiled or record is not None:
+            if kwargs.get("s_aux") is not None or kwargs.get("position_bias") is not None:
+                raise UnsupportedModelError(
+                    f"layer {self.layer_idx}: attention sinks (s_aux) / position_bias are not supported on the "
+                    "tiled path yet; patch only query/head-output surgeries on this model."
+                )
+            attn_output = tiled_attention(query, key, value, attention_mask, scaling, call, self.logits,
+                                          self.normalizer, self.probs, dropout, record)
+        else:
+            attn_output, weights = self.base(module, query, key, value, attention_mask, scaling=scaling,
+                                             dropout=dropout, **kwargs)
+        for surgery in self.head_output:
+            attn_output = surgery.head_output(attn_output, call)
+        return attn_output, weights
+
+
+def attnsurgery_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, scaling: float | None = None,
+                          dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The function transformers calls for every attention layer of a patched model."""
+    plan: LayerPlan | None = getattr(module, "attnsurgery_layer", None)
+    if plan is None:  # e.g. a vision tower of a patched VLM: stock SDPA
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    return plan.run(module, query, key, value, attention_mask, scaling, dropout, kwargs)
+
+
+def _register() -> None:
+    AttentionInterface.register(SDPA_NAME, attnsurgery_attention)
+    AttentionMaskInterface.register(SDPA_NAME, sdpa_mask)
+    AttentionInterface.register(EAGER_NAME, attnsurgery_attention)
+    AttentionMaskInterface.register(EAGER_NAME, eager_mask)
+
+
+_register()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The engine: one per patched model
+# ----------------------------------------------------------------------------------------------------------
+
+_ENGINES: weakref.WeakKeyDictionary[nn.Module, Engine] = weakref.WeakKeyDictionary()
+
+
+class Engine:
+    """Owns a model's patch: the attention implementation switch, the side-channel hook, layer plans.
+
+    Created by the first surgery on a model and uninstalled, leaving the model exactly as it was, when the
+    last one is removed. Use :func:`attnsurgery.patch`, not this class, in user code.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.info = discover(model)
+        self.model = model
+        self.surgeries: list[Surgery] = []
+        self.request = RequestState()
+        self._hooks: dict[int, list[Any]] = {}  # id(surgery or self) -> hook handles
+        self._record: set[int] | None = None
+        self._maps: dict[int, list[torch.Tensor]] = {}
+        config = self.info.decoder.config if hasattr(self.info.decoder, "config") else model.config
+        self._impl_owner = self.info.decoder if hasattr(self.info.decoder, "set_attn_implementation") else model
+        self.original_impl = config._attn_implementation
+        self.impl = EAGER_NAME if self.original_impl == "eager" else SDPA_NAME
+        self._installed = False
+
+    # -- lookup ----------------------------------------------------------------------------------------------
+    @classmethod
+    def of(cls, model: nn.Module, create: bool = True) -> Engine | None:
+        engine = _ENGINES.get(model)
+        if engine is None and create:
+            engine = _ENGINES[model] = cls(model)
+        return engine
+
+    # -- install / uninstall ---------------------------------------------------------------------------------
+    def _install(self) -> None:
+        self._hooks[id(self)] = [
+            self.info.decoder.register_forward_pre_hook(self.request.capture, with_kwargs=True)
+        ]
+        self._impl_owner.set_attn_implementation(self.impl)
+        self._installed = True
+
+    def _uninstall(self) -> None:
+        for handle in self._hooks.pop(id(self), []):
+            handle.remove()
+        for module in self.info.attention:
+            if hasattr(module, "attnsurgery_layer"):
+                del module.attnsurgery_layer
+        self._impl_owner.set_attn_implementation(self.original_impl)
+        self._installed = False
+        _ENGINES.pop(self.model, None)
+
+    def register_hook(self, owner: Surgery, handle: Any) -> None:
+        """Keep a hook handle a surgery registered; it is removed with the surgery."""
+        self._hooks.setdefault(id(owner), []).append(handle)
+
+    # -- surgeries -------------------------------------------------------------------------------------------
+    def add(self, surgery: Surgery) -> None:
+        """Set up a surgery and route its layers; on any error the model is left as it was."""
+        first = not self._installed
+        try:
+            surgery.setup(self.model, self)
+            plans = self._plans([*self.surgeries, surgery])  # validates stage conflicts
+            if first:
+                self._install()
+        except BaseException:
+            for handle in self._hooks.pop(id(surgery), []):
+                handle.remove()
+            if first and self._installed:
+                self._uninstall()
+            if not self.surgeries and not self._installed:
+                _ENGINES.pop(self.model, None)
+            raise
+        self.surgeries.append(surgery)
+        self._apply(plans)
+
+    def remove(self, surgery: Surgery) -> None:
+        if surgery not in self.surgeries:
+            return
+        self.surgeries.remove(surgery)
+        for handle in self._hooks.pop(id(surgery), []):
+            handle.remove()
+        if not self.surgeries and self._record is None:
+            self._uninstall()
+        else:
+            self._apply(self._plans(self.surgeries))
+
+    def refresh(self) -> None:
+        """Re-route layers after a surgery's state changed (e.g. calibrated tensors were loaded)."""
+        self._apply(self._plans(self.surgeries))
+
+    def discard_if_unused(self) -> None:
+        if not self.surgeries and not self._installed:
+            _ENGINES.pop(self.model, None)
+
+    def _plans(self, surgeries: list[Surgery]) -> list[LayerPlan]:
+        plans = []
+        for idx, module in enumerate(self.info.attention):
+            base = _eager_base(module) if self.impl == EAGER_NAME else sdpa_attention_forward
+            plan = LayerPlan(idx, self, base)
+            for surgery in surgeries:
+                stages = surgery.active_stages(idx)
+                if Stage.QUERY in stages:
+                    plan.query.append(surgery)
+                if Stage.LOGITS in stages:
+                    plan.logits.append(surgery)
+                if Stage.PROBS in stages:
+                    plan.probs.append(surgery)
+                if Stage.HEAD_OUTPUT in stages:
+                    plan.head_output.append(surgery)
+                if Stage.NORMALIZE in stages:
+                    if plan.normalizer is not None:
+                        raise SurgeryConfigError(
+                            f"layer {idx}: {plan.normalizer.name!r} and {surgery.name!r} both replace the softmax; "
+                            "only one normaliser can act on a layer. Give them disjoint `layers`."
+                        )
+                    plan.normalizer = surgery
+                if Stage.REPLACE in stages:
+                    if plan.replace is not None:
+                        raise SurgeryConfigError(
+                            f"layer {idx}: {plan.replace.name!r} and {surgery.name!r} both replace attention; "
+                            "give them disjoint `layers`."
+                        )
+                    plan.replace = surgery
+            if plan.replace is not None and (plan.logits or plan.probs or plan.normalizer):
+                others = {s.name for s in [*plan.logits, *plan.probs]} | (
+                    {plan.normalizer.name} if plan.normalizer else set())
+                raise SurgeryConfigError(
+                    f"layer {idx}: {plan.replace.name!r} replaces attention, so {sorted(others)} have no softmax "
+                    "probabilities to act on there. Give them disjoint `layers`."
+                )
+            plans.append(plan.freeze())
+        return plans
+
+    def _apply(self, plans: list[LayerPlan]) -> None:
+        for module, plan in zip(self.info.attention, plans):
+            module.attnsurgery_layer = plan
+
+    # -- attention maps --------------------------------------------------------------------------------------
+    def recording(self, layer_idx: int) -> list[torch.Tensor] | None:
+        if self._record is None or layer_idx not in self._record:
+            return None
+        return self._maps.setdefault(layer_idx, [])
+
+    def start_recording(self, layers: set[int]) -> None:
+        if not self._installed:
+            self._install()
+            self._apply(self._plans(self.surgeries))
+        self._record, self._maps = set(layers), {}
+
+    def stop_recording(self) -> dict[int, list[torch.Tensor]]:
+        maps, self._record, self._maps = self._maps, None, {}
+        if not self.surgeries:
+            self._uninstall()
+        return maps

@@ -1,0 +1,167 @@
+"""Recipes: YAML files that say which surgeries to apply, with which arguments, on which layers and heads.
+
+.. code-block:: yaml
+
+    name: temperature/sharpen
+    description: Sharper attention on all but the first two layers.
+    model: smollm2-135m            # the model it was made for (an alias, hub id or path); optional
+    surgeries:
+      - surgery: temperature
+        args: {tau: 0.9}
+        layers: "2:"
+        heads: null                # all heads; or [0, 3], or {10: [0, 3]}
+        state: null                # optional safetensors file of calibrated/trained state, relative to the YAML
+    eval:                          # optional: what `attnsurgery eval` scores it on
+      tasks: [bigbench_general_knowledge]
+
+Unknown keys are errors (a typo must not silently drop a surgery). Shipped recipes live in ``recipes/<surgery>/``
+and install with the package; refer to them as ``<surgery>/<file>`` or just ``<surgery>`` (the folder's
+``default.yaml``, or the one made for the requested model).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import AttnSurgeryError, RecipeError, did_you_mean
+
+_RECIPE_KEYS = {"name", "description", "model", "surgeries", "eval", "calibration", "notes"}
+_SURGERY_KEYS = {"surgery", "args", "layers", "heads", "state"}
+
+
+@dataclass
+class SurgerySpec:
+    surgery: str
+    args: dict[str, Any] = field(default_factory=dict)
+    layers: Any = None
+    heads: Any = None
+    state: Path | None = None
+
+
+@dataclass
+class Recipe:
+    name: str
+    surgeries: list[SurgerySpec]
+    description: str = ""
+    model: str | None = None
+    eval: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    notes: str = ""
+    path: Path | None = None
+
+
+def _check_keys(where: str, data: dict, allowed: set[str]) -> None:
+    for key in data:
+        if key not in allowed:
+            raise RecipeError(
+                f"{where}: unknown key {key!r}.{did_you_mean(str(key), allowed)} Allowed keys: {', '.join(sorted(allowed))}."
+            )
+
+
+def parse_recipe(data: Any, source: str = "<recipe>", base_dir: Path | None = None) -> Recipe:
+    """Validate a recipe mapping (surgery names and argument names/ranges included) and build a Recipe."""
+    from .registry import get_surgery_class
+
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe must be a YAML mapping with a 'surgeries' list, got {type(data).__name__}.")
+    _check_keys(source, data, _RECIPE_KEYS)
+    items = data.get("surgeries")
+    if not isinstance(items, list) or not items:
+        raise RecipeError(f"{source}: 'surgeries' must be a non-empty list of {{surgery: name, args: {{...}}}}.")
+    specs = []
+    for i, item in enumerate(items):
+        where = f"{source}: surgeries[{i}]"
+        if isinstance(item, str):
+            item = {"surgery": item}
+        if not isinstance(item, dict) or "surgery" not in item:
+            raise RecipeError(f"{where}: each entry needs a 'surgery' name, e.g. {{surgery: temperature, args: {{tau: 0.9}}}}.")
+        _check_keys(where, item, _SURGERY_KEYS)
+        args = item.get("args") or {}
+        if not isinstance(args, dict):
+            raise RecipeError(f"{where}: 'args' must be a mapping of argument names to values.")
+        try:
+            cls = get_surgery_class(str(item["surgery"]))
+            cls.config_class.from_kwargs(cls.name, args)  # names and ranges, before any model is touched
+        except AttnSurgeryError as err:
+            raise RecipeError(f"{where}: {err}") from None
+        state = item.get("state")
+        if state is not None:
+            state = (base_dir / state) if base_dir is not None and not Path(state).is_absolute() else Path(state)
+            if not state.is_file():
+                raise RecipeError(f"{where}: state file {state} does not exist.")
+        specs.append(SurgerySpec(cls.name, dict(args), item.get("layers"), item.get("heads"), state))
+    for key in ("eval", "calibration"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise RecipeError(f"{source}: {key!r} must be a mapping.")
+    return Recipe(
+        name=str(data.get("name") or source), surgeries=specs, description=str(data.get("description") or ""),
+        model=data.get("model"), eval=data.get("eval") or {}, calibration=data.get("calibration") or {},
+        notes=str(data.get("notes") or ""),
+    )
+
+
+def load_recipe_file(path: str | Path) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise RecipeError(f"cannot read recipe {path}: {err.strerror}.") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    recipe = parse_recipe(data, str(path), path.parent)
+    recipe.path = path
+    return recipe
+
+
+def _packaged_root() -> Path:
+    return Path(str(importlib.resources.files("attnsurgery.recipes")))
+
+
+def list_recipes() -> list[str]:
+    """Names of the shipped recipes (``<surgery>/<file>``)."""
+    root = _packaged_root()
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def find_recipe(name: str | Path, model: str | None = None) -> Recipe:
+    """A recipe from a YAML path or a shipped name (``temperature/sharpen`` or ``temperature``).
+
+    For a bare folder name, picks the recipe made for ``model`` if there is one, else ``default.yaml``.
+    """
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} does not exist.")
+        return load_recipe_file(path)
+    root = _packaged_root()
+    text = str(name).strip("/")
+    candidate = root / f"{text}.yaml"
+    if candidate.is_file():
+        return load_recipe_file(candidate)
+    folder = root / text
+    if folder.is_dir():
+        files = sorted(folder.glob("*.yaml"))
+        if model is not None:
+            for f in files:
+                if f.stem == model or load_recipe_file(f).model == model:
+                    return load_recipe_file(f)
+        if (folder / "default.yaml").is_file():
+            return load_recipe_file(folder / "default.yaml")
+        if len(files) == 1:
+            return load_recipe_file(files[0])
+        raise RecipeError(
+            f"recipe folder {text!r} has several recipes and none is made for {model!r}: pick one of "
+            f"{', '.join(f'{text}/{f.stem}' for f in files)}."
+        )
+    known = list_recipes()
+    raise RecipeError(
+        f"unknown recipe {str(name)!r}: not a YAML file and not a shipped recipe.{did_you_mean(text, known)} "
+        f"Shipped recipes: {', '.join(known)} (see `attnsurgery list`)."
+    )

@@ -1,0 +1,270 @@
+"""The one abstraction: a surgery declares *where* in attention it acts.
+
+Attention is a pipeline; a surgery overrides the stage methods it needs and lists them in ``stages``:
+
+====================  =========================================  ====================================
+stage                 method                                     backend the engine can keep
+====================  =========================================  ====================================
+``Stage.QUERY``       ``query(query, scaling, call)``            fused SDPA (fold into q / scaling)
+``Stage.LOGITS``      ``logits(scores, tile)``                   tiled over query blocks
+``Stage.NORMALIZE``   ``normalize(scores, tile)`` (replaces      tiled over query blocks
+                      softmax; at most one per layer)
+``Stage.PROBS``       ``probs(probs, tile)``                     tiled, or the surgery's own exact
+                                                                 ``attention()`` kernel
+``Stage.HEAD_OUTPUT`` ``head_output(attn_output, call)``         fused SDPA (scale per head)
+``Stage.REPLACE``     ``attention(query, key, value, call)``     the surgery's own kernel
+====================  =========================================  ====================================
+
+Order on a layer: all ``QUERY`` stages (in patch order), then the core attention (one ``REPLACE`` surgery, or
+``LOGITS`` -> ``NORMALIZE`` -> ``PROBS`` on the tiled path, or the stock kernel), then all ``HEAD_OUTPUT``
+stages. A surgery can act on only some layers (``layers=``) and heads (``heads=``); the engine routes each
+layer to the cheapest backend that is exact for the surgeries active there.
+
+A new surgery is one folder under ``patches/`` with a config dataclass and a ``Surgery`` subclass; see
+``patches/head_scale`` for the smallest one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .errors import SurgeryConfigError, did_you_mean
+from .targeting import LayerHeads
+
+
+class Stage(enum.Enum):
+    QUERY = "query"
+    LOGITS = "logits"
+    NORMALIZE = "normalize"
+    PROBS = "probs"
+    HEAD_OUTPUT = "head_output"
+    REPLACE = "replace"
+
+
+#: stages that need the attention probabilities (or their logits) as tensors
+PROBABILITY_STAGES = frozenset({Stage.LOGITS, Stage.NORMALIZE, Stage.PROBS})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configs: dataclasses whose fields declare their valid range, so every surgery validates the same way.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def arg(default: Any = dataclasses.MISSING, *, doc: str, low: float | None = None, high: float | None = None,
+        low_open: bool = False, high_open: bool = False, choices: tuple | None = None,
+        default_factory: Any = dataclasses.MISSING) -> Any:
+    """A documented config field with an optional numeric range ``[low, high]`` (ends open on request)."""
+    meta = {"doc": doc, "low": low, "high": high, "low_open": low_open, "high_open": high_open,
+            "choices": choices}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _range_text(meta: Mapping[str, Any]) -> str:
+    lo, hi = meta["low"], meta["high"]
+    left = "(" if meta["low_open"] else "["
+    right = ")" if meta["high_open"] or hi is None else "]"
+    return f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+
+
+def _numbers(value: Any) -> list[float]:
+    """Every number inside a scalar / list / {layer: value} structure (for range checks)."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    if isinstance(value, torch.Tensor):
+        return value.detach().flatten().tolist()
+    if isinstance(value, Mapping):
+        return [x for v in value.values() for x in _numbers(v)]
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _numbers(v)]
+    return []
+
+
+@dataclass
+class SurgeryConfig:
+    """Base class of every surgery's arguments. Subclasses are dataclasses built from :func:`arg` fields."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @classmethod
+    def from_kwargs(cls, surgery: str, kwargs: Mapping[str, Any]) -> SurgeryConfig:
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in kwargs:
+            if key not in names:
+                raise SurgeryConfigError(
+                    f"{surgery}: unknown argument {key!r}.{did_you_mean(key, names)} "
+                    f"Valid arguments: {', '.join(names) or '(none)'} (plus the common 'layers' and 'heads')."
+                )
+        try:
+            return cls(**kwargs)
+        except SurgeryConfigError as err:
+            raise SurgeryConfigError(f"{surgery}: {err}") from None
+
+    def validate(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            meta = f.metadata
+            if not meta:
+                continue
+            hint = hints.get(f.name)
+            if hint is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                object.__setattr__(self, f.name, value)
+            if meta.get("choices") is not None and value not in meta["choices"]:
+                raise SurgeryConfigError(
+                    f"argument {f.name}={value!r} is not one of {list(meta['choices'])}.{did_you_mean(str(value), map(str, meta['choices']))}"
+                )
+            lo, hi = meta.get("low"), meta.get("high")
+            if lo is None and hi is None:
+                continue
+            for x in _numbers(value):
+                bad = (not math.isfinite(x) and not (hi is None and x == math.inf and not meta["high_open"]))
+                bad = bad or (lo is not None and (x < lo or (meta["low_open"] and x == lo)))
+                bad = bad or (hi is not None and (x > hi or (meta["high_open"] and x == hi)))
+                if bad:
+                    raise SurgeryConfigError(
+                        f"argument {f.name}={x!r} is out of range: it must lie in {_range_text(meta)}. "
+                        f"{meta['doc']}"
+                    )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly arguments (tensors become lists)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.tolist() if isinstance(v, torch.Tensor) else v
+        return out
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, str, str]]:
+        """(name, default, doc) for each argument, for ``attnsurgery list -v``."""
+        rows = []
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else "(required)"
+            doc = f.metadata.get("doc", "")
+            if f.metadata.get("low") is not None or f.metadata.get("high") is not None:
+                doc = f"{doc} Range {_range_text(f.metadata)}."
+            rows.append((f.name, repr(default), doc))
+        return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What a surgery sees at run time
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AttentionCall:
+    """One call of one attention layer: the live module plus the per-request side channel.
+
+    Shapes follow transformers: ``query`` (B, H, Tq, D), ``key``/``value`` (B, Hkv, Tk, D) not GQA-expanded.
+    """
+
+    module: nn.Module
+    layer_idx: int
+    num_heads: int
+    num_kv_heads: int
+    query_len: int
+    key_len: int
+    attention_mask: torch.Tensor | None
+    is_causal: bool
+    request: Any  # attnsurgery.engine.RequestState
+    kwargs: dict[str, Any]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """(B, Tq) index of each query among its row's real (unpadded) tokens, absolute under a KV cache.
+
+        ``n_i = positions + 1`` is the number of real tokens a causal query sees.
+        """
+        return self.request.query_positions(self.query_len, self.key_len)
+
+
+@dataclass
+class AttentionTile:
+    """A block of query rows on the tiled path: queries ``[q_start, q_end)`` against keys ``[k_start, k_end)``."""
+
+    call: AttentionCall
+    q_start: int
+    q_end: int
+    k_start: int
+    k_end: int
+    allowed: torch.Tensor  # bool, broadcastable to (B, H, q_end - q_start, k_end - k_start)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.call.positions[:, self.q_start : self.q_end]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The surgery base class
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Surgery(nn.Module):
+    """Base class of all surgeries. One instance covers all targeted layers of one model.
+
+    Subclasses set ``name``, ``config_class``, ``summary``, ``paper`` and ``stages`` and override the stage
+    methods they list. Trainable or calibrated state lives in ordinary parameters/buffers of the surgery (so it
+    saves as safetensors); per-layer tensors are indexed by layer.
+    """
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[SurgeryConfig]] = SurgeryConfig
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    stages: ClassVar[frozenset[Stage]] = frozenset()
+    #: True when ``attention()`` computes this surgery's probability-level edit exactly on a fused kernel;
+    #: the engine uses it when this is the only probability-level surgery on a layer.
+    fused: ClassVar[bool] = False
+
+    def __init__(self, config: SurgeryConfig, targets: LayerHeads) -> None:
+        super().__init__()
+        self.config = config
+        self.targets = targets
+
+    # -- life cycle ---------------------------------------------------------------------------------------
+    def setup(self, model: nn.Module, engine: Any) -> None:
+        """Called once when the surgery is installed (build per-layer tensors, register hooks via engine)."""
+
+    def active_stages(self, layer_idx: int) -> frozenset[Stage]:
+        """Stages this surgery runs on a layer; empty means the layer is untouched by it."""
+        return self.stages if layer_idx in self.targets.layers else frozenset()
+
+    # -- stages (override those listed in ``stages``) -------------------------------------------------------
+    def query(self, query: torch.Tensor, scaling: float, call: AttentionCall) -> tuple[torch.Tensor, float]:
+        return query, scaling
+
+    def logits(self, scores: torch.Tensor, tile: AttentionTile) -> torch.Tensor:
+        return scores
+
+    def normalize(self, scores: torch.Tensor, tile: AttentionTile) -> torch.Tensor:
+        raise NotImplementedError
+
+    def probs(self, probs: torch.Tensor, tile: AttentionTile) -> torch.Tensor:
+        return probs
+
+    def head_output(self, attn_output: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+        return attn_output
+
+    def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+                  call: AttentionCall) -> torch.Tensor:
+        """Own kernel for ``REPLACE`` (or a ``fused`` probability edit): returns attn_output (B, Tq, H, D)."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"{self.name}: {self.config}, {self.targets}"

@@ -1,0 +1,186 @@
+"""Which layers and heads a surgery acts on.
+
+``layers`` uses Python slice semantics over decoder layers: ``"2:30"`` is layers 2..29, ``"-14:"`` the last
+fourteen, ``"1,18:32"`` a union, ``[0, 5]`` a list, ``None`` all. ``heads`` is ``None`` (all query heads), a list
+applied to every targeted layer, or ``{layer: [heads]}``; a dict with ``layers=None`` targets exactly its keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import SurgeryConfigError
+
+
+@dataclass(frozen=True)
+class LayerHeads:
+    layers: frozenset[int]
+    heads: Mapping[int, tuple[int, ...]] | None  # None: all heads on every targeted layer
+    num_layers: int
+    num_heads: int
+
+    def heads_of(self, layer: int) -> tuple[int, ...] | None:
+        """Targeted heads of a layer, or None for all heads."""
+        if self.heads is None:
+            return None
+        return self.heads.get(layer, ())
+
+    def head_mask(self, layer: int, device: torch.device | None = None) -> torch.Tensor:
+        """(H,) bool: which query heads are targeted on ``layer``."""
+        mask = torch.zeros(self.num_heads, dtype=torch.bool, device=device)
+        if layer in self.layers:
+            heads = self.heads_of(layer)
+            if heads is None:
+                mask[:] = True
+            else:
+                mask[list(heads)] = True
+        return mask
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "layers": sorted(self.layers),
+            "heads": None if self.heads is None else {str(k): list(v) for k, v in sorted(self.heads.items())},
+        }
+
+    def __str__(self) -> str:
+        layers = sorted(self.layers)
+        text = "all layers" if len(layers) == self.num_layers else f"layers {_compact(layers)}"
+        if self.heads is None:
+            return f"{text}, all heads"
+        return f"{text}, {sum(len(v) for v in self.heads.values())} (layer, head) pairs"
+
+
+def _compact(values: list[int]) -> str:
+    """[2,3,4,7] -> '2-4,7'."""
+    parts, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            parts.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ",".join(parts)
+
+
+def _one(spec: Any, num_layers: int) -> Iterable[int]:
+    if isinstance(spec, bool):
+        raise SurgeryConfigError(f"layers: {spec!r} is not a layer index or slice.")
+    if isinstance(spec, int):
+        idx = spec + num_layers if spec < 0 else spec
+        if not 0 <= idx < num_layers:
+            raise SurgeryConfigError(
+                f"layers: layer {spec} is out of range; this model has {num_layers} layers (0..{num_layers - 1})."
+            )
+        return [idx]
+    if isinstance(spec, str):
+        spec = spec.strip()
+        if ":" in spec:
+            parts = spec.split(":")
+            if len(parts) > 3:
+                raise SurgeryConfigError(f"layers: {spec!r} is not a slice like '2:30' or '-14:'.")
+            try:
+                bounds = [int(p) if p.strip() else None for p in parts]
+            except ValueError:
+                raise SurgeryConfigError(f"layers: {spec!r} is not a slice like '2:30' or '-14:'.") from None
+            for b in bounds[:2]:
+                if b is not None and not -num_layers <= b <= num_layers:
+                    raise SurgeryConfigError(
+                        f"layers: slice {spec!r} reaches past this model's {num_layers} layers."
+                    )
+            picked = range(num_layers)[slice(*bounds)]
+            if len(picked) == 0:
+                raise SurgeryConfigError(f"layers: slice {spec!r} selects no layer of {num_layers}.")
+            return picked
+        try:
+            return _one(int(spec), num_layers)
+        except ValueError:
+            raise SurgeryConfigError(
+                f"layers: {spec!r} is not a layer index, slice ('2:30') or list ('1,18:32')."
+            ) from None
+    raise SurgeryConfigError(f"layers: {spec!r} is not a layer index, slice or list.")
+
+
+def parse_layers(spec: Any, num_layers: int) -> frozenset[int]:
+    if spec is None or spec == "all":
+        return frozenset(range(num_layers))
+    if isinstance(spec, str) and "," in spec:
+        spec = [s for s in spec.split(",") if s.strip()]
+    if isinstance(spec, (list, tuple, set, frozenset, range)):
+        out: set[int] = set()
+        for s in spec:
+            out.update(_one(s, num_layers))
+        return frozenset(out)
+    return frozenset(_one(spec, num_layers))
+
+
+def _head_list(spec: Any, num_heads: int, where: str) -> tuple[int, ...]:
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        spec = [spec]
+    if isinstance(spec, str):
+        spec = [s for s in spec.split(",") if s.strip()]
+    if not isinstance(spec, (list, tuple, set, frozenset, range)):
+        raise SurgeryConfigError(f"heads{where}: {spec!r} is not a list of head indices.")
+    out = []
+    for h in spec:
+        try:
+            h = int(h)
+        except (TypeError, ValueError):
+            raise SurgeryConfigError(f"heads{where}: {h!r} is not a head index.") from None
+        if not 0 <= h < num_heads:
+            raise SurgeryConfigError(
+                f"heads{where}: head {h} is out of range; this model has {num_heads} query heads "
+                f"(0..{num_heads - 1})."
+            )
+        out.append(h)
+    return tuple(sorted(set(out)))
+
+
+def resolve_targets(layers: Any, heads: Any, num_layers: int, num_heads: int) -> LayerHeads:
+    """Validate ``layers``/``heads`` against the model and normalise them."""
+    if heads is None or heads == "all":
+        return LayerHeads(parse_layers(layers, num_layers), None, num_layers, num_heads)
+    if isinstance(heads, Mapping):
+        per_layer: dict[int, tuple[int, ...]] = {}
+        for key, value in heads.items():
+            for layer in parse_layers(key, num_layers):
+                per_layer[layer] = tuple(sorted(set(per_layer.get(layer, ())) |
+                                                set(_head_list(value, num_heads, f"[{key}]"))))
+        chosen = frozenset(per_layer) if layers is None else parse_layers(layers, num_layers)
+        extra = set(per_layer) - chosen
+        if extra:
+            raise SurgeryConfigError(
+                f"heads names layers {sorted(extra)} that are outside layers={layers!r}; drop them or widen layers."
+            )
+        return LayerHeads(chosen, {k: per_layer.get(k, ()) for k in chosen}, num_layers, num_heads)
+    chosen = parse_layers(layers, num_layers)
+    head_list = _head_list(heads, num_heads, "")
+    return LayerHeads(chosen, {k: head_list for k in chosen}, num_layers, num_heads)
+
+
+def per_layer_head(value: Any, name: str, num_layers: int, num_heads: int, fill: float) -> torch.Tensor:
+    """(L, H) float64 table from a number, a per-head list, or {layer: number | list}."""
+    table = torch.full((num_layers, num_heads), float(fill), dtype=torch.float64)
+
+    def row(v: Any, where: str) -> torch.Tensor:
+        t = torch.as_tensor(v, dtype=torch.float64)
+        if t.dim() == 0:
+            return t.expand(num_heads)
+        if t.shape != (num_heads,):
+            raise SurgeryConfigError(
+                f"{name}{where}: a per-head list needs {num_heads} values (one per query head), got {t.numel()}."
+            )
+        return t
+
+    if isinstance(value, Mapping):
+        for key, v in value.items():
+            layer = int(key)
+            if not -num_layers <= layer < num_layers:
+                raise SurgeryConfigError(f"{name}: layer {key} is out of range (model has {num_layers} layers).")
+            table[layer] = row(v, f"[{key}]")
+    else:
+        table[:] = row(value, "")
+    return table

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from attnsurgery.errors import SurgeryConfigError
+from attnsurgery.surgery import SurgeryConfig, arg
+
+
+@dataclass
+class TemperatureConfig(SurgeryConfig):
+    """Arguments of the ``temperature`` surgery. Defaults are the identity."""
+
+    tau: Any = arg(
+        1.0,
+        doc="Fixed temperature: logits are divided by tau (tau < 1 sharpens). A number, a list with one value "
+        "per query head, or {layer: number | list}.",
+        low=0.0,
+        low_open=True,
+    )
+    c: Any = arg(
+        0.0,
+        doc="Selective Attention position coefficient: logits_i *= 1 + c * log(n_i), n_i = real tokens visible "
+        "to query i (absolute under a KV cache). A number, per-head list, or {layer: ...}.",
+        low=0.0,
+    )
+    beta: float | None = arg(
+        None,
+        doc="The reference code's parametrisation of the position coefficient, c = exp(-exp(beta)) "
+        "(beta=2 -> c=6.2e-4). Give c or beta, not both.",
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.beta is not None and self.c not in (0, 0.0):
+            raise SurgeryConfigError("give the position coefficient as c or as beta, not both.")

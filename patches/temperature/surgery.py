@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from attnsurgery.surgery import AttentionCall, Stage, Surgery
+from attnsurgery.targeting import per_layer_head
+
+from .config import TemperatureConfig
+
+
+class TemperatureSurgery(Surgery):
+    """Temperature on the attention logits, folded into the query so the fused SDPA kernel stays in use.
+
+    ``logits_i = q_i.k / (sqrt(d) * tau) * (1 + c * log(n_i))`` where ``n_i`` is the number of real tokens query
+    ``i`` sees (its index among unpadded tokens + 1, absolute under a KV cache: the reference lit-gpt code's
+    ``row_length[:T]`` is only right without a cache). Paper: Zhang et al., "Selective Attention: Enhancing
+    Transformer through Principled Context Control", NeurIPS 2024 (arXiv 2411.12892).
+
+    >>> patch(model, "temperature", tau=0.8)                 # sharper attention everywhere
+    >>> patch(model, "temperature", c=0.05, layers="2:")     # position temperature
+    """
+
+    name = "temperature"
+    config_class = TemperatureConfig
+    summary = "Fixed (per-layer/head) and Selective-Attention position temperature; stays on the fused kernel"
+    paper = "Zhang et al., Selective Attention, NeurIPS 2024 (arXiv 2411.12892)"
+    stages = frozenset({Stage.QUERY})
+
+    def setup(self, model: Any, engine: Any) -> None:
+        info = engine.info
+        L, H = info.num_layers, info.num_heads
+        cfg = self.config
+        inv_tau = 1.0 / per_layer_head(cfg.tau, "tau", L, H, 1.0)
+        coef = per_layer_head(math.exp(-math.exp(cfg.beta)) if cfg.beta is not None else cfg.c, "c", L, H, 0.0)
+        targeted = torch.stack([self.targets.head_mask(layer) for layer in range(L)])  # (L, H)
+        inv_tau = torch.where(targeted, inv_tau, torch.ones_like(inv_tau))
+        coef = torch.where(targeted, coef, torch.zeros_like(coef))
+        # state (saved with save_surgery); float32 like the model's compute
+        self.register_buffer("inv_tau", inv_tau.float())
+        self.register_buffer("coef", coef.float())
+
+    def active_stages(self, layer_idx: int) -> frozenset[Stage]:
+        # exact identity on a layer: skip it, so identity settings cost nothing
+        if bool((self.inv_tau[layer_idx] != 1).any() or (self.coef[layer_idx] != 0).any()):
+            return self.stages
+        return frozenset()
+
+    def query(self, query: torch.Tensor, scaling: float, call: AttentionCall) -> tuple[torch.Tensor, float]:
+        inv_tau = self.inv_tau[call.layer_idx].to(query.device)  # (H,)
+        coef = self.coef[call.layer_idx].to(query.device)  # (H,)
+        factor = inv_tau[None, :, None]  # (1, H, 1)
+        if bool(coef.any()):
+            log_n = torch.log1p(call.positions.to(query.device).float())  # (B, Tq): log(n_i), n_i = pos + 1
+            factor = factor * (1 + coef[None, :, None] * log_n[:, None, :])  # (B, H, Tq)
+        return query * factor.unsqueeze(-1).to(query.dtype), scaling

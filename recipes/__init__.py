@@ -1,0 +1,1 @@
+"""Shipped recipes (YAML), installed as ``attnsurgery.recipes``; one folder per surgery."""
