@@ -19,7 +19,7 @@ from .errors import (  # noqa: E402
     UnknownSurgeryError,
     UnsupportedModelError,
 )
-from .recipes import Recipe, find_recipe, list_recipes  # noqa: E402
+from .recipe import Recipe, find_recipe, list_recipes  # noqa: E402
 from .registry import get_surgery_class, list_surgeries, register_surgery  # noqa: E402
 from .surgery import AttentionCall, AttentionTile, Stage, Surgery, SurgeryConfig  # noqa: E402
 

@@ -14,7 +14,7 @@ from torch import nn
 from . import __version__
 from .engine import Engine
 from .errors import AttnSurgeryError, RecipeError, UnknownSurgeryError
-from .recipes import Recipe, SurgerySpec, find_recipe, parse_recipe
+from .recipe import Recipe, SurgerySpec, find_recipe, parse_recipe
 from .registry import get_surgery_class
 from .surgery import Surgery
 from .targeting import parse_layers, resolve_targets

@@ -231,6 +231,9 @@ class Surgery(nn.Module):
     #: True when ``attention()`` computes this surgery's probability-level edit exactly on a fused kernel;
     #: the engine uses it when this is the only probability-level surgery on a layer.
     fused: ClassVar[bool] = False
+    #: non-identity arguments that visibly change the model (used in docs and the shared test matrix);
+    #: the config defaults must be the identity.
+    example_args: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: SurgeryConfig, targets: LayerHeads) -> None:
         super().__init__()

@@ -53,3 +53,10 @@ def tiny_model(arch: str, attn_implementation: str = "sdpa", dtype: torch.dtype 
 def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=g)
+
+
+def cache_kwarg(model) -> str:
+    """transformers >= 5.24 calls the cache argument `cache`; older 5.x `past_key_values`."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

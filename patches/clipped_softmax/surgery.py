@@ -24,6 +24,7 @@ class ClippedSoftmaxSurgery(Surgery):
     summary = "Clipped softmax clip((zeta-gamma)*softmax+gamma, 0, 1) as the normaliser (tiled path)"
     paper = "Bondarenko et al., Quantizable Transformers, NeurIPS 2023 (arXiv 2306.12929)"
     stages = frozenset({Stage.NORMALIZE})
+    example_args = {"gamma": -0.03, "zeta": 1.02}
 
     def active_stages(self, layer_idx: int) -> frozenset[Stage]:
         # gamma=0, zeta=1 is exactly softmax: leave the layer on the fused kernel

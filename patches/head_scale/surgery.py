@@ -25,6 +25,7 @@ class HeadScaleSurgery(Surgery):
     summary = "Scale or silence chosen heads' outputs before o_proj (the primitive under VHR, MoH, gating)"
     paper = "Michel et al., Are Sixteen Heads Really Better than One?, NeurIPS 2019 (head masking)"
     stages = frozenset({Stage.HEAD_OUTPUT})
+    example_args = {"scale": 0.3}
 
     def setup(self, model: Any, engine: Any) -> None:
         L, H = engine.info.num_layers, engine.info.num_heads

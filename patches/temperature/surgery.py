@@ -28,6 +28,7 @@ class TemperatureSurgery(Surgery):
     summary = "Fixed (per-layer/head) and Selective-Attention position temperature; stays on the fused kernel"
     paper = "Zhang et al., Selective Attention, NeurIPS 2024 (arXiv 2411.12892)"
     stages = frozenset({Stage.QUERY})
+    example_args = {"tau": 0.7, "c": 0.1}
 
     def setup(self, model: Any, engine: Any) -> None:
         info = engine.info

@@ -1,0 +1,302 @@
+"""``attnsurgery`` command line: list, apply, inspect.
+
+Heavy imports (torch, transformers) happen inside the commands, so ``attnsurgery --help`` is instant.
+Exit codes: 0 success, 1 unexpected error, 2 bad input in general, 3 unknown surgery, 4 bad surgery argument,
+5 bad recipe, 6 unsupported model, 7 model not found, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DEMO_PROMPT = "The capital of France is"
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _parse_kv(pairs: list[str] | None) -> dict[str, Any]:
+    """``["tau=0.8", "heads={10: [0, 3]}"]`` -> dict, values parsed as YAML (numbers, lists, mappings)."""
+    import yaml
+
+    from .errors import AttnSurgeryError
+
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise AttnSurgeryError(f"--arg {pair!r}: write arguments as name=value, e.g. --arg tau=0.8.")
+        key, value = pair.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise AttnSurgeryError(f"--arg {pair!r}: the value is not valid YAML.") from None
+    return out
+
+
+def _surgery_request(args: argparse.Namespace, model_name: str):
+    """(recipe-or-name, kwargs) from --recipe / SURGERY plus --arg/--layers/--heads."""
+    import yaml
+
+    from .recipe import find_recipe
+
+    kwargs = _parse_kv(args.arg)
+    if args.layers is not None:
+        kwargs["layers"] = args.layers
+    if args.heads is not None:
+        kwargs["heads"] = yaml.safe_load(args.heads)
+    if args.recipe:
+        return find_recipe(args.recipe, model=model_name), kwargs
+    return args.surgery, kwargs
+
+
+def _load(model_name: str, args: argparse.Namespace):
+    from .models import load_model
+
+    err = _console(stderr=True)
+    start = time.perf_counter()
+    with err.status(f"loading {model_name} ..."):
+        model, tokenizer = load_model(model_name, dtype=args.dtype, device_map=args.device_map)
+    err.print(f"[dim]loaded {model_name} ({type(model).__name__}, {model.config._attn_implementation}) "
+              f"in {time.perf_counter() - start:.1f}s[/dim]")
+    return model, tokenizer
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from .models import list_aliases
+    from .recipe import find_recipe, list_recipes
+    from .registry import get_surgery_class, list_surgeries
+
+    console = _console()
+    table = Table(title="surgeries", show_lines=False)
+    for col in ("name", "stages", "what it does"):
+        table.add_column(col)
+    for info in list_surgeries():
+        table.add_row(info.name, ",".join(info.stages), info.summary)
+    console.print(table)
+    if args.verbose:
+        for info in list_surgeries():
+            cls = get_surgery_class(info.name)
+            console.print(f"\n[bold]{info.name}[/bold]  ({info.paper})")
+            for name, default, doc in cls.config_class.describe():
+                console.print(f"  {name} = {default}: {doc}")
+    recipes = Table(title="recipes")
+    for col in ("recipe", "model", "description"):
+        recipes.add_column(col)
+    for name in list_recipes():
+        recipe = find_recipe(name)
+        recipes.add_row(name, recipe.model or "-", recipe.description)
+    console.print(recipes)
+    models = Table(title="model aliases")
+    models.add_column("alias")
+    models.add_column("source")
+    for alias, text in list_aliases().items():
+        models.add_row(alias, text)
+    console.print(models)
+    return 0
+
+
+def _generate(model, tokenizer, prompt: str, max_new_tokens: int) -> tuple[str, float]:
+    """Greedy continuation and the prompt's mean next-token NLL (nats)."""
+    import torch
+
+    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    with torch.no_grad():
+        out = model(**inputs, labels=inputs["input_ids"])
+        gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    text = tokenizer.decode(gen[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return text, float(out.loss)
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    import math
+
+    from rich.table import Table
+
+    from .api import patch, save_surgery
+    from .errors import AttnSurgeryError
+
+    positional = args.targets
+    if args.recipe:
+        if len(positional) != 1:
+            raise AttnSurgeryError("apply --recipe R needs exactly one MODEL, e.g. `attnsurgery apply --recipe "
+                                   "temperature smollm2-135m`.")
+        args.surgery, model_name = None, positional[0]
+    else:
+        if len(positional) != 2:
+            raise AttnSurgeryError("apply needs SURGERY MODEL (or --recipe R MODEL), e.g. `attnsurgery apply "
+                                   "temperature smollm2-135m --arg tau=0.8`.")
+        args.surgery, model_name = positional
+    what, kwargs = _surgery_request(args, model_name)  # validate before the slow model load
+    model, tokenizer = _load(model_name, args)
+    console = _console()
+    rows = []
+    if args.prompt is not None:
+        with _console(stderr=True).status("baseline ..."):
+            rows.append(("baseline", *_generate(model, tokenizer, args.prompt, args.max_new_tokens)))
+    handle = patch(model, what, **kwargs)
+    console.print(f"[bold]patched:[/bold] {handle}")
+    if args.prompt is not None:
+        with _console(stderr=True).status("patched ..."):
+            rows.append(("patched", *_generate(model, tokenizer, args.prompt, args.max_new_tokens)))
+        table = Table(title=f"prompt: {args.prompt!r}")
+        for col in ("model", "continuation (greedy)", "prompt NLL", "prompt ppl"):
+            table.add_column(col)
+        for name, text, nll in rows:
+            table.add_row(name, text.strip(), f"{nll:.4f}", f"{math.exp(nll):.2f}")
+        console.print(table)
+    if args.save:
+        path = save_surgery(handle, args.save)
+        console.print(f"saved surgery to {path} (load with attnsurgery.load_surgery(model, {str(path)!r}))")
+    return 0
+
+
+def _sink_stats(maps, threshold: float) -> list[dict[str, float]]:
+    """Per layer: attention mass on the first token, and the share of (head, key) pairs that are sinks.
+
+    A key is a sink in a head when the mean attention it receives from the queries that can see it exceeds
+    ``threshold`` (ACT's score; the sail-sg Sink metric uses the same normalisation).
+    """
+    import torch
+
+    rows = []
+    for layer, probs in maps.items():
+        p = probs[0]  # (H, Tq, Tk), batch row 0
+        t = p.shape[-1]
+        seen_by = torch.arange(t, 0, -1, dtype=p.dtype)  # causal: key j is seen by t - j queries
+        score = p.sum(1) / seen_by  # (H, Tk)
+        sinks = score > threshold
+        rows.append({
+            "layer": layer,
+            "first_token_mass": float(p[:, 1:, 0].mean()) if p.shape[1] > 1 else float(p[:, :, 0].mean()),
+            "sink_fraction": float(sinks[:, 1:].float().mean()) if t > 1 else 0.0,
+            "max_non_first_score": float(score[:, 1:].max()) if t > 1 else 0.0,
+        })
+    return rows
+
+
+def _num_layers(model) -> int:
+    from .engine import discover
+
+    return discover(model).num_layers
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.table import Table
+
+    from .api import attention_maps, patch
+    from .plotting import plot_attention_grid
+
+    model, tokenizer = _load(args.model, args)
+    handle = None
+    if args.recipe or args.surgery:
+        what, kwargs = _surgery_request(args, args.model)
+        handle = patch(model, what, **kwargs)
+    inputs = tokenizer(args.prompt, return_tensors="pt").to(model.device)
+    with _console(stderr=True).status("recording attention ..."):
+        show = args.show_layers
+        if show is None:
+            n = _num_layers(model)
+            show = sorted({round(i * (n - 1) / 5) for i in range(6)})
+        maps = attention_maps(model, inputs, layers=show)
+    tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    title = f"{args.model}" + (f" + {handle}" if handle else " (unpatched)")
+    plot_attention_grid(maps, tokens, out, heads=args.heads_shown, title=title)
+    stats = _sink_stats(maps, args.threshold)
+    table = Table(title=f"sink statistics (threshold {args.threshold})")
+    for col in ("layer", "mass on first token", "sink fraction", "max non-first score"):
+        table.add_column(col)
+    for row in stats:
+        table.add_row(str(row["layer"]), f"{row['first_token_mass']:.3f}", f"{row['sink_fraction']:.3f}",
+                      f"{row['max_non_first_score']:.3f}")
+    console = _console()
+    console.print(table)
+    out.with_suffix(".json").write_text(json.dumps({"prompt": args.prompt, "tokens": tokens, "layers": stats},
+                                                   indent=2))
+    console.print(f"wrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attnsurgery", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="surgeries, shipped recipes and model aliases, one line each")
+    p.add_argument("-v", "--verbose", action="store_true", help="also list every surgery's arguments")
+    p.set_defaults(func=cmd_list)
+
+    def model_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto (default float32)")
+        p.add_argument("--device-map", default=None, help="accelerate device map, e.g. auto")
+
+    def surgery_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--recipe", help="shipped recipe (temperature, temperature/sharpen) or a YAML path")
+        p.add_argument("--arg", action="append", metavar="NAME=VALUE", help="surgery argument (repeatable)")
+        p.add_argument("--layers", help="layers to act on, e.g. 2:30, -14:, 1,18:32")
+        p.add_argument("--heads", help="heads, e.g. '[0, 3]' or '{10: [0, 3]}'")
+
+    p = sub.add_parser("apply", help="patch a model, compare baseline vs patched generation, optionally save",
+                       description="attnsurgery apply --recipe temperature smollm2-135m --prompt '...'\n"
+                                   "attnsurgery apply temperature smollm2-135m --arg tau=0.8 --save out/")
+    p.add_argument("targets", nargs="+", metavar="[SURGERY] MODEL", help="surgery name (unless --recipe) and model")
+    surgery_options(p)
+    p.add_argument("--prompt", default=None, help="prompt to generate from (default: a short demo prompt "
+                   "unless --save is given)")
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--save", metavar="DIR", help="save the surgery (config + state) to DIR")
+    model_options(p)
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("inspect", help="attention maps (PNG heatmap grid) and per-layer sink statistics")
+    p.add_argument("model")
+    p.add_argument("--surgery", help="inspect the model patched with this surgery")
+    surgery_options(p)
+    p.add_argument("--prompt", default="The quick brown fox jumps over the lazy dog. The dog sleeps.")
+    p.add_argument("--show-layers", default=None, help="layers to plot (default: six spread over the depth)")
+    p.add_argument("--heads-shown", type=int, default=4, help="heads per layer in the plot")
+    p.add_argument("--threshold", type=float, default=0.1, help="sink score threshold (ACT's 0.1)")
+    p.add_argument("--out", default="attention.png")
+    model_options(p)
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "apply" and args.prompt is None and not args.save:
+        args.prompt = DEMO_PROMPT
+    from .errors import AttnSurgeryError
+
+    try:
+        return args.func(args)
+    except AttnSurgeryError as err:
+        _console(stderr=True).print(f"[bold red]error:[/bold red] {err}")
+        return err.exit_code
+    except KeyboardInterrupt:
+        _console(stderr=True).print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Per-surgery maths and invariants (the shared contract is in test_contract.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tiny import random_ids, tiny_model
+
+from attnsurgery import attention_maps, patch
+
+
+def entropy(p):
+    return -(p.clamp_min(1e-30).log() * p).sum(-1)
+
+
+# -- temperature -------------------------------------------------------------------------------------------
+
+
+def test_tau_divides_layer0_logits():
+    """Layer 0's map under tau equals softmax of the unpatched logits / tau (same inputs at layer 0)."""
+    model = tiny_model("llama", attn_implementation="eager")
+    ids = random_ids(1, 14)
+    with torch.no_grad():
+        out = model(ids, output_attentions=True)
+    base = attention_maps(model, ids, layers=[0])[0]
+    log_p = base.clamp_min(1e-30).log()
+    with patch(model, "temperature", tau=0.5):
+        sharp = attention_maps(model, ids, layers=[0])[0]
+    expected = torch.softmax(log_p / 0.5 + torch.where(base > 0, 0.0, float("-inf")), dim=-1)
+    torch.testing.assert_close(sharp, expected, atol=1e-5, rtol=1e-4)
+    assert out.attentions is not None
+
+
+def test_position_temperature_formula_and_row0():
+    model = tiny_model("qwen2")
+    ids = random_ids(1, 16)
+    base = attention_maps(model, ids, layers=[0])[0]
+    c = 0.3
+    with patch(model, "temperature", c=c):
+        pos = attention_maps(model, ids, layers=[0])[0]
+    n = torch.arange(1, 17, dtype=torch.float32)[None, None, :, None]
+    logit = base.clamp_min(1e-30).log()  # logits up to a per-row constant
+    expected = torch.softmax(logit * (1 + c * n.log()) + torch.where(base > 0, 0.0, float("-inf")), dim=-1)
+    torch.testing.assert_close(pos, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_position_temperature_uses_real_positions_under_left_padding():
+    """The first real token of a left-padded row sees n=1, so c cannot change its logits."""
+    model = tiny_model("llama")
+    ids = random_ids(2, 12)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask, position_ids=position_ids).logits
+        with patch(model, "temperature", c=0.5):
+            out = model(ids, attention_mask=mask, position_ids=position_ids).logits
+    torch.testing.assert_close(out[0, 0], ref[0, 0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[1, 5], ref[1, 5], atol=1e-6, rtol=0)
+    assert (out[1, 6:] - ref[1, 6:]).abs().max() > 1e-3
+
+
+def test_entropy_non_increasing_in_c():
+    model = tiny_model("llama")
+    ids = random_ids(1, 24)
+    previous = None
+    for c in (0.0, 0.1, 0.3, 1.0):
+        with patch(model, "temperature", c=c):
+            ent = entropy(attention_maps(model, ids, layers=[0])[0])
+        if previous is not None:
+            assert torch.all(ent <= previous + 1e-5)
+        previous = ent
+
+
+def test_beta_parametrisation_and_per_head_tau():
+    model = tiny_model("llama")
+    ids = random_ids(1, 12)
+    with patch(model, "temperature", beta=-1.0) as h:
+        via_beta = attention_maps(model, ids, layers=[0])[0]
+        assert torch.allclose(h.surgeries[0].coef[0], torch.full((4,), math.exp(-math.exp(-1.0))))
+    with patch(model, "temperature", c=math.exp(-math.exp(-1.0))):
+        via_c = attention_maps(model, ids, layers=[0])[0]
+    torch.testing.assert_close(via_beta, via_c)
+    base = attention_maps(model, ids, layers=[0])[0]
+    with patch(model, "temperature", tau={0: [1.0, 0.5, 1.0, 1.0]}):
+        per_head = attention_maps(model, ids, layers=[0, 1])
+    torch.testing.assert_close(per_head[0][:, [0, 2, 3]], base[:, [0, 2, 3]])
+    assert not torch.allclose(per_head[0][:, 1], base[:, 1])
+
+
+def test_temperature_head_targeting():
+    model = tiny_model("llama")
+    ids = random_ids(1, 12)
+    base = attention_maps(model, ids, layers=[1])[1]
+    with patch(model, "temperature", tau=0.5, heads={1: [2]}):
+        maps = attention_maps(model, ids, layers=[0, 1])
+    torch.testing.assert_close(maps[1][:, [0, 1, 3]], base[:, [0, 1, 3]])
+    assert not torch.allclose(maps[1][:, 2], base[:, 2])
+
+
+# -- head_scale --------------------------------------------------------------------------------------------
+
+
+def _o_proj_inputs(model, ids, layer):
+    seen = {}
+    o_proj = model.model.layers[layer].self_attn.o_proj
+    hook = o_proj.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0].detach().clone()))
+    with torch.no_grad():
+        model(ids)
+    hook.remove()
+    return seen["x"]
+
+
+def test_head_scale_scales_exactly_the_chosen_heads():
+    model = tiny_model("llama")
+    ids = random_ids(1, 10)
+    ref = _o_proj_inputs(model, ids, 1).view(1, 10, 4, 16)
+    with patch(model, "head_scale", heads={1: [0, 3]}, scale=0.0):
+        out = _o_proj_inputs(model, ids, 1).view(1, 10, 4, 16)
+    assert torch.all(out[:, :, [0, 3]] == 0)
+    torch.testing.assert_close(out[:, :, [1, 2]], ref[:, :, [1, 2]], atol=0, rtol=0)
+    with patch(model, "head_scale", heads={1: [2]}, scale=2.5):
+        out = _o_proj_inputs(model, ids, 1).view(1, 10, 4, 16)
+    torch.testing.assert_close(out[:, :, 2], 2.5 * ref[:, :, 2])
+
+
+def test_head_scale_trainable_gets_gradients():
+    model = tiny_model("llama")
+    ids = random_ids(2, 10)
+    with patch(model, "head_scale", trainable=True, layers="1:") as handle:
+        params = list(handle.parameters())
+        assert len(params) == 1 and params[0].shape == (3, 4)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+    assert params[0].grad is not None and params[0].grad[1:].abs().sum() > 0
+    assert params[0].grad[0].abs().sum() == 0  # layer 0 is not targeted
+
+
+# -- clipped_softmax ---------------------------------------------------------------------------------------
+
+
+def test_clipped_softmax_formula_and_exact_zeros():
+    model = tiny_model("opt", attn_implementation="eager")
+    ids = random_ids(1, 20)
+    base = attention_maps(model, ids, layers=[0])[0]
+    gamma, zeta = -0.03, 1.05
+    with patch(model, "clipped_softmax", gamma=gamma, zeta=zeta):
+        clipped = attention_maps(model, ids, layers=[0])[0]
+    expected = ((zeta - gamma) * base + gamma).clamp(0, 1)
+    torch.testing.assert_close(clipped, expected, atol=1e-6, rtol=1e-5)
+    assert torch.all(clipped[base < -gamma / (zeta - gamma)] == 0)
+    assert torch.all(clipped[base > (1 - gamma) / (zeta - gamma)] == 1)
+    assert torch.all(clipped.triu(1) == 0)  # causal entries stay exactly zero
+
+
+def test_clipped_softmax_only_targeted_heads():
+    model = tiny_model("llama")
+    ids = random_ids(1, 16)
+    base = attention_maps(model, ids, layers=[0])[0]
+    with patch(model, "clipped_softmax", gamma=-0.05, heads={0: [1]}):
+        maps = attention_maps(model, ids, layers=[0])[0]
+    torch.testing.assert_close(maps[:, [0, 2, 3]], base[:, [0, 2, 3]])
+    assert not torch.allclose(maps[:, 1], base[:, 1])
+
+
+def test_clipped_softmax_bf16_runs_and_is_close():
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    ids = random_ids(1, 16)
+    ref32 = tiny_model("llama")
+    with patch(model, "clipped_softmax", gamma=-0.02), patch(ref32, "clipped_softmax", gamma=-0.02):
+        with torch.no_grad():
+            a = model(ids).logits.float()
+            b = ref32(ids).logits
+    assert torch.isfinite(a).all()
+    torch.testing.assert_close(a, b, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_fp16_identity_and_temperature(arch):
+    model = tiny_model(arch, dtype=torch.float16)
+    ids = random_ids(1, 12)
+    with torch.no_grad():
+        ref = model(ids).logits
+        with patch(model, "temperature"):
+            same = model(ids).logits
+        with patch(model, "temperature", tau=0.9):
+            out = model(ids).logits
+    assert torch.equal(same, ref)
+    assert torch.isfinite(out).all()
