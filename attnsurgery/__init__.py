@@ -4,56 +4,70 @@
 >>> model, tokenizer = load_model("smollm2-135m")
 >>> with patch(model, "temperature", tau=0.8):
 ...     out = model.generate(**tokenizer("The capital of France is", return_tensors="pt"), max_new_tokens=8)
+
+Names are imported lazily (PEP 562), so ``import attnsurgery`` and ``attnsurgery --help`` do not load torch.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
 
-from .api import SurgeryHandle, attention_maps, load_surgery, patch, save_surgery  # noqa: E402
-from .errors import (  # noqa: E402
-    AttnSurgeryError,
-    ModelNotFoundError,
-    RecipeError,
-    SurgeryConfigError,
-    UnknownSurgeryError,
-    UnsupportedModelError,
-)
-from .recipe import Recipe, find_recipe, list_recipes  # noqa: E402
-from .registry import get_surgery_class, list_surgeries, register_surgery  # noqa: E402
-from .surgery import AttentionCall, AttentionTile, Stage, Surgery, SurgeryConfig  # noqa: E402
+_EXPORTS = {
+    "patch": "api",
+    "SurgeryHandle": "api",
+    "attention_maps": "api",
+    "save_surgery": "api",
+    "load_surgery": "api",
+    "load_model": "models",
+    "AttnSurgeryError": "errors",
+    "ModelNotFoundError": "errors",
+    "RecipeError": "errors",
+    "SurgeryConfigError": "errors",
+    "UnknownSurgeryError": "errors",
+    "UnsupportedModelError": "errors",
+    "Recipe": "recipe",
+    "find_recipe": "recipe",
+    "list_recipes": "recipe",
+    "get_surgery_class": "registry",
+    "list_surgeries": "registry",
+    "register_surgery": "registry",
+    "AttentionCall": "surgery",
+    "AttentionTile": "surgery",
+    "Stage": "surgery",
+    "Surgery": "surgery",
+    "SurgeryConfig": "surgery",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])  # noqa: PLE0605
 
 
-def load_model(name_or_path: str, **options):  # noqa: ANN201 - thin lazy wrapper, see attnsurgery.models
-    """Load a model and tokenizer by alias (``smollm2-135m``, ``gemma3-270m``, ``llama-7b``), hub id or path."""
-    from .models import load_model as _load
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'attnsurgery' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
-    return _load(name_or_path, **options)
+
+def __dir__() -> list[str]:
+    return __all__
 
 
-__all__ = [
-    "AttentionCall",
-    "AttentionTile",
-    "AttnSurgeryError",
-    "ModelNotFoundError",
-    "Recipe",
-    "RecipeError",
-    "Stage",
-    "Surgery",
-    "SurgeryConfig",
-    "SurgeryConfigError",
-    "SurgeryHandle",
-    "UnknownSurgeryError",
-    "UnsupportedModelError",
-    "__version__",
-    "attention_maps",
-    "find_recipe",
-    "get_surgery_class",
-    "list_recipes",
-    "list_surgeries",
-    "load_model",
-    "load_surgery",
-    "patch",
-    "register_surgery",
-    "save_surgery",
-]
+if TYPE_CHECKING:  # for type checkers and IDEs  # noqa: F401
+    from .api import SurgeryHandle, attention_maps, load_surgery, patch, save_surgery
+    from .errors import (
+        AttnSurgeryError,
+        ModelNotFoundError,
+        RecipeError,
+        SurgeryConfigError,
+        UnknownSurgeryError,
+        UnsupportedModelError,
+    )
+    from .models import load_model
+    from .recipe import Recipe, find_recipe, list_recipes
+    from .registry import get_surgery_class, list_surgeries, register_surgery
+    from .surgery import AttentionCall, AttentionTile, Stage, Surgery, SurgeryConfig

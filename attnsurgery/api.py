@@ -78,8 +78,9 @@ def _build(model: nn.Module, engine: Engine, spec: SurgerySpec) -> Surgery:
     return cls(config, targets)
 
 
-def patch(model: nn.Module, surgery: str | Recipe | Path, /, *, layers: Any = None, heads: Any = None,
-          **args: Any) -> SurgeryHandle:
+def patch(
+    model: nn.Module, surgery: str | Recipe | Path, /, *, layers: Any = None, heads: Any = None, **args: Any
+) -> SurgeryHandle:
     """Apply a surgery (by name) or a recipe (name, YAML path or :class:`Recipe`) to a transformers model.
 
     ``layers`` / ``heads`` pick where it acts (``layers="2:30"``, ``heads={10: [0, 3]}``); other keyword
@@ -119,8 +120,15 @@ def patch(model: nn.Module, surgery: str | Recipe | Path, /, *, layers: Any = No
                     "Edit a copy of the recipe instead."
                 )
             only = specs[0]
-            specs = [SurgerySpec(only.surgery, {**only.args, **args}, layers if layers is not None else only.layers,
-                                 heads if heads is not None else only.heads, only.state)]
+            specs = [
+                SurgerySpec(
+                    only.surgery,
+                    {**only.args, **args},
+                    layers if layers is not None else only.layers,
+                    heads if heads is not None else only.heads,
+                    only.state,
+                )
+            ]
     engine = Engine.of(model)
     added: list[Surgery] = []
     try:
@@ -166,7 +174,9 @@ def save_surgery(handle: SurgeryHandle, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     entries, tensors = [], {}
     for i, surgery in enumerate(handle.surgeries):
-        entries.append({"surgery": surgery.name, "args": surgery.config.to_dict(), **surgery.targets.to_json()})
+        entries.append(
+            {"surgery": surgery.name, "args": surgery.config.to_dict(), **surgery.targets.to_json()}
+        )
         for key, value in surgery.state_dict().items():
             tensors[f"{i}.{key}"] = value.detach().cpu().contiguous()
     config = {
@@ -191,7 +201,9 @@ def load_surgery(model: nn.Module, directory: str | Path) -> SurgeryHandle:
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
-        raise AttnSurgeryError(f"{directory} holds no {CONFIG_NAME}; save one with save_surgery(handle, dir).")
+        raise AttnSurgeryError(
+            f"{directory} holds no {CONFIG_NAME}; save one with save_surgery(handle, dir)."
+        )
     config = json.loads(config_path.read_text())
     tensors = load_file(str(directory / STATE_NAME)) if (directory / STATE_NAME).is_file() else {}
     handles = []
@@ -200,9 +212,11 @@ def load_surgery(model: nn.Module, directory: str | Path) -> SurgeryHandle:
             heads = entry.get("heads")
             if heads is not None:
                 heads = {int(k): v for k, v in heads.items()}
-            handle = patch(model, entry["surgery"], layers=entry.get("layers"), heads=heads, **entry.get("args", {}))
+            handle = patch(
+                model, entry["surgery"], layers=entry.get("layers"), heads=heads, **entry.get("args", {})
+            )
             prefix = f"{i}."
-            own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             _load_state(handle.surgeries[0], own, Engine.of(model))
             handles.append(handle)
     except BaseException:
@@ -213,8 +227,9 @@ def load_surgery(model: nn.Module, directory: str | Path) -> SurgeryHandle:
 
 
 @torch.no_grad()
-def attention_maps(model: nn.Module, inputs: Mapping[str, torch.Tensor] | torch.Tensor,
-                   layers: Any = None) -> dict[int, torch.Tensor]:
+def attention_maps(
+    model: nn.Module, inputs: Mapping[str, torch.Tensor] | torch.Tensor, layers: Any = None
+) -> dict[int, torch.Tensor]:
     """Attention probabilities ``{layer: (B, H, Tq, Tk)}`` as the (patched) model computes them.
 
     Works on patched and unpatched models alike; probability-level surgeries' edits are included (what the
@@ -229,5 +244,7 @@ def attention_maps(model: nn.Module, inputs: Mapping[str, torch.Tensor] | torch.
         model(**inputs, use_cache=False)
     finally:
         maps = engine.stop_recording()
-    return {layer: torch.cat(maps[layer], dim=2) if len(maps[layer]) > 1 else maps[layer][0]
-            for layer in sorted(maps)}
+    return {
+        layer: torch.cat(maps[layer], dim=2) if len(maps[layer]) > 1 else maps[layer][0]
+        for layer in sorted(maps)
+    }

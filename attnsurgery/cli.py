@@ -53,6 +53,10 @@ def _surgery_request(args: argparse.Namespace, model_name: str):
         kwargs["heads"] = yaml.safe_load(args.heads)
     if args.recipe:
         return find_recipe(args.recipe, model=model_name), kwargs
+    from .registry import get_surgery_class
+
+    cls = get_surgery_class(args.surgery)  # fail before the slow model load
+    cls.config_class.from_kwargs(cls.name, {k: v for k, v in kwargs.items() if k not in ("layers", "heads")})
     return args.surgery, kwargs
 
 
@@ -63,8 +67,10 @@ def _load(model_name: str, args: argparse.Namespace):
     start = time.perf_counter()
     with err.status(f"loading {model_name} ..."):
         model, tokenizer = load_model(model_name, dtype=args.dtype, device_map=args.device_map)
-    err.print(f"[dim]loaded {model_name} ({type(model).__name__}, {model.config._attn_implementation}) "
-              f"in {time.perf_counter() - start:.1f}s[/dim]")
+    err.print(
+        f"[dim]loaded {model_name} ({type(model).__name__}, {model.config._attn_implementation}) "
+        f"in {time.perf_counter() - start:.1f}s[/dim]"
+    )
     return model, tokenizer
 
 
@@ -111,9 +117,10 @@ def _generate(model, tokenizer, prompt: str, max_new_tokens: int) -> tuple[str, 
     inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
     with torch.no_grad():
         out = model(**inputs, labels=inputs["input_ids"])
-        gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    text = tokenizer.decode(gen[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        gen = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    text = tokenizer.decode(gen[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     return text, float(out.loss)
 
 
@@ -128,13 +135,17 @@ def cmd_apply(args: argparse.Namespace) -> int:
     positional = args.targets
     if args.recipe:
         if len(positional) != 1:
-            raise AttnSurgeryError("apply --recipe R needs exactly one MODEL, e.g. `attnsurgery apply --recipe "
-                                   "temperature smollm2-135m`.")
+            raise AttnSurgeryError(
+                "apply --recipe R needs exactly one MODEL, e.g. `attnsurgery apply --recipe "
+                "temperature smollm2-135m`."
+            )
         args.surgery, model_name = None, positional[0]
     else:
         if len(positional) != 2:
-            raise AttnSurgeryError("apply needs SURGERY MODEL (or --recipe R MODEL), e.g. `attnsurgery apply "
-                                   "temperature smollm2-135m --arg tau=0.8`.")
+            raise AttnSurgeryError(
+                "apply needs SURGERY MODEL (or --recipe R MODEL), e.g. `attnsurgery apply "
+                "temperature smollm2-135m --arg tau=0.8`."
+            )
         args.surgery, model_name = positional
     what, kwargs = _surgery_request(args, model_name)  # validate before the slow model load
     model, tokenizer = _load(model_name, args)
@@ -175,12 +186,14 @@ def _sink_stats(maps, threshold: float) -> list[dict[str, float]]:
         seen_by = torch.arange(t, 0, -1, dtype=p.dtype)  # causal: key j is seen by t - j queries
         score = p.sum(1) / seen_by  # (H, Tk)
         sinks = score > threshold
-        rows.append({
-            "layer": layer,
-            "first_token_mass": float(p[:, 1:, 0].mean()) if p.shape[1] > 1 else float(p[:, :, 0].mean()),
-            "sink_fraction": float(sinks[:, 1:].float().mean()) if t > 1 else 0.0,
-            "max_non_first_score": float(score[:, 1:].max()) if t > 1 else 0.0,
-        })
+        rows.append(
+            {
+                "layer": layer,
+                "first_token_mass": float(p[:, 1:, 0].mean()) if p.shape[1] > 1 else float(p[:, :, 0].mean()),
+                "sink_fraction": float(sinks[:, 1:].float().mean()) if t > 1 else 0.0,
+                "max_non_first_score": float(score[:, 1:].max()) if t > 1 else 0.0,
+            }
+        )
     return rows
 
 
@@ -220,12 +233,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for col in ("layer", "mass on first token", "sink fraction", "max non-first score"):
         table.add_column(col)
     for row in stats:
-        table.add_row(str(row["layer"]), f"{row['first_token_mass']:.3f}", f"{row['sink_fraction']:.3f}",
-                      f"{row['max_non_first_score']:.3f}")
+        table.add_row(
+            str(row["layer"]),
+            f"{row['first_token_mass']:.3f}",
+            f"{row['sink_fraction']:.3f}",
+            f"{row['max_non_first_score']:.3f}",
+        )
     console = _console()
     console.print(table)
-    out.with_suffix(".json").write_text(json.dumps({"prompt": args.prompt, "tokens": tokens, "layers": stats},
-                                                   indent=2))
+    out.with_suffix(".json").write_text(
+        json.dumps({"prompt": args.prompt, "tokens": tokens, "layers": stats}, indent=2)
+    )
     console.print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
 
@@ -240,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_list)
 
     def model_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto (default float32)")
+        p.add_argument(
+            "--dtype", default="float32", help="float32 | bfloat16 | float16 | auto (default float32)"
+        )
         p.add_argument("--device-map", default=None, help="accelerate device map, e.g. auto")
 
     def surgery_options(p: argparse.ArgumentParser) -> None:
@@ -249,13 +269,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--layers", help="layers to act on, e.g. 2:30, -14:, 1,18:32")
         p.add_argument("--heads", help="heads, e.g. '[0, 3]' or '{10: [0, 3]}'")
 
-    p = sub.add_parser("apply", help="patch a model, compare baseline vs patched generation, optionally save",
-                       description="attnsurgery apply --recipe temperature smollm2-135m --prompt '...'\n"
-                                   "attnsurgery apply temperature smollm2-135m --arg tau=0.8 --save out/")
-    p.add_argument("targets", nargs="+", metavar="[SURGERY] MODEL", help="surgery name (unless --recipe) and model")
+    p = sub.add_parser(
+        "apply",
+        help="patch a model, compare baseline vs patched generation, optionally save",
+        description="attnsurgery apply --recipe temperature smollm2-135m --prompt '...'\n"
+        "attnsurgery apply temperature smollm2-135m --arg tau=0.8 --save out/",
+    )
+    p.add_argument(
+        "targets", nargs="+", metavar="[SURGERY] MODEL", help="surgery name (unless --recipe) and model"
+    )
     surgery_options(p)
-    p.add_argument("--prompt", default=None, help="prompt to generate from (default: a short demo prompt "
-                   "unless --save is given)")
+    p.add_argument(
+        "--prompt",
+        default=None,
+        help="prompt to generate from (default: a short demo prompt unless --save is given)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--save", metavar="DIR", help="save the surgery (config + state) to DIR")
     model_options(p)

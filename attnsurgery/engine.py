@@ -37,7 +37,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from .errors import SurgeryConfigError, UnsupportedModelError
-from .surgery import PROBABILITY_STAGES, AttentionCall, AttentionTile, Stage, Surgery
+from .surgery import AttentionCall, AttentionTile, Stage, Surgery
 
 #: implementation names we register; which one a model gets depends on what it ran before
 SDPA_NAME = "attnsurgery"
@@ -104,8 +104,9 @@ def discover(model: nn.Module) -> ModelInfo:
     num_heads = config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-    return ModelInfo(model, decoder, [by_layer[i] for i in range(len(attention))], num_heads, num_kv_heads,
-                     head_dim)
+    return ModelInfo(
+        model, decoder, [by_layer[i] for i in range(len(attention))], num_heads, num_kv_heads, head_dim
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -166,8 +167,9 @@ class RequestState:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _allowed_tile(mask: torch.Tensor | None, is_causal: bool, q_len: int, k_len: int, s: int, e: int,
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, int, int]:
+def _allowed_tile(
+    mask: torch.Tensor | None, is_causal: bool, q_len: int, k_len: int, s: int, e: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None, int, int]:
     """(allowed bool mask, additive float mask or None, k_start, k_end) for query rows [s, e)."""
     if mask is None:
         if is_causal and q_len > 1:
@@ -194,12 +196,23 @@ def _allowed_tile(mask: torch.Tensor | None, is_causal: bool, q_len: int, k_len:
     return allowed, additive, k_start, k_end
 
 
-def tiled_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attention_mask: torch.Tensor | None, scaling: float, call: AttentionCall,
-                    logit_stages: list[Surgery] = (), normalizer: Surgery | None = None,
-                    prob_stages: list[Surgery] = (), dropout: float = 0.0,
-                    record: list[torch.Tensor] | None = None, block_rows: int | None = None) -> torch.Tensor:
+def tiled_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    call: AttentionCall,
+    logit_stages: list[Surgery] = (),
+    normalizer: Surgery | None = None,
+    prob_stages: list[Surgery] = (),
+    dropout: float = 0.0,
+    record: list[torch.Tensor] | None = None,
+    block_rows: int | None = None,
+) -> torch.Tensor:
     """Exact attention computed over blocks of query rows, with probability-level stages applied per block.
+
+    Stage methods own the tensor they are given and may modify it in place.
 
     Memory is O(block x n): scores for at most ``TILE_BYTES`` at a time. Keys outside the block's visible range
     (above the causal diagonal, before a sliding window) are skipped. Scores and probabilities are fp32 as in
@@ -219,20 +232,26 @@ def tiled_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         maps = torch.zeros(bsz, num_heads, q_len, k_len, dtype=torch.float32, device=query.device)
     for s in range(0, q_len, block_rows):
         e = min(s + block_rows, q_len)
-        allowed, additive, k0, k1 = _allowed_tile(attention_mask, call.is_causal, q_len, k_len, s, e, q.device)
+        allowed, additive, k0, k1 = _allowed_tile(
+            attention_mask, call.is_causal, q_len, k_len, s, e, q.device
+        )
         tile = AttentionTile(call, s, e, k0, k1, allowed)
         qb = q[:, :, :, s:e].reshape(bsz, num_kv, groups * (e - s), head_dim)
         scores = torch.matmul(qb, k_t[..., k0:k1]).view(bsz, num_heads, e - s, k1 - k0)  # (B, H, bq, bk)
         if softcap is not None:
             scores = torch.tanh(scores / softcap) * softcap
         if additive is not None:
-            scores = scores + additive
+            scores.add_(additive)
         for surgery in logit_stages:
             scores = surgery.logits(scores, tile)
         # finite fill (as eager does): a fully masked padding row stays finite instead of NaN, so it cannot
-        # poison real rows through 0 * NaN in the value product of the next layer
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        probs = normalizer.normalize(scores, tile) if normalizer is not None else torch.softmax(scores, dim=-1)
+        # poison real rows through 0 * NaN in the value product of the next layer. A plain causal block is
+        # fully visible left of its diagonal square, so only that square needs masking.
+        lo = s - k0 if attention_mask is None and call.is_causal and q_len > 1 else 0
+        scores[..., lo:].masked_fill_(~allowed[..., lo:], torch.finfo(scores.dtype).min)
+        probs = (
+            normalizer.normalize(scores, tile) if normalizer is not None else torch.softmax(scores, dim=-1)
+        )
         for surgery in prob_stages:
             probs = surgery.probs(probs, tile)
         if record is not None:
@@ -290,19 +309,35 @@ class LayerPlan:
         self.idle = not (self.query or self.head_output or prob_level or self.replace)
         return self
 
-    def run(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-            attention_mask: torch.Tensor | None, scaling: float | None, dropout: float,
-            kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def run(
+        self,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float | None,
+        dropout: float,
+        kwargs: dict,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
         record = self.engine.recording(self.layer_idx)
         if self.idle and record is None:
-            return self.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+            return self.base(
+                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+            )
         call = AttentionCall(
-            module=module, layer_idx=self.layer_idx, num_heads=query.shape[1], num_kv_heads=key.shape[1],
-            query_len=query.shape[2], key_len=key.shape[2], attention_mask=attention_mask,
+            module=module,
+            layer_idx=self.layer_idx,
+            num_heads=query.shape[1],
+            num_kv_heads=key.shape[1],
+            query_len=query.shape[2],
+            key_len=key.shape[2],
+            attention_mask=attention_mask,
             is_causal=kwargs.get("is_causal", getattr(module, "is_causal", True)) is not False,
-            request=self.engine.request, kwargs=kwargs,
+            request=self.engine.request,
+            kwargs=kwargs,
         )
         for surgery in self.query:
             query, scaling = surgery.query(query, scaling, call)
@@ -316,24 +351,44 @@ class LayerPlan:
                     f"layer {self.layer_idx}: attention sinks (s_aux) / position_bias are not supported on the "
                     "tiled path yet; patch only query/head-output surgeries on this model."
                 )
-            attn_output = tiled_attention(query, key, value, attention_mask, scaling, call, self.logits,
-                                          self.normalizer, self.probs, dropout, record)
+            attn_output = tiled_attention(
+                query,
+                key,
+                value,
+                attention_mask,
+                scaling,
+                call,
+                self.logits,
+                self.normalizer,
+                self.probs,
+                dropout,
+                record,
+            )
         else:
-            attn_output, weights = self.base(module, query, key, value, attention_mask, scaling=scaling,
-                                             dropout=dropout, **kwargs)
+            attn_output, weights = self.base(
+                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+            )
         for surgery in self.head_output:
             attn_output = surgery.head_output(attn_output, call)
         return attn_output, weights
 
 
-def attnsurgery_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          attention_mask: torch.Tensor | None, scaling: float | None = None,
-                          dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+def attnsurgery_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The function transformers calls for every attention layer of a patched model."""
     plan: LayerPlan | None = getattr(module, "attnsurgery_layer", None)
     if plan is None:  # e.g. a vision tower of a patched VLM: stock SDPA
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                      dropout=dropout, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     return plan.run(module, query, key, value, attention_mask, scaling, dropout, kwargs)
 
 
@@ -370,7 +425,9 @@ class Engine:
         self._record: set[int] | None = None
         self._maps: dict[int, list[torch.Tensor]] = {}
         config = self.info.decoder.config if hasattr(self.info.decoder, "config") else model.config
-        self._impl_owner = self.info.decoder if hasattr(self.info.decoder, "set_attn_implementation") else model
+        self._impl_owner = (
+            self.info.decoder if hasattr(self.info.decoder, "set_attn_implementation") else model
+        )
         self.original_impl = config._attn_implementation
         self.impl = EAGER_NAME if self.original_impl == "eager" else SDPA_NAME
         self._installed = False
@@ -475,7 +532,8 @@ class Engine:
                     plan.replace = surgery
             if plan.replace is not None and (plan.logits or plan.probs or plan.normalizer):
                 others = {s.name for s in [*plan.logits, *plan.probs]} | (
-                    {plan.normalizer.name} if plan.normalizer else set())
+                    {plan.normalizer.name} if plan.normalizer else set()
+                )
                 raise SurgeryConfigError(
                     f"layer {idx}: {plan.replace.name!r} replaces attention, so {sorted(others)} have no softmax "
                     "probabilities to act on there. Give them disjoint `layers`."

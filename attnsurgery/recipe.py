@@ -68,18 +68,24 @@ def parse_recipe(data: Any, source: str = "<recipe>", base_dir: Path | None = No
     from .registry import get_surgery_class
 
     if not isinstance(data, dict):
-        raise RecipeError(f"{source}: a recipe must be a YAML mapping with a 'surgeries' list, got {type(data).__name__}.")
+        raise RecipeError(
+            f"{source}: a recipe must be a YAML mapping with a 'surgeries' list, got {type(data).__name__}."
+        )
     _check_keys(source, data, _RECIPE_KEYS)
     items = data.get("surgeries")
     if not isinstance(items, list) or not items:
-        raise RecipeError(f"{source}: 'surgeries' must be a non-empty list of {{surgery: name, args: {{...}}}}.")
+        raise RecipeError(
+            f"{source}: 'surgeries' must be a non-empty list of {{surgery: name, args: {{...}}}}."
+        )
     specs = []
     for i, item in enumerate(items):
         where = f"{source}: surgeries[{i}]"
         if isinstance(item, str):
             item = {"surgery": item}
         if not isinstance(item, dict) or "surgery" not in item:
-            raise RecipeError(f"{where}: each entry needs a 'surgery' name, e.g. {{surgery: temperature, args: {{tau: 0.9}}}}.")
+            raise RecipeError(
+                f"{where}: each entry needs a 'surgery' name, e.g. {{surgery: temperature, args: {{tau: 0.9}}}}."
+            )
         _check_keys(where, item, _SURGERY_KEYS)
         args = item.get("args") or {}
         if not isinstance(args, dict):
@@ -91,7 +97,9 @@ def parse_recipe(data: Any, source: str = "<recipe>", base_dir: Path | None = No
             raise RecipeError(f"{where}: {err}") from None
         state = item.get("state")
         if state is not None:
-            state = (base_dir / state) if base_dir is not None and not Path(state).is_absolute() else Path(state)
+            state = (
+                (base_dir / state) if base_dir is not None and not Path(state).is_absolute() else Path(state)
+            )
             if not state.is_file():
                 raise RecipeError(f"{where}: state file {state} does not exist.")
         specs.append(SurgerySpec(cls.name, dict(args), item.get("layers"), item.get("heads"), state))
@@ -99,8 +107,12 @@ def parse_recipe(data: Any, source: str = "<recipe>", base_dir: Path | None = No
         if data.get(key) is not None and not isinstance(data[key], dict):
             raise RecipeError(f"{source}: {key!r} must be a mapping.")
     return Recipe(
-        name=str(data.get("name") or source), surgeries=specs, description=str(data.get("description") or ""),
-        model=data.get("model"), eval=data.get("eval") or {}, calibration=data.get("calibration") or {},
+        name=str(data.get("name") or source),
+        surgeries=specs,
+        description=str(data.get("description") or ""),
+        model=data.get("model"),
+        eval=data.get("eval") or {},
+        calibration=data.get("calibration") or {},
         notes=str(data.get("notes") or ""),
     )
 

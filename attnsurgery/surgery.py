@@ -59,12 +59,26 @@ PROBABILITY_STAGES = frozenset({Stage.LOGITS, Stage.NORMALIZE, Stage.PROBS})
 # ----------------------------------------------------------------------------------------------------------
 
 
-def arg(default: Any = dataclasses.MISSING, *, doc: str, low: float | None = None, high: float | None = None,
-        low_open: bool = False, high_open: bool = False, choices: tuple | None = None,
-        default_factory: Any = dataclasses.MISSING) -> Any:
+def arg(
+    default: Any = dataclasses.MISSING,
+    *,
+    doc: str,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    choices: tuple | None = None,
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
     """A documented config field with an optional numeric range ``[low, high]`` (ends open on request)."""
-    meta = {"doc": doc, "low": low, "high": high, "low_open": low_open, "high_open": high_open,
-            "choices": choices}
+    meta = {
+        "doc": doc,
+        "low": low,
+        "high": high,
+        "low_open": low_open,
+        "high_open": high_open,
+        "choices": choices,
+    }
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -132,7 +146,7 @@ class SurgeryConfig:
             if lo is None and hi is None:
                 continue
             for x in _numbers(value):
-                bad = (not math.isfinite(x) and not (hi is None and x == math.inf and not meta["high_open"]))
+                bad = not math.isfinite(x) and not (hi is None and x == math.inf and not meta["high_open"])
                 bad = bad or (lo is not None and (x < lo or (meta["low_open"] and x == lo)))
                 bad = bad or (hi is not None and (x > hi or (meta["high_open"] and x == hi)))
                 if bad:
@@ -264,8 +278,9 @@ class Surgery(nn.Module):
     def head_output(self, attn_output: torch.Tensor, call: AttentionCall) -> torch.Tensor:
         return attn_output
 
-    def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
-                  call: AttentionCall) -> torch.Tensor:
+    def attention(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, call: AttentionCall
+    ) -> torch.Tensor:
         """Own kernel for ``REPLACE`` (or a ``fused`` probability edit): returns attn_output (B, Tq, H, D)."""
         raise NotImplementedError
 

@@ -147,8 +147,9 @@ def resolve_targets(layers: Any, heads: Any, num_layers: int, num_heads: int) ->
         per_layer: dict[int, tuple[int, ...]] = {}
         for key, value in heads.items():
             for layer in parse_layers(key, num_layers):
-                per_layer[layer] = tuple(sorted(set(per_layer.get(layer, ())) |
-                                                set(_head_list(value, num_heads, f"[{key}]"))))
+                per_layer[layer] = tuple(
+                    sorted(set(per_layer.get(layer, ())) | set(_head_list(value, num_heads, f"[{key}]")))
+                )
         chosen = frozenset(per_layer) if layers is None else parse_layers(layers, num_layers)
         extra = set(per_layer) - chosen
         if extra:
@@ -179,7 +180,9 @@ def per_layer_head(value: Any, name: str, num_layers: int, num_heads: int, fill:
         for key, v in value.items():
             layer = int(key)
             if not -num_layers <= layer < num_layers:
-                raise SurgeryConfigError(f"{name}: layer {key} is out of range (model has {num_layers} layers).")
+                raise SurgeryConfigError(
+                    f"{name}: layer {key} is out of range (model has {num_layers} layers)."
+                )
             table[layer] = row(v, f"[{key}]")
     else:
         table[:] = row(value, "")

@@ -30,7 +30,9 @@ def model():
 
 
 def test_unknown_surgery_did_you_mean(model):
-    with pytest.raises(UnknownSurgeryError, match=r"unknown surgery 'temprature'.*Did you mean 'temperature'"):
+    with pytest.raises(
+        UnknownSurgeryError, match=r"unknown surgery 'temprature'.*Did you mean 'temperature'"
+    ):
         patch(model, "temprature")
     assert untouched(model)
 
@@ -109,15 +111,26 @@ def test_architecture_without_attention_seam():
 
 def test_malformed_recipes(tmp_path):
     cases = {
-        "unknown_key.yaml": ("surgeries: [temperature]\nmodle: x\n", r"unknown key 'modle'.*Did you mean 'model'"),
+        "unknown_key.yaml": (
+            "surgeries: [temperature]\nmodle: x\n",
+            r"unknown key 'modle'.*Did you mean 'model'",
+        ),
         "no_surgeries.yaml": ("name: x\n", r"'surgeries' must be a non-empty list"),
         "bad_yaml.yaml": ("surgeries: [temperature\n", r"not valid YAML"),
         "not_mapping.yaml": ("- temperature\n", r"must be a YAML mapping"),
         "unknown_surgery.yaml": ("surgeries:\n  - surgery: temprature\n", r"unknown surgery 'temprature'"),
-        "bad_arg.yaml": ("surgeries:\n  - surgery: temperature\n    args: {tau: -1}\n", r"tau=-1.0 is out of range"),
-        "bad_entry_key.yaml": ("surgeries:\n  - surgery: temperature\n    arg: {tau: 1}\n", r"unknown key 'arg'"),
-        "missing_state.yaml": ("surgeries:\n  - surgery: temperature\n    state: nope.safetensors\n",
-                               r"state file .*nope.safetensors does not exist"),
+        "bad_arg.yaml": (
+            "surgeries:\n  - surgery: temperature\n    args: {tau: -1}\n",
+            r"tau=-1.0 is out of range",
+        ),
+        "bad_entry_key.yaml": (
+            "surgeries:\n  - surgery: temperature\n    arg: {tau: 1}\n",
+            r"unknown key 'arg'",
+        ),
+        "missing_state.yaml": (
+            "surgeries:\n  - surgery: temperature\n    state: nope.safetensors\n",
+            r"state file .*nope.safetensors does not exist",
+        ),
     }
     for name, (text, message) in cases.items():
         path = tmp_path / name
@@ -136,8 +149,10 @@ def test_unknown_recipe_and_missing_file(model):
 
 def test_failed_recipe_leaves_nothing_half_applied(model, tmp_path):
     path = tmp_path / "r.yaml"
-    path.write_text("surgeries:\n  - surgery: temperature\n    args: {tau: 0.5}\n"
-                    "  - surgery: head_scale\n    args: {scale: 0.5}\n    heads: [0, 11]\n")
+    path.write_text(
+        "surgeries:\n  - surgery: temperature\n    args: {tau: 0.5}\n"
+        "  - surgery: head_scale\n    args: {scale: 0.5}\n    heads: [0, 11]\n"
+    )
     with pytest.raises(SurgeryConfigError, match="head 11 is out of range"):
         patch(model, path)
     assert untouched(model)

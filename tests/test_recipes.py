@@ -48,6 +48,8 @@ def test_recipe_with_state_file(tmp_path):
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(str(tmp_path / "attnsurgery_state.safetensors"))
-    save_file({k.split(".", 1)[1]: v for k, v in tensors.items()}, str(tmp_path / "attnsurgery_state.safetensors"))
+    save_file(
+        {k.split(".", 1)[1]: v for k, v in tensors.items()}, str(tmp_path / "attnsurgery_state.safetensors")
+    )
     with patch(model, tmp_path / "recipe.yaml"), torch.no_grad():
         torch.testing.assert_close(model(ids).logits, expected, atol=0, rtol=0)

@@ -23,8 +23,18 @@ def reference_attention(query, key, value, allowed, scaling):
 
 
 def make_call(q_len, k_len, mask, is_causal=True, **kwargs):
-    return AttentionCall(module=None, layer_idx=0, num_heads=0, num_kv_heads=0, query_len=q_len, key_len=k_len,
-                         attention_mask=mask, is_causal=is_causal, request=None, kwargs=kwargs)
+    return AttentionCall(
+        module=None,
+        layer_idx=0,
+        num_heads=0,
+        num_kv_heads=0,
+        query_len=q_len,
+        key_len=k_len,
+        attention_mask=mask,
+        is_causal=is_causal,
+        request=None,
+        kwargs=kwargs,
+    )
 
 
 CASES = {

@@ -18,30 +18,64 @@ VOCAB = 128
 def _config(arch: str):
     common = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if arch == "llama":  # GQA: 4 query heads share 2 key/value heads
-        return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=256, **common)
+        return LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            **common,
+        )
     if arch == "qwen2":
-        return Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=256, **common)
+        return Qwen2Config(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            **common,
+        )
     if arch == "gemma3":  # sliding-window and global layers mixed, 1 kv head
-        return Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                                num_key_value_heads=1, head_dim=16, max_position_embeddings=256, sliding_window=6,
-                                layer_types=["sliding_attention", "sliding_attention", "full_attention",
-                                             "sliding_attention"], query_pre_attn_scalar=16, **common)
+        return Gemma3TextConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=256,
+            sliding_window=6,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+            query_pre_attn_scalar=16,
+            **common,
+        )
     if arch == "gpt2":
         return GPT2Config(n_embd=64, n_layer=3, n_head=4, n_positions=256, **common)
     if arch == "opt":  # pre-scales q and passes scaling=1.0
-        return OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
-                         word_embed_proj_dim=64, max_position_embeddings=256, **common)
+        return OPTConfig(
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            max_position_embeddings=256,
+            **common,
+        )
     raise ValueError(arch)
 
 
 ARCHS = ["llama", "qwen2", "gemma3", "gpt2", "opt"]
 
 
-def tiny_model(arch: str, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32, seed: int = 0):
+def tiny_model(
+    arch: str, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32, seed: int = 0
+):
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_config(arch), attn_implementation=attn_implementation, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(
+        _config(arch), attn_implementation=attn_implementation, dtype=dtype
+    )
     # random init leaves attention nearly uniform; widen q/k so heads are peaked and edits show
     with torch.no_grad():
         for name, p in model.named_parameters():

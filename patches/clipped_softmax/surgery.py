@@ -35,9 +35,10 @@ class ClippedSoftmaxSurgery(Surgery):
     def normalize(self, scores: torch.Tensor, tile: AttentionTile) -> torch.Tensor:
         probs = torch.softmax(scores, dim=-1)  # fp32 scores from the engine
         heads = self.targets.heads_of(tile.call.layer_idx)
-        clipped = ((self.config.zeta - self.config.gamma) * probs + self.config.gamma).clamp_(0.0, 1.0)
-        if heads is None:
-            return clipped
+        stretch = self.config.zeta - self.config.gamma
+        if heads is None:  # in place: one pass, no extra block-sized buffer
+            return probs.mul_(stretch).add_(self.config.gamma).clamp_(0.0, 1.0)
+        clipped = (stretch * probs + self.config.gamma).clamp_(0.0, 1.0)
         # only the targeted heads are clipped; the others keep plain softmax
         mask = self.targets.head_mask(tile.call.layer_idx, probs.device)[None, :, None, None]
         return torch.where(mask, clipped, probs)

@@ -38,7 +38,9 @@ class HeadScaleSurgery(Surgery):
             self.register_buffer("scale", scale)
 
     def active_stages(self, layer_idx: int) -> frozenset[Stage]:
-        if layer_idx in self.targets.layers and (self.config.trainable or bool((self.scale[layer_idx] != 1).any())):
+        if layer_idx in self.targets.layers and (
+            self.config.trainable or bool((self.scale[layer_idx] != 1).any())
+        ):
             return self.stages
         return frozenset()
 

@@ -35,7 +35,9 @@ class TemperatureSurgery(Surgery):
         L, H = info.num_layers, info.num_heads
         cfg = self.config
         inv_tau = 1.0 / per_layer_head(cfg.tau, "tau", L, H, 1.0)
-        coef = per_layer_head(math.exp(-math.exp(cfg.beta)) if cfg.beta is not None else cfg.c, "c", L, H, 0.0)
+        coef = per_layer_head(
+            math.exp(-math.exp(cfg.beta)) if cfg.beta is not None else cfg.c, "c", L, H, 0.0
+        )
         targeted = torch.stack([self.targets.head_mask(layer) for layer in range(L)])  # (L, H)
         inv_tau = torch.where(targeted, inv_tau, torch.ones_like(inv_tau))
         coef = torch.where(targeted, coef, torch.zeros_like(coef))

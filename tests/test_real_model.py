@@ -1,0 +1,87 @@
+"""End to end on the real packaged SmolLM2-135M (slow, but part of CI)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnsurgery import attention_maps, load_model, load_surgery, patch, save_surgery
+from attnsurgery.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    model, tokenizer = load_model("smollm2-135m")
+    return model, tokenizer
+
+
+def test_surgeries_on_smollm2(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    prompts = ["The capital of France is", "Water boils at a temperature of"]
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ref = model(**batch).logits
+        for name in ("temperature", "head_scale", "clipped_softmax"):
+            with patch(model, name):  # identity defaults
+                torch.testing.assert_close(model(**batch).logits, ref, atol=1e-5, rtol=0)
+        # an active surgery: generation works with the cache, and equals generation without it
+        handle = patch(model, "temperature", tau=0.9, c=0.02, layers="2:")
+        kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        cached = model.generate(**batch, use_cache=True, **kw)
+        uncached = model.generate(**batch, use_cache=False, **kw)
+        assert torch.equal(cached, uncached)
+        patched = model(**batch).logits
+        assert (patched - ref).abs().max() > 1e-2
+        save_surgery(handle, tmp_path / "t")
+        handle.remove()
+        assert torch.equal(model(**batch).logits, ref)
+        with load_surgery(model, tmp_path / "t"):
+            torch.testing.assert_close(model(**batch).logits, patched, atol=0, rtol=0)
+        # clipped softmax on the tiled path: real model, padded batch, finite and close to the baseline
+        with patch(model, "clipped_softmax", gamma=-12 / 512):
+            clipped = model(**batch).logits
+        real = batch["attention_mask"].bool()
+        assert torch.isfinite(clipped[real]).all()
+        assert (clipped - ref)[real].abs().max() > 1e-3
+    text = tokenizer.decode(cached[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert len(text.strip()) > 0
+
+
+def test_attention_maps_on_smollm2(smollm2):
+    model, tokenizer = smollm2
+    inputs = tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt")
+    maps = attention_maps(model, inputs, layers=[0, 15, 29])
+    assert sorted(maps) == [0, 15, 29]
+    n = inputs["input_ids"].shape[1]
+    assert maps[15].shape == (1, 9, n, n)
+    torch.testing.assert_close(maps[15].sum(-1), torch.ones(1, 9, n), atol=1e-5, rtol=0)
+    # SmolLM2 has a strong sink on the first token in middle layers
+    assert maps[15][0, :, 1:, 0].mean() > 0.3
+
+
+def test_cli_apply_and_inspect_on_smollm2(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "apply",
+                "--recipe",
+                "temperature",
+                "smollm2-135m",
+                "--max-new-tokens",
+                "5",
+                "--save",
+                str(tmp_path / "s"),
+                "--prompt",
+                "Hello",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "baseline" in out and "patched" in out and (tmp_path / "s" / "attnsurgery_config.json").is_file()
+    png = tmp_path / "maps.png"
+    assert main(["inspect", "smollm2-135m", "--show-layers", "0,15", "--out", str(png)]) == 0
+    assert png.stat().st_size > 10_000 and png.with_suffix(".json").is_file()
