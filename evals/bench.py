@@ -7,9 +7,11 @@
 Arms: stock SDPA; identity-configured temperature + head_scale + clipped_softmax on every layer; active
 temperature (fused kernel, query stage); active head_scale (head-output stage); clipped_softmax on the tiled
 path; optionally stock eager. Each forward is a prefill with ``logits_to_keep=1`` (what generate does), timed
-``--repeats`` times with the arms interleaved so machine drift hits all of them alike; the median is reported.
-Peak memory is the rise of the process's resident set (VmHWM reset through /proc/self/clear_refs) during the
-forward, over the resident set just before it, so weights are not counted. Timing targets live here, never in
+``--repeats`` times with the arms interleaved so machine drift hits all of them alike; the best run is
+reported (noise on a shared machine only ever adds time).
+Peak memory is measured in a fresh process per arm (so allocator caches from other arms do not hide or
+inflate it): the rise of the resident set (VmHWM reset through /proc/self/clear_refs) during one prefill over
+the resident set just before it, so weights are not counted. Timing targets live here, never in
 unit tests.
 """
 
@@ -20,7 +22,7 @@ import contextlib
 import gc
 import json
 import platform
-import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -67,52 +69,73 @@ def _rss_kib(field: str) -> int:
     return 0
 
 
-def _libc():
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-    # fixed mmap threshold: big tensors are mmapped and returned to the OS on free, so each arm's peak is its own
-    libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
-    return libc
-
-
-LIBC = _libc()
-
-
-def _reset_peak() -> bool:
-    if LIBC is not None:
-        LIBC.malloc_trim(0)  # hand freed heap back, so the next peak counts fresh pages
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def run_one(model, ids, arm) -> tuple[float, float]:
-    """(seconds, peak MiB above the pre-forward resident set) for one prefill."""
-    gc.collect()
-    if arm == "eager":
-        ctx = contextlib.nullcontext()
+def _enter(model, arm_name: str, arms):
+    if arms[arm_name] == "eager":
         model.set_attn_implementation("eager")
-    else:
-        ctx = arm(model)
+        return contextlib.ExitStack()
+    return arms[arm_name](model)
+
+
+def _leave(model, arm_name: str, arms, ctx) -> None:
+    ctx.__exit__(None, None, None)
+    if arms[arm_name] == "eager":
+        model.set_attn_implementation("sdpa")
+
+
+def time_one(model, ids, arm_name: str, arms) -> float:
+    """Seconds for one prefill under an arm."""
+    ctx = _enter(model, arm_name, arms)
     try:
-        with ctx, torch.no_grad():
-            gc.collect()
-            _reset_peak()
-            before = _rss_kib("VmRSS")
+        ctx.__enter__()
+        with torch.no_grad():
             start = time.perf_counter()
             model(ids, logits_to_keep=1, use_cache=False)
-            elapsed = time.perf_counter() - start
+            return time.perf_counter() - start
+    finally:
+        _leave(model, arm_name, arms, ctx)
+
+
+def memory_child(model_name: str, arm_name: str, length: int, threads: int) -> float:
+    """In a fresh process: MiB the prefill adds to the resident set (VmHWM minus VmRSS before)."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    # every large tensor gets its own mmap, returned to the OS on free: the high-water mark then counts what
+    # the arm really holds at once, not what the allocator kept from earlier work
+    libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
+    torch.set_num_threads(threads)
+    model, tokenizer = load_model(model_name, dtype="float32")
+    arms = _arms(eager=True)
+    ids = _ids(tokenizer, length)
+    time_one(model, ids[:, :64], arm_name, arms)  # warm-up: lazy inits are not the arm's memory
+    ctx = _enter(model, arm_name, arms)
+    try:
+        ctx.__enter__()
+        with torch.no_grad():
+            gc.collect()
+            libc.malloc_trim(0)
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
+            before = _rss_kib("VmRSS")
+            model(ids, logits_to_keep=1, use_cache=False)
             peak = _rss_kib("VmHWM")
     finally:
-        if arm == "eager":
-            model.set_attn_implementation("sdpa")
-    return elapsed, max(0, peak - before) / 1024
+        _leave(model, arm_name, arms, ctx)
+    return max(0, peak - before) / 1024
+
+
+def _ids(tokenizer, length: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(100, tokenizer.vocab_size - 100, (1, length), generator=gen)
+
+
+def measure_memory(model_name: str, arm_name: str, length: int, threads: int) -> float:
+    here = str(Path(__file__).parent)
+    code = (
+        f"import json, sys; sys.path.insert(0, {here!r}); import bench; "
+        f"print(json.dumps(bench.memory_child({model_name!r}, {arm_name!r}, {length}, {threads})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eager", action="store_true", help="also time stock eager attention")
     parser.add_argument("--out", default=None, help="write results JSON here (and a .md beside it)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-arm memory subprocesses")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -131,30 +155,30 @@ def main(argv: list[str] | None = None) -> int:
     arms = _arms(args.eager)
     results = []
     for length in args.lengths:
-        ids = torch.randint(
-            100, tokenizer.vocab_size - 100, (1, length), generator=torch.Generator().manual_seed(0)
-        )
-        run_one(model, ids[:, :64], arms["stock sdpa"])  # warm-up
-        samples: dict[str, list[tuple[float, float]]] = {name: [] for name in arms}
+        ids = _ids(tokenizer, length)
+        time_one(model, ids[:, :64], "stock sdpa", arms)  # warm-up
+        names = [n for n in arms if not (n == "stock eager" and length > 4096)]  # eager: O(n^2) per layer
+        samples: dict[str, list[float]] = {name: [] for name in names}
         repeats = max(1, args.repeats if length < 8192 else min(args.repeats, 2))
         for r in range(repeats):
-            for name, arm in arms.items():
-                if name == "stock eager" and length > 4096:
-                    continue  # O(n^2) memory per layer; the point is made at 2048
-                samples[name].append(run_one(model, ids, arm))
+            for name in names:
+                samples[name].append(time_one(model, ids, name, arms))
                 print(
-                    f"  {length:>5} tokens  {name:<40} run {r + 1}/{repeats}: "
-                    f"{samples[name][-1][0]:.2f}s, {samples[name][-1][1]:.0f} MiB",
+                    f"  {length:>5} tokens  {name:<40} run {r + 1}/{repeats}: {samples[name][-1]:.2f}s",
                     file=sys.stderr,
                     flush=True,
                 )
-        base_t = statistics.median(t for t, _ in samples["stock sdpa"])
-        base_m = statistics.median(m for _, m in samples["stock sdpa"])
-        for name, runs in samples.items():
-            if not runs:
-                continue
-            t = statistics.median(x for x, _ in runs)
-            m = statistics.median(x for _, x in runs)
+        memory = {}
+        for name in names if not args.no_memory else []:
+            memory[name] = measure_memory(args.model, name, length, args.threads)
+            print(
+                f"  {length:>5} tokens  {name:<40} peak +{memory[name]:.0f} MiB", file=sys.stderr, flush=True
+            )
+        base_t = min(samples["stock sdpa"])
+        base_m = memory.get("stock sdpa", float("nan"))
+        for name in names:
+            t = min(samples[name])
+            m = memory.get(name, float("nan"))
             results.append(
                 {
                     "arm": name,
@@ -169,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     failures = []
     lines = [
         f"Model {args.model}, fp32, {args.threads} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}; "
-        f"median of {args.repeats} interleaved prefills (2 at 8192), logits_to_keep=1.",
+        f"best of {args.repeats} interleaved prefills (at most 2 at 8192), logits_to_keep=1; "
+        "memory: one prefill per arm in a fresh process.",
         "",
         "| tokens | arm | seconds | x stock SDPA | peak MiB over weights | x stock SDPA | target |",
         "|---:|---|---:|---:|---:|---:|---|",
