@@ -44,6 +44,9 @@ SDPA_NAME = "attnsurgery"
 EAGER_NAME = "attnsurgery_eager"
 _BASE_OF = {SDPA_NAME: "sdpa", EAGER_NAME: "eager"}
 
+#: use surgeries' own exact fused kernels (ACT ...) where they apply; ATTNSURGERY_FUSED=0 forces the tiled path
+#: (for benchmarks and debugging; results are the same up to float rounding)
+FUSED_KERNELS = os.environ.get("ATTNSURGERY_FUSED", "1") != "0"
 #: the tiled path works on blocks of at most TILE_ROWS query rows and TILE_BYTES of fp32 scores; 64 rows keep
 #: a block's scores near the CPU caches (measured: 64 rows beat 128-512 at 2k-8k tokens on SmolLM2 shapes)
 TILE_ROWS = int(os.environ.get("ATTNSURGERY_TILE_ROWS", "64"))
@@ -155,6 +158,16 @@ class RequestState:
                 self._positions = position_ids.expand(batch, -1)
             else:
                 self._positions = (torch.arange(q_len, device=ref.device) + past).expand(batch, q_len)
+
+    def query_valid(self, q_len: int, k_len: int) -> torch.Tensor:
+        valid = self.key_valid
+        if (
+            valid is None
+            or valid.shape[1] < q_len
+            or (self._positions is not None and self._positions.shape[1] != q_len)
+        ):
+            return torch.ones(1, q_len, dtype=torch.bool)
+        return valid[:, -q_len:]
 
     def query_positions(self, q_len: int, k_len: int) -> torch.Tensor:
         pos = self._positions
@@ -306,7 +319,7 @@ class LayerPlan:
         self.kernel = self.replace
         if self.kernel is None and len(owners) == 1:
             (only,) = owners.values()
-            self.kernel = only if only.fused else None
+            self.kernel = only if only.fused and FUSED_KERNELS else None
         self.tiled = bool(prob_level) and self.kernel is None
         self.idle = not (self.query or self.head_output or prob_level or self.replace)
         return self
@@ -343,6 +356,7 @@ class LayerPlan:
         )
         for surgery in self.query:
             query, scaling = surgery.query(query, scaling, call)
+        call.query, call.key, call.value, call.scaling = query, key, value, scaling
         kernel = self.kernel if record is None else self.replace
         weights = None
         if kernel is not None:

@@ -198,6 +198,12 @@ class AttentionCall:
     is_causal: bool
     request: Any  # attnsurgery.engine.RequestState
     kwargs: dict[str, Any]
+    # the core attention's inputs (after query stages), for surgeries that need more than their own tile
+    query: torch.Tensor | None = None
+    key: torch.Tensor | None = None
+    value: torch.Tensor | None = None
+    scaling: float | None = None
+    scratch: dict[str, Any] = field(default_factory=dict)  # per-call memo (e.g. a sink set shared by tiles)
 
     @property
     def positions(self) -> torch.Tensor:
@@ -206,6 +212,11 @@ class AttentionCall:
         ``n_i = positions + 1`` is the number of real tokens a causal query sees.
         """
         return self.request.query_positions(self.query_len, self.key_len)
+
+    @property
+    def query_valid(self) -> torch.Tensor:
+        """(B, Tq) bool: which query rows are real tokens (padding rows are False)."""
+        return self.request.query_valid(self.query_len, self.key_len)
 
 
 @dataclass
@@ -245,9 +256,14 @@ class Surgery(nn.Module):
     #: True when ``attention()`` computes this surgery's probability-level edit exactly on a fused kernel;
     #: the engine uses it when this is the only probability-level surgery on a layer.
     fused: ClassVar[bool] = False
-    #: non-identity arguments that visibly change the model (used in docs and the shared test matrix);
-    #: the config defaults must be the identity.
+    #: non-identity arguments that visibly change the model (used in docs and the shared test matrix)
     example_args: ClassVar[dict[str, Any]] = {}
+    #: arguments that make the surgery the identity (empty: the defaults are the identity)
+    identity_args: ClassVar[dict[str, Any]] = {}
+    #: True for surgeries whose decisions use the whole prompt (ACT detects sinks from every query's attention):
+    #: a later token can then change earlier positions' outputs, and prefill + cached decode is not one full
+    #: forward. They document both and test them in their own files instead of the shared causal/decode tests.
+    prompt_adaptive: ClassVar[bool] = False
 
     def __init__(self, config: SurgeryConfig, targets: LayerHeads) -> None:
         super().__init__()

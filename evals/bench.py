@@ -38,7 +38,20 @@ TARGETS = {
     ("identity (all surgeries, every layer)", 8192): ("time", 1.03),
     ("clipped_softmax (tiled)", 2048): ("time", 1.5),
     ("clipped_softmax (tiled)", 8192): ("memory", 1.2),
+    ("act beta=0.4 thr=0.1 (fused + correction)", 2048): ("time", 1.3),
+    ("act beta=0.4 thr=0.1 (fused + correction)", 8192): ("memory", 1.2),
 }
+
+
+def _unfused_act(model):
+    """ACT on the generic tiled path: what it costs without its exact fused kernel."""
+    import attnsurgery.engine as engine
+
+    engine.FUSED_KERNELS = False
+    try:
+        return patch(model, "act", beta=0.4, threshold=0.1)
+    finally:
+        engine.FUSED_KERNELS = True
 
 
 def _arms(eager: bool):
@@ -56,6 +69,10 @@ def _arms(eager: bool):
         "temperature tau=0.9 (query stage)": lambda model: patch(model, "temperature", tau=0.9, c=0.02),
         "head_scale 0.5 (head-output stage)": lambda model: patch(model, "head_scale", scale=0.5),
         "clipped_softmax (tiled)": lambda model: patch(model, "clipped_softmax", gamma=-12 / 512),
+        "act beta=0.4 thr=0.1 (fused + correction)": lambda model: patch(
+            model, "act", beta=0.4, threshold=0.1
+        ),
+        "act beta=0.4 thr=0.1 (tiled, no fused kernel)": _unfused_act,
     }
     if eager:
         arms["stock eager"] = "eager"
@@ -148,11 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write results JSON here (and a .md beside it)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-arm memory subprocesses")
+    parser.add_argument(
+        "--arms", nargs="+", default=None, help="only arms whose name starts with one of these"
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, dtype="float32")
     arms = _arms(args.eager)
+    if args.arms:
+        arms = {k: v for k, v in arms.items() if k == "stock sdpa" or k.startswith(tuple(args.arms))}
     results = []
     for length in args.lengths:
         ids = _ids(tokenizer, length)

@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from attnsurgery.kernels import column_sums, repeat_kv, sdpa_with_lse, visible
+from attnsurgery.surgery import AttentionCall, AttentionTile, Stage, Surgery
+
+from .config import ActConfig
+
+_EPS = (
+    1e-6  # rows whose mass sits (almost) entirely on sinks have nothing to redistribute to: left as they are
+)
+
+
+class ActSurgery(Surgery):
+    """ACT: scale the attention that non-first sink tokens receive by ``beta`` and give the removed mass to the
+    other tokens of the row in proportion to their attention (rows still sum to 1).
+
+    Per head and batch row, a key ``j`` is a sink when its mean attention from the real queries that see it
+    exceeds ``threshold`` (or ``alpha / N``); the first (lowest-index) such key is kept unscaled, as in the
+    reference code. Detection is online (recomputed from each input), per batch row, with padding excluded.
+
+    Exact on the fused kernel: with the kernel's output ``o_i`` and log-sum-exp, for the sink set ``S``,
+    ``P_i = sum_S A_is``, ``u_i = sum_S A_is v_s``, the edited output is
+    ``beta u_i + (1 - beta P_i) / (1 - P_i) (o_i - u_i)``, O(n |S|) extra work; the column sums for detection
+    come from one more fused call (see :mod:`attnsurgery.kernels`). Paper: Yu et al., "Unveiling and Harnessing
+    Hidden Attention Sinks: Training-Free Attention Calibration", ICML 2024 (arXiv 2406.15765).
+
+    Like the reference, detection uses every query of the input, so a later token can change the outputs at
+    earlier positions (the attention mask itself is always respected). For log-likelihood scoring of a
+    continuation, detect on the context only (the eval bridge's job), or the continuation can influence its own
+    score. Decode (KV cache): ``decode="frozen"`` (default) keeps the sink set found at prefill, so every generated token
+    sees the same calibrated prompt; ``"recompute"`` detects again from the current queries only. Either way each
+    row sums to 1 (the reference code's ``A[0, 0] = 1`` line makes decode rows sum above 1; it is not kept).
+
+    >>> patch(model, "act", beta=0.4, threshold=0.1, layers="2:31", heads={2: [0, 5], 3: [1]})
+    """
+
+    name = "act"
+    config_class = ActConfig
+    summary = "ACT attention-sink calibration: scale non-first sinks by beta, redistribute (fused, exact)"
+    paper = "Yu et al., Unveiling and Harnessing Hidden Attention Sinks, ICML 2024 (arXiv 2406.15765)"
+    stages = frozenset({Stage.PROBS})
+    fused = True
+    example_args = {"beta": 0.3, "threshold": 0.08}
+    identity_args = {"beta": 1.0}
+    prompt_adaptive = True
+
+    def setup(self, model: Any, engine: Any) -> None:
+        self._heads = {layer: self.targets.head_mask(layer) for layer in self.targets.layers}
+
+    # -- detection --------------------------------------------------------------------------------------------
+    def sink_set(self, call: AttentionCall, lse: torch.Tensor) -> torch.Tensor:
+        """(B, H, Tk) bool: the keys whose attention ACT scales on this call (targeted heads only)."""
+        request = call.request
+        slot = ("act", id(self), call.layer_idx)
+        decoding = request.past_len > 0
+        if self.config.decode == "frozen" and decoding and slot in request.extras:
+            frozen = request.extras[slot]
+            if frozen.shape[0] == call.query.shape[0]:
+                return self._frozen_now(frozen, call)
+        valid_q = call.query_valid.to(call.query.device)  # (B|1, Tq)
+        allowed = visible(
+            call.attention_mask, call.is_causal, call.query_len, call.key_len, call.query.device
+        )
+        valid_q = valid_q & allowed.any(-1)[:, 0]  # rows that see at least one key
+        sums = column_sums(
+            call.query, call.key, lse, valid_q, call.attention_mask, call.scaling, call.is_causal
+        )
+        counts = (allowed & valid_q[:, None, :, None]).sum(2)  # (B, 1, Tk): real queries that see each key
+        score = torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))  # (B, H, Tk)
+        if self.config.alpha is not None:
+            key_valid = request.key_valid
+            if key_valid is not None and key_valid.shape[1] == call.key_len:
+                n_real = key_valid.sum(-1).clamp(min=1).to(score)[:, None, None]
+            else:
+                n_real = torch.tensor(float(call.key_len))
+            qualifying = score > self.config.alpha / n_real
+        else:
+            qualifying = score > self.config.absolute_threshold
+        first = qualifying.int().argmax(dim=-1, keepdim=True)  # lowest qualifying index (0 if none qualifies)
+        sinks = qualifying.scatter(-1, first, False)  # the first sink is kept unscaled (reference: cand[1:])
+        sinks &= self._heads[call.layer_idx].to(sinks.device)[None, :, None]
+        if self.config.decode == "frozen" and not decoding:
+            request.extras[slot] = sinks  # key columns of the prompt, in the 2D mask's coordinates
+        return sinks
+
+    @staticmethod
+    def _frozen_now(frozen: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+        """The prefill's sink set on the keys of this decode step (a sliding-window cache may have dropped some)."""
+        total = call.request.past_len + call.query_len
+        columns = torch.arange(
+            total - call.key_len, total, device=frozen.device
+        )  # absolute column of each key
+        now = torch.zeros(*frozen.shape[:2], call.key_len, dtype=torch.bool, device=frozen.device)
+        inside = columns < frozen.shape[-1]
+        now[..., inside] = frozen[..., columns[inside]]
+        return now
+
+    # -- the fused path ---------------------------------------------------------------------------------------
+    def attention(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, call: AttentionCall
+    ) -> torch.Tensor:
+        out, lse = sdpa_with_lse(
+            query, key, value, call.attention_mask, scaling, call.is_causal
+        )  # (B, H, Tq, Dv)
+        sinks = self.sink_set(call, lse)
+        return self.redistribute(out, lse, sinks, call).transpose(1, 2)
+
+    def redistribute(
+        self, out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor, call: AttentionCall
+    ) -> torch.Tensor:
+        """Apply the sink scaling to fused outputs through the O(n |S|) low-rank correction."""
+        most = int(sinks.sum(-1).max()) if sinks.numel() else 0
+        if most == 0:
+            return out
+        groups = call.query.shape[1] // call.key.shape[1]
+        idx = sinks.to(torch.int8).sort(dim=-1, descending=True, stable=True).indices[..., :most]  # (B, H, m)
+        chosen = sinks.gather(-1, idx)  # (B, H, m): False where a row has fewer than m sinks
+        k = repeat_kv(call.key, groups)
+        v = repeat_kv(call.value, groups)
+        k_s = k.gather(2, idx[..., None].expand(-1, -1, -1, k.shape[-1])).float()  # (B, H, m, D)
+        v_s = v.gather(2, idx[..., None].expand(-1, -1, -1, v.shape[-1])).float()  # (B, H, m, Dv)
+        logits = (call.query.float() @ k_s.transpose(-1, -2)) * call.scaling  # (B, H, Tq, m)
+        allowed = visible(call.attention_mask, call.is_causal, call.query_len, call.key_len, out.device)
+        allowed = allowed.expand(idx.shape[0], idx.shape[1], -1, -1)
+        ok = allowed.gather(-1, idx[:, :, None, :].expand(-1, -1, call.query_len, -1)) & chosen[:, :, None, :]
+        probs = torch.exp(logits - lse[..., None]) * ok  # A_is, (B, H, Tq, m)
+        mass = probs.sum(-1, keepdim=True)  # P_i
+        u = probs @ v_s  # u_i = sum_s A_is v_s
+        beta = self.config.beta
+        rest = 1.0 - mass
+        edited = beta * u + (1.0 - beta * mass) / rest.clamp(min=_EPS) * (out.float() - u)
+        return torch.where(rest > _EPS, edited, out.float()).to(out.dtype)
+
+    # -- the tiled path (composition with other probability-level surgeries, attention maps) -------------------
+    def probs(self, probs: torch.Tensor, tile: AttentionTile) -> torch.Tensor:
+        call = tile.call
+        sinks = call.scratch.get("act")
+        if sinks is None:
+            _, lse = sdpa_with_lse(
+                call.query, call.key, call.value, call.attention_mask, call.scaling, call.is_causal
+            )
+            sinks = call.scratch["act"] = self.sink_set(call, lse)
+        cols = sinks[:, :, None, tile.k_start : tile.k_end]  # (B, H, 1, bk)
+        mass = (probs * cols).sum(-1, keepdim=True)
+        rest = 1.0 - mass
+        factor = (1.0 - self.config.beta * mass) / rest.clamp(min=_EPS)
+        edited = torch.where(cols, probs * self.config.beta, probs * factor)
+        return torch.where(rest > _EPS, edited, probs)
