@@ -37,6 +37,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from .errors import SurgeryConfigError, UnsupportedModelError
+from .kernels import allowed_tile
 from .surgery import AttentionCall, AttentionTile, Stage, Surgery
 
 #: implementation names we register; which one a model gets depends on what it ran before
@@ -182,35 +183,6 @@ class RequestState:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _allowed_tile(
-    mask: torch.Tensor | None, is_causal: bool, q_len: int, k_len: int, s: int, e: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor | None, int, int]:
-    """(allowed bool mask, additive float mask or None, k_start, k_end) for query rows [s, e)."""
-    if mask is None:
-        if is_causal and q_len > 1:
-            # transformers drops the mask only for a plain causal prefill: query i sees keys 0..i (SDPA's
-            # upper-left alignment; extra keys would be empty static-cache slots).
-            k_end = min(e, k_len)
-            rows = torch.arange(s, e, device=device)[:, None]
-            cols = torch.arange(k_end, device=device)[None, :]
-            return (cols <= rows)[None, None], None, 0, k_end
-        return torch.ones(1, 1, e - s, k_len, dtype=torch.bool, device=device), None, 0, k_len
-    rows = mask[:, :, s:e] if mask.shape[2] > 1 else mask
-    if rows.dtype == torch.bool:
-        allowed, additive = rows, None
-    else:  # an additive float mask (eager): keep its values, they may carry biases
-        allowed, additive = rows > torch.finfo(rows.dtype).min / 2, rows
-    cols = allowed.flatten(0, -2).any(0).nonzero()
-    if len(cols) == 0:
-        k_start, k_end = 0, k_len
-    else:
-        k_start, k_end = int(cols[0]), int(cols[-1]) + 1
-    allowed = allowed[..., k_start:k_end]
-    if additive is not None:
-        additive = additive[..., k_start:k_end]
-    return allowed, additive, k_start, k_end
-
-
 def tiled_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -247,9 +219,7 @@ def tiled_attention(
         maps = torch.zeros(bsz, num_heads, q_len, k_len, dtype=torch.float32, device=query.device)
     for s in range(0, q_len, block_rows):
         e = min(s + block_rows, q_len)
-        allowed, additive, k0, k1 = _allowed_tile(
-            attention_mask, call.is_causal, q_len, k_len, s, e, q.device
-        )
+        allowed, additive, k0, k1 = allowed_tile(attention_mask, call.is_causal, q_len, k_len, s, e, q.device)
         tile = AttentionTile(call, s, e, k0, k1, allowed)
         qb = q[:, :, :, s:e].reshape(bsz, num_kv, groups * (e - s), head_dim)
         scores = torch.matmul(qb, k_t[..., k0:k1]).view(bsz, num_heads, e - s, k1 - k0)  # (B, H, bq, bk)

@@ -4,7 +4,13 @@ from typing import Any
 
 import torch
 
-from attnsurgery.kernels import column_sums, repeat_kv, sdpa_with_lse, visible
+from attnsurgery.kernels import (
+    attention_with_column_sums,
+    column_sums_tiled,
+    repeat_kv,
+    sdpa_with_lse,
+    visible,
+)
 from attnsurgery.surgery import AttentionCall, AttentionTile, Stage, Surgery
 
 from .config import ActConfig
@@ -12,6 +18,11 @@ from .config import ActConfig
 _EPS = (
     1e-6  # rows whose mass sits (almost) entirely on sinks have nothing to redistribute to: left as they are
 )
+
+
+def _plain_causal(call: AttentionCall) -> bool:
+    """transformers dropped the mask: a causal prefill where query i sees keys 0..i."""
+    return call.attention_mask is None and call.is_causal and call.query_len > 1
 
 
 class ActSurgery(Surgery):
@@ -22,10 +33,11 @@ class ActSurgery(Surgery):
     exceeds ``threshold`` (or ``alpha / N``); the first (lowest-index) such key is kept unscaled, as in the
     reference code. Detection is online (recomputed from each input), per batch row, with padding excluded.
 
-    Exact on the fused kernel: with the kernel's output ``o_i`` and log-sum-exp, for the sink set ``S``,
-    ``P_i = sum_S A_is``, ``u_i = sum_S A_is v_s``, the edited output is
-    ``beta u_i + (1 - beta P_i) / (1 - P_i) (o_i - u_i)``, O(n |S|) extra work; the column sums for detection
-    come from one more fused call (see :mod:`attnsurgery.kernels`). Paper: Yu et al., "Unveiling and Harnessing
+    Exact without an n x n matrix: one tiled pass gives the unedited output ``o_i``, its log-sum-exp and the
+    column sums detection needs (:func:`attnsurgery.kernels.attention_with_column_sums`); then, for the sink set
+    ``S``, ``P_i = sum_S A_is``, ``u_i = sum_S A_is v_s`` and the edited output is
+    ``beta u_i + (1 - beta P_i) / (1 - P_i) (o_i - u_i)``, O(n |S|) extra work. Decode steps with a frozen sink set
+    use the fused SDPA kernel's output and lse directly. Paper: Yu et al., "Unveiling and Harnessing
     Hidden Attention Sinks: Training-Free Attention Calibration", ICML 2024 (arXiv 2406.15765).
 
     Like the reference, detection uses every query of the input, so a later token can change the outputs at
@@ -52,24 +64,37 @@ class ActSurgery(Surgery):
         self._heads = {layer: self.targets.head_mask(layer) for layer in self.targets.layers}
 
     # -- detection --------------------------------------------------------------------------------------------
-    def sink_set(self, call: AttentionCall, lse: torch.Tensor) -> torch.Tensor:
-        """(B, H, Tk) bool: the keys whose attention ACT scales on this call (targeted heads only)."""
+    def sink_set(
+        self, call: AttentionCall, lse: torch.Tensor | None = None, sums: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, H, Tk) bool: the keys whose attention ACT scales on this call (targeted heads only).
+
+        ``sums`` are the column sums of A over the real queries when the caller already has them; otherwise
+        they are computed from ``lse`` with :func:`column_sums_tiled`.
+        """
         request = call.request
         slot = ("act", id(self), call.layer_idx)
         decoding = request.past_len > 0
-        if self.config.decode == "frozen" and decoding and slot in request.extras:
-            frozen = request.extras[slot]
-            if frozen.shape[0] == call.query.shape[0]:
-                return self._frozen_now(frozen, call)
+        if self._uses_frozen(call):
+            return self._frozen_now(request.extras[slot], call)
         valid_q = call.query_valid.to(call.query.device)  # (B|1, Tq)
-        allowed = visible(
-            call.attention_mask, call.is_causal, call.query_len, call.key_len, call.query.device
-        )
-        valid_q = valid_q & allowed.any(-1)[:, 0]  # rows that see at least one key
-        sums = column_sums(
-            call.query, call.key, lse, valid_q, call.attention_mask, call.scaling, call.is_causal
-        )
-        counts = (allowed & valid_q[:, None, :, None]).sum(2)  # (B, 1, Tk): real queries that see each key
+        if _plain_causal(call):  # query i sees keys 0..i: counts without an n x n mask
+            counts = valid_q.flip(-1).cumsum(-1).flip(-1)  # (B, Tq): real queries at or after each key
+            counts = torch.nn.functional.pad(counts, (0, call.key_len - call.query_len))[
+                :, None
+            ]  # (B, 1, Tk)
+        else:
+            allowed = visible(
+                call.attention_mask, call.is_causal, call.query_len, call.key_len, valid_q.device
+            )
+            valid_q = valid_q & allowed.any(-1)[:, 0]  # rows that see at least one key
+            counts = (allowed & valid_q[:, None, :, None]).sum(
+                2
+            )  # (B, 1, Tk): real queries that see each key
+        if sums is None:
+            sums = column_sums_tiled(
+                call.query, call.key, lse, valid_q, call.attention_mask, call.scaling, call.is_causal
+            )
         score = torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))  # (B, H, Tk)
         if self.config.alpha is not None:
             key_valid = request.key_valid
@@ -103,11 +128,25 @@ class ActSurgery(Surgery):
     def attention(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, call: AttentionCall
     ) -> torch.Tensor:
-        out, lse = sdpa_with_lse(
-            query, key, value, call.attention_mask, scaling, call.is_causal
-        )  # (B, H, Tq, Dv)
-        sinks = self.sink_set(call, lse)
+        if self._uses_frozen(call):  # decode: the sinks are known, the fused kernel gives out and lse
+            out, lse = sdpa_with_lse(query, key, value, call.attention_mask, scaling, call.is_causal)
+            sinks = self.sink_set(call)
+        else:  # one tiled pass gives out, lse and the column sums detection needs
+            valid = call.query_valid.to(query.device).expand(query.shape[0], -1)
+            out, lse, sums = attention_with_column_sums(
+                query, key, value, call.attention_mask, scaling, call.is_causal, valid
+            )
+            sinks = self.sink_set(call, lse, sums)
         return self.redistribute(out, lse, sinks, call).transpose(1, 2)
+
+    def _uses_frozen(self, call: AttentionCall) -> bool:
+        frozen = call.request.extras.get(("act", id(self), call.layer_idx))
+        return (
+            self.config.decode == "frozen"
+            and call.request.past_len > 0
+            and frozen is not None
+            and frozen.shape[0] == call.query.shape[0]
+        )
 
     def redistribute(
         self, out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor, call: AttentionCall
@@ -124,9 +163,14 @@ class ActSurgery(Surgery):
         k_s = k.gather(2, idx[..., None].expand(-1, -1, -1, k.shape[-1])).float()  # (B, H, m, D)
         v_s = v.gather(2, idx[..., None].expand(-1, -1, -1, v.shape[-1])).float()  # (B, H, m, Dv)
         logits = (call.query.float() @ k_s.transpose(-1, -2)) * call.scaling  # (B, H, Tq, m)
-        allowed = visible(call.attention_mask, call.is_causal, call.query_len, call.key_len, out.device)
-        allowed = allowed.expand(idx.shape[0], idx.shape[1], -1, -1)
-        ok = allowed.gather(-1, idx[:, :, None, :].expand(-1, -1, call.query_len, -1)) & chosen[:, :, None, :]
+        if _plain_causal(call):
+            rows = torch.arange(call.query_len, device=idx.device)
+            ok = idx[:, :, None, :] <= rows[None, None, :, None]  # (B, H, Tq, m), no n x n mask
+        else:
+            allowed = visible(call.attention_mask, call.is_causal, call.query_len, call.key_len, out.device)
+            allowed = allowed.expand(idx.shape[0], idx.shape[1], -1, -1)
+            ok = allowed.gather(-1, idx[:, :, None, :].expand(-1, -1, call.query_len, -1))
+        ok = ok & chosen[:, :, None, :]
         probs = torch.exp(logits - lse[..., None]) * ok  # A_is, (B, H, Tq, m)
         mass = probs.sum(-1, keepdim=True)  # P_i
         u = probs @ v_s  # u_i = sum_s A_is v_s
