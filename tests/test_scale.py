@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from tiny import random_ids, tiny_model
 from transformers import AutoModelForCausalLM
@@ -37,3 +38,28 @@ def test_device_map_with_offload(tmp_path):
         assert (out - ref).abs().max() > 1e-4
         assert torch.equal(model(ids).logits, ref)
     assert {n: getattr(m, "_hf_hook", None) for n, m in model.named_modules()} == hooks_before
+
+
+@pytest.mark.parametrize("flag", ["load_in_8bit", "load_in_4bit"])
+def test_bitsandbytes_quantised_model(tmp_path, flag):
+    """load_model(..., load_in_8bit/4bit=True) through bitsandbytes (CPU backend), patched and restored."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    from attnsurgery import load_model
+
+    tiny_model("llama").save_pretrained(tmp_path)
+    backend = Tokenizer(WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="a").save_pretrained(
+        tmp_path
+    )
+    model, _ = load_model(str(tmp_path), **{flag: True})
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ in ("Linear8bitLt", "Linear4bit")
+    ids = random_ids(1, 10)
+    with torch.no_grad():
+        ref = model(ids).logits
+        with patch(model, "temperature", tau=0.7), patch(model, "act", beta=0.3, threshold=0.08):
+            out = model(ids).logits
+        assert torch.isfinite(out).all() and (out - ref).abs().max() > 1e-3
+        assert torch.equal(model(ids).logits, ref)
