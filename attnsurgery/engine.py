@@ -37,8 +37,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from .errors import SurgeryConfigError, UnsupportedModelError
-from .kernels import allowed_tile
-from .surgery import AttentionCall, AttentionTile, Stage, Surgery
+from .kernels import tiled_attention
+from .surgery import AttentionCall, Stage, Surgery
 
 #: implementation names we register; which one a model gets depends on what it ran before
 SDPA_NAME = "attnsurgery"
@@ -48,10 +48,6 @@ _BASE_OF = {SDPA_NAME: "sdpa", EAGER_NAME: "eager"}
 #: use surgeries' own exact fused kernels (ACT ...) where they apply; ATTNSURGERY_FUSED=0 forces the tiled path
 #: (for benchmarks and debugging; results are the same up to float rounding)
 FUSED_KERNELS = os.environ.get("ATTNSURGERY_FUSED", "1") != "0"
-#: the tiled path works on blocks of at most TILE_ROWS query rows and TILE_BYTES of fp32 scores; 64 rows keep
-#: a block's scores near the CPU caches (measured: 64 rows beat 128-512 at 2k-8k tokens on SmolLM2 shapes)
-TILE_ROWS = int(os.environ.get("ATTNSURGERY_TILE_ROWS", "64"))
-TILE_BYTES = int(float(os.environ.get("ATTNSURGERY_TILE_MB", "64")) * 2**20)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -183,74 +179,6 @@ class RequestState:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def tiled_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    call: AttentionCall,
-    logit_stages: list[Surgery] = (),
-    normalizer: Surgery | None = None,
-    prob_stages: list[Surgery] = (),
-    dropout: float = 0.0,
-    record: list[torch.Tensor] | None = None,
-    block_rows: int | None = None,
-) -> torch.Tensor:
-    """Exact attention computed over blocks of query rows, with probability-level stages applied per block.
-
-    Stage methods own the tensor they are given and may modify it in place.
-
-    Memory is O(block x n): scores for at most ``TILE_BYTES`` at a time. Keys outside the block's visible range
-    (above the causal diagonal, before a sliding window) are skipped. Scores and probabilities are fp32 as in
-    transformers' eager path. Returns attn_output (B, Tq, H, Dv).
-    """
-    bsz, num_heads, q_len, head_dim = query.shape
-    num_kv, k_len = key.shape[1], key.shape[2]
-    groups = num_heads // num_kv
-    softcap = call.kwargs.get("softcap")
-    # (B, Hkv, G, Tq, D): query heads grouped by the key/value head they share, so GQA never repeats K/V
-    q = (query.float() * scaling).view(bsz, num_kv, groups, q_len, head_dim)
-    k_t = key.float().transpose(-1, -2)  # (B, Hkv, D, Tk)
-    out = query.new_empty(bsz, q_len, num_heads, value.shape[-1])
-    if block_rows is None:
-        block_rows = max(16, min(TILE_ROWS, TILE_BYTES // max(1, 4 * bsz * num_heads * k_len)))
-    if record is not None:
-        maps = torch.zeros(bsz, num_heads, q_len, k_len, dtype=torch.float32, device=query.device)
-    for s in range(0, q_len, block_rows):
-        e = min(s + block_rows, q_len)
-        allowed, additive, k0, k1 = allowed_tile(attention_mask, call.is_causal, q_len, k_len, s, e, q.device)
-        tile = AttentionTile(call, s, e, k0, k1, allowed)
-        qb = q[:, :, :, s:e].reshape(bsz, num_kv, groups * (e - s), head_dim)
-        scores = torch.matmul(qb, k_t[..., k0:k1]).view(bsz, num_heads, e - s, k1 - k0)  # (B, H, bq, bk)
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
-        if additive is not None:
-            scores.add_(additive)
-        for surgery in logit_stages:
-            scores = surgery.logits(scores, tile)
-        # finite fill (as eager does): a fully masked padding row stays finite instead of NaN, so it cannot
-        # poison real rows through 0 * NaN in the value product of the next layer. A plain causal block is
-        # fully visible left of its diagonal square, so only that square needs masking.
-        lo = s - k0 if attention_mask is None and call.is_causal and q_len > 1 else 0
-        scores[..., lo:].masked_fill_(~allowed[..., lo:], torch.finfo(scores.dtype).min)
-        probs = (
-            normalizer.normalize(scores, tile) if normalizer is not None else torch.softmax(scores, dim=-1)
-        )
-        for surgery in prob_stages:
-            probs = surgery.probs(probs, tile)
-        if record is not None:
-            maps[:, :, s:e, k0:k1] = probs
-        if dropout > 0.0:
-            probs = nn.functional.dropout(probs, p=dropout, training=True)
-        probs = probs.to(value.dtype).view(bsz, num_kv, groups * (e - s), k1 - k0)
-        block = torch.matmul(probs, value[:, :, k0:k1])  # (B, Hkv, G*bq, Dv)
-        out[:, s:e] = block.view(bsz, num_heads, e - s, -1).transpose(1, 2)
-    if record is not None:
-        record.append(maps.cpu())
-    return out
-
-
 def _eager_base(module: nn.Module) -> Callable:
     """The model's own eager attention function (GPT-2, Gemma ... each define theirs)."""
     fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
@@ -344,11 +272,11 @@ class LayerPlan:
                 attention_mask,
                 scaling,
                 call,
-                self.logits,
-                self.normalizer,
-                self.probs,
-                dropout,
-                record,
+                logit_stages=self.logits,
+                normalizer=self.normalizer,
+                prob_stages=self.probs,
+                dropout=dropout,
+                record=record,
             )
         else:
             attn_output, weights = self.base(

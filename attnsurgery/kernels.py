@@ -1,23 +1,29 @@
-"""Fused attention that also returns log-sum-exp, and column sums of the attention matrix without materialising it.
+"""Exact attention kernels: the tiled path, and fused attention that also returns log-sum-exp.
 
-Probability-level surgeries that edit a few columns (ACT, VAR) stay exact on a fused kernel: with the fused output
+Probability-level surgeries that edit a few columns (ACT, VAR) stay exact without an n x n matrix: with the output
 ``o_i`` and ``lse_i``, any probability is ``A_ij = exp(q_i.k_j * scale + m_ij - lse_i)``, so edits over a small
 column set cost O(n x |S|) (see ``DESIGN.md`` §3). Detection needs column sums ``sum_i A_ij``.
 
 Measured on CPU (SmolLM2 shapes, 2k tokens): a second fused call for the column sums (keys as queries, ``-lse_i``
-folded in as an extra head dimension, read off its log-sum-exp) costs ~1.35x an SDPA call, because the kernel
-insists on a value product it does not need; a tiled pass with no value product costs ~1.0x; and one tiled pass
-that yields output, lse and column sums together is cheapest, so ACT uses :func:`attention_with_column_sums`.
-
-On CPU these use PyTorch's flash kernel (``aten._scaled_dot_product_flash_attention_for_cpu``, which returns
-``lse``); elsewhere they fall back to :func:`tiled_with_lse` (exact, O(block x n) memory, slower).
+folded in as an extra head dimension, read off its log-sum-exp) costs ~1.35x an SDPA call, because PyTorch's CPU
+flash kernel insists on a value product it does not need; a tiled pass with no value product ~1.0x; one tiled
+pass that yields output, lse and column sums together (:class:`AttentionStats`) is cheapest, so ACT uses that.
 """
 
 from __future__ import annotations
 
-import torch
+import os
+from dataclasses import dataclass, field
 
-_NEG = -1e30  # a finite "minus infinity": exp() of it is 0 and it never makes 0 * inf = NaN
+import torch
+from torch import nn
+
+from .surgery import AttentionCall, AttentionTile, Surgery
+
+#: the tiled path works on blocks of at most TILE_ROWS query rows and TILE_BYTES of fp32 scores; 64 rows keep
+#: a block's scores near the CPU caches (measured: 64 rows beat 128-512 at 2k-8k tokens on SmolLM2 shapes)
+TILE_ROWS = int(os.environ.get("ATTNSURGERY_TILE_ROWS", "64"))
+TILE_BYTES = int(float(os.environ.get("ATTNSURGERY_TILE_MB", "64")) * 2**20)
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -72,6 +78,118 @@ def allowed_tile(
     return allowed, additive, k_start, k_end
 
 
+@dataclass
+class AttentionStats:
+    """By-products of one tiled pass, of the softmax before any normaliser or probability stage.
+
+    Pass an instance to :func:`tiled_attention`; ``query_valid`` (B, Tq) picks the rows that count in the column
+    sums (padding rows do not). After the pass: ``lse`` (B, H, Tq) and ``column_sums`` (B, H, Tk), fp32.
+    """
+
+    query_valid: torch.Tensor | None = None
+    lse: torch.Tensor | None = field(default=None, init=False)
+    column_sums: torch.Tensor | None = field(default=None, init=False)
+
+    def start(self, bsz: int, num_heads: int, q_len: int, k_len: int, device: torch.device) -> None:
+        self.lse = torch.empty(bsz, num_heads, q_len, dtype=torch.float32, device=device)
+        self.column_sums = torch.zeros(bsz, num_heads, k_len, dtype=torch.float32, device=device)
+        valid = self.query_valid
+        self._weights = None if valid is None or bool(valid.all()) else valid.to(torch.float32, copy=True)
+
+    def add(self, probs: torch.Tensor, scores: torch.Tensor, s: int, e: int, k0: int, k1: int) -> None:
+        # lse from the row's largest probability: p_max = exp(score_max - lse) >= 1/n, well conditioned, and
+        # cheaper than another logsumexp pass over the block
+        p_max, arg = probs.max(dim=-1, keepdim=True)
+        self.lse[:, :, s:e] = (scores.gather(-1, arg) - p_max.log()).squeeze(-1)
+        if self._weights is None:
+            self.column_sums[..., k0:k1] += probs.sum(dim=2)
+        else:
+            weights = self._weights[:, s:e].expand(probs.shape[0], -1)
+            self.column_sums[..., k0:k1] += torch.einsum("bhqk,bq->bhk", probs, weights)
+
+
+def tiled_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    call: AttentionCall | None = None,
+    *,
+    is_causal: bool = True,
+    logit_stages: list[Surgery] = (),
+    normalizer: Surgery | None = None,
+    prob_stages: list[Surgery] = (),
+    dropout: float = 0.0,
+    record: list[torch.Tensor] | None = None,
+    stats: AttentionStats | None = None,
+    block_rows: int | None = None,
+) -> torch.Tensor:
+    """Exact attention computed over blocks of query rows, with probability-level stages applied per block.
+
+    Stage methods own the tensor they are given and may modify it in place.
+
+    Memory is O(block x n): scores for at most ``TILE_BYTES`` at a time. Keys outside the block's visible range
+    (above the causal diagonal, before a sliding window) are skipped. Scores and probabilities are fp32 as in
+    transformers' eager path. Returns attn_output (B, Tq, H, Dv). ``call`` (when given) supplies ``is_causal``
+    and Gemma-2-style ``softcap``; ``stats`` asks for the softmax's lse and column sums from the same pass.
+    """
+    bsz, num_heads, q_len, head_dim = query.shape
+    num_kv, k_len = key.shape[1], key.shape[2]
+    groups = num_heads // num_kv
+    softcap = call.kwargs.get("softcap") if call is not None else None
+    is_causal = call.is_causal if call is not None else is_causal
+    # (B, Hkv, G, Tq, D): query heads grouped by the key/value head they share, so GQA never repeats K/V
+    q = (query.float() * scaling).view(bsz, num_kv, groups, q_len, head_dim)
+    k_t = key.float().transpose(-1, -2)  # (B, Hkv, D, Tk)
+    out = query.new_empty(bsz, q_len, num_heads, value.shape[-1])
+    if block_rows is None:
+        block_rows = max(16, min(TILE_ROWS, TILE_BYTES // max(1, 4 * bsz * num_heads * k_len)))
+    if stats is not None:
+        stats.start(bsz, num_heads, q_len, k_len, query.device)
+    if record is not None:
+        maps = torch.zeros(bsz, num_heads, q_len, k_len, dtype=torch.float32, device=query.device)
+    for s in range(0, q_len, block_rows):
+        e = min(s + block_rows, q_len)
+        allowed, additive, k0, k1 = allowed_tile(attention_mask, is_causal, q_len, k_len, s, e, q.device)
+        tile = AttentionTile(call, s, e, k0, k1, allowed)
+        qb = q[:, :, :, s:e].reshape(bsz, num_kv, groups * (e - s), head_dim)
+        scores = torch.matmul(qb, k_t[..., k0:k1]).view(bsz, num_heads, e - s, k1 - k0)  # (B, H, bq, bk)
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        if additive is not None:
+            scores.add_(additive)
+        for surgery in logit_stages:
+            scores = surgery.logits(scores, tile)
+        # finite fill (as eager does): a fully masked padding row stays finite instead of NaN, so it cannot
+        # poison real rows through 0 * NaN in the value product of the next layer. A plain causal block is
+        # fully visible left of its diagonal square, so only that square needs masking.
+        lo = s - k0 if attention_mask is None and is_causal and q_len > 1 else 0
+        scores[..., lo:].masked_fill_(~allowed[..., lo:], torch.finfo(scores.dtype).min)
+        if stats is not None:
+            soft = torch.softmax(scores, dim=-1)
+            stats.add(soft, scores, s, e, k0, k1)
+            probs = soft if normalizer is None else normalizer.normalize(scores, tile)
+        else:
+            probs = (
+                normalizer.normalize(scores, tile)
+                if normalizer is not None
+                else torch.softmax(scores, dim=-1)
+            )
+        for surgery in prob_stages:
+            probs = surgery.probs(probs, tile)
+        if record is not None:
+            maps[:, :, s:e, k0:k1] = probs
+        if dropout > 0.0:
+            probs = nn.functional.dropout(probs, p=dropout, training=True)
+        probs = probs.to(value.dtype).view(bsz, num_kv, groups * (e - s), k1 - k0)
+        block = torch.matmul(probs, value[:, :, k0:k1])  # (B, Hkv, G*bq, Dv)
+        out[:, s:e] = block.view(bsz, num_heads, e - s, -1).transpose(1, 2)
+    if record is not None:
+        record.append(maps.cpu())
+    return out
+
+
 def _flash_cpu_ok(query: torch.Tensor) -> bool:
     return query.device.type == "cpu" and hasattr(
         torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"
@@ -82,30 +200,6 @@ def _float_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
         ~allowed, float("-inf")
     )
-
-
-def tiled_with_lse(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    allowed: torch.Tensor,
-    scaling: float,
-    block_rows: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain exact attention over query blocks: (out (B, H, Tq, Dv) in value's dtype, lse (B, H, Tq) fp32)."""
-    groups = query.shape[1] // key.shape[1]
-    k = repeat_kv(key, groups).float()
-    v = repeat_kv(value, groups).float()
-    outs, lses = [], []
-    for s in range(0, query.shape[2], block_rows):
-        e = min(s + block_rows, query.shape[2])
-        scores = (query[:, :, s:e].float() @ k.transpose(-1, -2)) * scaling
-        scores = scores.masked_fill(~allowed[:, :, s:e] if allowed.shape[2] > 1 else ~allowed, float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)
-        probs = torch.exp(scores - lse[..., None]).nan_to_num_(0.0)
-        outs.append(probs @ v)
-        lses.append(lse)
-    return torch.cat(outs, dim=2).to(value.dtype), torch.cat(lses, dim=2)
 
 
 def sdpa_with_lse(
@@ -122,9 +216,10 @@ def sdpa_with_lse(
     """
     q_len, k_len = query.shape[2], key.shape[2]
     groups = query.shape[1] // key.shape[1]
-    if not _flash_cpu_ok(query):
-        allowed = visible(attention_mask, is_causal, q_len, k_len, query.device)
-        return tiled_with_lse(query, key, value, allowed, scaling)
+    if not _flash_cpu_ok(query):  # exact tiled fallback (O(block x n) memory)
+        stats = AttentionStats()
+        out = tiled_attention(query, key, value, attention_mask, scaling, is_causal=is_causal, stats=stats)
+        return out.transpose(1, 2), stats.lse
     k, v = repeat_kv(key, groups), repeat_kv(value, groups)
     mask, causal = None, False
     if attention_mask is None:
@@ -140,90 +235,3 @@ def sdpa_with_lse(
         query, k, v, 0.0, causal, attn_mask=mask, scale=scaling
     )
     return out, lse.float()
-
-
-def column_sums_tiled(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    lse: torch.Tensor,
-    query_valid: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    is_causal: bool,
-    block_rows: int = 64,
-) -> torch.Tensor:
-    """``(B, H, Tk)``: ``sum_i A_ij`` over the valid queries (``query_valid`` (B, Tq)) that see key ``j``, given
-    each row's ``lse``. Over blocks of query rows: one QK^T product and one exp per visible pair, no value product;
-    keys right of a causal block are skipped."""
-    bsz, num_heads, q_len, head_dim = query.shape
-    num_kv, k_len = key.shape[1], key.shape[2]
-    groups = num_heads // num_kv
-    q = (query.float() * scaling).view(bsz, num_kv, groups, q_len, head_dim)
-    k_t = key.float().transpose(-1, -2)  # (B, Hkv, D, Tk)
-    neg_lse = torch.where(query_valid[:, None, :], -lse, torch.full_like(lse, _NEG))  # (B, H, Tq)
-    sums = torch.zeros(bsz, num_heads, k_len, dtype=torch.float32, device=query.device)
-    plain_causal = attention_mask is None and is_causal and q_len > 1
-    allowed = None if plain_causal else visible(attention_mask, is_causal, q_len, k_len, query.device)
-    for s in range(0, q_len, block_rows):
-        e = min(s + block_rows, q_len)
-        k1 = min(e, k_len) if plain_causal else k_len
-        qb = q[:, :, :, s:e].reshape(bsz, num_kv, groups * (e - s), head_dim)
-        scores = torch.matmul(qb, k_t[..., :k1]).view(bsz, num_heads, e - s, k1)  # (B, H, bq, bk)
-        scores.add_(neg_lse[:, :, s:e, None])
-        if plain_causal:
-            diag = scores[..., s:]
-            diag.masked_fill_(torch.ones(e - s, k1 - s, dtype=torch.bool, device=query.device).triu_(1), _NEG)
-        else:
-            rows = allowed[:, :, s:e] if allowed.shape[2] > 1 else allowed
-            scores.masked_fill_(~rows, _NEG)
-        sums[..., :k1] += scores.exp_().sum(dim=2)
-    return sums
-
-
-def attention_with_column_sums(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    is_causal: bool,
-    query_valid: torch.Tensor,
-    block_rows: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One tiled pass: attention output (B, H, Tq, Dv), lse (B, H, Tq) and column sums (B, H, Tk) of A over the
-    valid queries. Each block of rows is exact (full rows), so sums need no second pass over Q K^T; memory
-    O(block x n). About one fused attention's cost at 2k tokens on CPU, where lse + a separate column pass cost two.
-    """
-    bsz, num_heads, q_len, head_dim = query.shape
-    num_kv, k_len = key.shape[1], key.shape[2]
-    groups = num_heads // num_kv
-    q = (query.float() * scaling).view(bsz, num_kv, groups, q_len, head_dim)
-    k_t = key.float().transpose(-1, -2)
-    out = query.new_empty(bsz, num_heads, q_len, value.shape[-1])
-    lse = torch.empty(bsz, num_heads, q_len, dtype=torch.float32, device=query.device)
-    sums = torch.zeros(bsz, num_heads, k_len, dtype=torch.float32, device=query.device)
-    row_weight = query_valid.to(torch.float32)  # (B|1, Tq): padding rows add nothing to the sums
-    all_valid = bool(query_valid.all())
-    for s in range(0, q_len, block_rows):
-        e = min(s + block_rows, q_len)
-        allowed, additive, k0, k1 = allowed_tile(attention_mask, is_causal, q_len, k_len, s, e, query.device)
-        qb = q[:, :, :, s:e].reshape(bsz, num_kv, groups * (e - s), head_dim)
-        scores = torch.matmul(qb, k_t[..., k0:k1]).view(bsz, num_heads, e - s, k1 - k0)
-        if additive is not None:
-            scores.add_(additive)
-        lo = s - k0 if attention_mask is None and is_causal and q_len > 1 else 0
-        scores[..., lo:].masked_fill_(~allowed[..., lo:], torch.finfo(torch.float32).min)
-        probs = torch.softmax(scores, dim=-1)
-        # lse from the row's largest probability: p_max = exp(score_max - lse), and p_max >= 1/n is well
-        # conditioned; cheaper than a separate logsumexp pass over the block
-        p_max, arg = probs.max(dim=-1, keepdim=True)
-        lse[:, :, s:e] = (scores.gather(-1, arg) - p_max.log()).squeeze(-1)
-        if all_valid:
-            sums[..., k0:k1] += probs.sum(dim=2)
-        else:
-            sums[..., k0:k1] += torch.einsum("bhqk,bq->bhk", probs, row_weight[:, s:e].expand(bsz, -1))
-        block = torch.matmul(
-            probs.to(value.dtype).view(bsz, num_kv, groups * (e - s), k1 - k0), value[:, :, k0:k1]
-        )
-        out[:, :, s:e] = block.view(bsz, num_heads, e - s, -1)
-    return out, lse, sums

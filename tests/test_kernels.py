@@ -1,11 +1,11 @@
-"""Fused/tiled kernels with log-sum-exp and column sums against a plain float64 reference."""
+"""Fused SDPA with log-sum-exp, and the tiled pass with its lse / column-sum statistics, against float64."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from attnsurgery.kernels import attention_with_column_sums, column_sums_tiled, sdpa_with_lse
+from attnsurgery.kernels import AttentionStats, sdpa_with_lse, tiled_attention
 
 
 def reference(q, k, v, allowed, scaling, valid):
@@ -44,13 +44,14 @@ def test_kernels_match_reference(kind):
     out, lse = sdpa_with_lse(q, k, v, mask, 0.3, True)
     torch.testing.assert_close(out[rows], ref_out.float()[rows], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse[rows], ref_lse.float()[rows], atol=1e-5, rtol=1e-5)
-    sums = column_sums_tiled(q, k, lse, valid, mask, 0.3, True, block_rows=7)
-    torch.testing.assert_close(sums, ref_sums.float(), atol=1e-4, rtol=1e-4)
     for block in (1, 8, 64):
-        out2, lse2, sums2 = attention_with_column_sums(q, k, v, mask, 0.3, True, valid, block_rows=block)
+        stats = AttentionStats(query_valid=valid)
+        out2 = tiled_attention(q, k, v, mask, 0.3, is_causal=True, stats=stats, block_rows=block).transpose(
+            1, 2
+        )
         torch.testing.assert_close(out2[rows], ref_out.float()[rows], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(lse2[rows], ref_lse.float()[rows], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(sums2, ref_sums.float(), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(stats.lse[rows], ref_lse.float()[rows], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(stats.column_sums, ref_sums.float(), atol=1e-4, rtol=1e-4)
 
 
 def test_decode_row():

@@ -4,13 +4,7 @@ from typing import Any
 
 import torch
 
-from attnsurgery.kernels import (
-    attention_with_column_sums,
-    column_sums_tiled,
-    repeat_kv,
-    sdpa_with_lse,
-    visible,
-)
+from attnsurgery.kernels import AttentionStats, repeat_kv, sdpa_with_lse, tiled_attention, visible
 from attnsurgery.surgery import AttentionCall, AttentionTile, Stage, Surgery
 
 from .config import ActConfig
@@ -34,7 +28,7 @@ class ActSurgery(Surgery):
     reference code. Detection is online (recomputed from each input), per batch row, with padding excluded.
 
     Exact without an n x n matrix: one tiled pass gives the unedited output ``o_i``, its log-sum-exp and the
-    column sums detection needs (:func:`attnsurgery.kernels.attention_with_column_sums`); then, for the sink set
+    column sums detection needs (:class:`attnsurgery.kernels.AttentionStats`); then, for the sink set
     ``S``, ``P_i = sum_S A_is``, ``u_i = sum_S A_is v_s`` and the edited output is
     ``beta u_i + (1 - beta P_i) / (1 - P_i) (o_i - u_i)``, O(n |S|) extra work. Decode steps with a frozen sink set
     use the fused SDPA kernel's output and lse directly. Paper: Yu et al., "Unveiling and Harnessing
@@ -64,40 +58,19 @@ class ActSurgery(Surgery):
         self._heads = {layer: self.targets.head_mask(layer) for layer in self.targets.layers}
 
     # -- detection --------------------------------------------------------------------------------------------
-    def sink_set(
-        self, call: AttentionCall, lse: torch.Tensor | None = None, sums: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """(B, H, Tk) bool: the keys whose attention ACT scales on this call (targeted heads only).
-
-        ``sums`` are the column sums of A over the real queries when the caller already has them; otherwise
-        they are computed from ``lse`` with :func:`column_sums_tiled`.
-        """
-        request = call.request
-        slot = ("act", id(self), call.layer_idx)
-        decoding = request.past_len > 0
-        if self._uses_frozen(call):
-            return self._frozen_now(request.extras[slot], call)
-        valid_q = call.query_valid.to(call.query.device)  # (B|1, Tq)
-        if _plain_causal(call):  # query i sees keys 0..i: counts without an n x n mask
-            counts = valid_q.flip(-1).cumsum(-1).flip(-1)  # (B, Tq): real queries at or after each key
-            counts = torch.nn.functional.pad(counts, (0, call.key_len - call.query_len))[
-                :, None
-            ]  # (B, 1, Tk)
-        else:
-            allowed = visible(
-                call.attention_mask, call.is_causal, call.query_len, call.key_len, valid_q.device
-            )
-            valid_q = valid_q & allowed.any(-1)[:, 0]  # rows that see at least one key
-            counts = (allowed & valid_q[:, None, :, None]).sum(
-                2
-            )  # (B, 1, Tk): real queries that see each key
-        if sums is None:
-            sums = column_sums_tiled(
-                call.query, call.key, lse, valid_q, call.attention_mask, call.scaling, call.is_causal
-            )
-        score = torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))  # (B, H, Tk)
+    def detect(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One tiled pass over the call: unedited output (B, Tq, H, Dv), its lse (B, H, Tq) and the sink set
+        (B, H, Tk) bool, on targeted heads only. At prefill with ``decode="frozen"`` the set is stored for decode."""
+        valid_q, counts = self._viewers(call)
+        stats = AttentionStats(query_valid=valid_q)
+        out = tiled_attention(
+            call.query, call.key, call.value, call.attention_mask, call.scaling, call, stats=stats
+        )
+        score = torch.where(
+            counts > 0, stats.column_sums / counts.clamp(min=1), 0.0
+        )  # mean received attention
         if self.config.alpha is not None:
-            key_valid = request.key_valid
+            key_valid = call.request.key_valid
             if key_valid is not None and key_valid.shape[1] == call.key_len:
                 n_real = key_valid.sum(-1).clamp(min=1).to(score)[:, None, None]
             else:
@@ -108,9 +81,23 @@ class ActSurgery(Surgery):
         first = qualifying.int().argmax(dim=-1, keepdim=True)  # lowest qualifying index (0 if none qualifies)
         sinks = qualifying.scatter(-1, first, False)  # the first sink is kept unscaled (reference: cand[1:])
         sinks &= self._heads[call.layer_idx].to(sinks.device)[None, :, None]
-        if self.config.decode == "frozen" and not decoding:
-            request.extras[slot] = sinks  # key columns of the prompt, in the 2D mask's coordinates
-        return sinks
+        if self.config.decode == "frozen" and call.request.past_len == 0:
+            call.request.extras[self._slot(call)] = sinks  # key columns of the prompt (2D mask coordinates)
+        return out, stats.lse, sinks
+
+    @staticmethod
+    def _viewers(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, Tq) real query rows, and (B, 1, Tk) how many of them see each key."""
+        valid_q = call.query_valid.to(call.query.device).expand(call.query.shape[0], -1)
+        if _plain_causal(call):  # query i sees keys 0..i: counts without an n x n mask
+            counts = valid_q.flip(-1).cumsum(-1).flip(-1)  # real queries at or after each key
+            return valid_q, torch.nn.functional.pad(counts, (0, call.key_len - call.query_len))[:, None]
+        allowed = visible(call.attention_mask, call.is_causal, call.query_len, call.key_len, valid_q.device)
+        valid_q = valid_q & allowed.any(-1)[:, 0]  # rows that see at least one key
+        return valid_q, (allowed & valid_q[:, None, :, None]).sum(2)
+
+    def _slot(self, call: AttentionCall) -> tuple:
+        return ("act", id(self), call.layer_idx)
 
     @staticmethod
     def _frozen_now(frozen: torch.Tensor, call: AttentionCall) -> torch.Tensor:
@@ -130,17 +117,14 @@ class ActSurgery(Surgery):
     ) -> torch.Tensor:
         if self._uses_frozen(call):  # decode: the sinks are known, the fused kernel gives out and lse
             out, lse = sdpa_with_lse(query, key, value, call.attention_mask, scaling, call.is_causal)
-            sinks = self.sink_set(call)
+            sinks = self._frozen_now(call.request.extras[self._slot(call)], call)
         else:  # one tiled pass gives out, lse and the column sums detection needs
-            valid = call.query_valid.to(query.device).expand(query.shape[0], -1)
-            out, lse, sums = attention_with_column_sums(
-                query, key, value, call.attention_mask, scaling, call.is_causal, valid
-            )
-            sinks = self.sink_set(call, lse, sums)
-        return self.redistribute(out, lse, sinks, call).transpose(1, 2)
+            out, lse, sinks = self.detect(call)
+            out = out.transpose(1, 2)
+        return self.redistribute(out, lse, sinks, call).transpose(1, 2)  # (B, Tq, H, Dv)
 
     def _uses_frozen(self, call: AttentionCall) -> bool:
-        frozen = call.request.extras.get(("act", id(self), call.layer_idx))
+        frozen = call.request.extras.get(self._slot(call))
         return (
             self.config.decode == "frozen"
             and call.request.past_len > 0
@@ -183,11 +167,12 @@ class ActSurgery(Surgery):
     def probs(self, probs: torch.Tensor, tile: AttentionTile) -> torch.Tensor:
         call = tile.call
         sinks = call.scratch.get("act")
-        if sinks is None:
-            _, lse = sdpa_with_lse(
-                call.query, call.key, call.value, call.attention_mask, call.scaling, call.is_causal
-            )
-            sinks = call.scratch["act"] = self.sink_set(call, lse)
+        if sinks is None:  # once per call, shared by its tiles
+            if self._uses_frozen(call):
+                sinks = self._frozen_now(call.request.extras[self._slot(call)], call)
+            else:
+                sinks = self.detect(call)[2]
+            call.scratch["act"] = sinks
         cols = sinks[:, :, None, tile.k_start : tile.k_end]  # (B, H, 1, bk)
         mass = (probs * cols).sum(-1, keepdim=True)
         rest = 1.0 - mass
