@@ -80,7 +80,7 @@ def allowed_tile(
 
 @dataclass
 class AttentionStats:
-    """By-products of one tiled pass, of the softmax before any normaliser or probability stage.
+    """By-products of one plain-softmax tiled pass (no stages).
 
     Pass an instance to :func:`tiled_attention`; ``query_valid`` (B, Tq) picks the rows that count in the column
     sums (padding rows do not). After the pass: ``lse`` (B, H, Tq) and ``column_sums`` (B, H, Tk), fp32.
@@ -94,18 +94,27 @@ class AttentionStats:
         self.lse = torch.empty(bsz, num_heads, q_len, dtype=torch.float32, device=device)
         self.column_sums = torch.zeros(bsz, num_heads, k_len, dtype=torch.float32, device=device)
         valid = self.query_valid
-        self._weights = None if valid is None or bool(valid.all()) else valid.to(torch.float32, copy=True)
+        self._weights = None if valid is None or bool(valid.all()) else valid.to(torch.float32)
 
-    def add(self, probs: torch.Tensor, scores: torch.Tensor, s: int, e: int, k0: int, k1: int) -> None:
-        # lse from the row's largest probability: p_max = exp(score_max - lse) >= 1/n, well conditioned, and
-        # cheaper than another logsumexp pass over the block
-        p_max, arg = probs.max(dim=-1, keepdim=True)
-        self.lse[:, :, s:e] = (scores.gather(-1, arg) - p_max.log()).squeeze(-1)
-        if self._weights is None:
-            self.column_sums[..., k0:k1] += probs.sum(dim=2)
+    def add(
+        self,
+        weights: torch.Tensor,
+        lse: torch.Tensor,
+        s: int,
+        e: int,
+        k0: int,
+        k1: int,
+        row_scale: torch.Tensor | None = None,
+    ) -> None:
+        """Record a block: ``weights * row_scale`` are its probabilities (``row_scale`` (B, H, bq) or None)."""
+        self.lse[:, :, s:e] = lse
+        if self._weights is not None:
+            valid = self._weights[:, None, s:e].expand(weights.shape[0], weights.shape[1], -1)
+            row_scale = valid if row_scale is None else row_scale * valid
+        if row_scale is None:
+            self.column_sums[..., k0:k1] += weights.sum(dim=2)
         else:
-            weights = self._weights[:, s:e].expand(probs.shape[0], -1)
-            self.column_sums[..., k0:k1] += torch.einsum("bhqk,bq->bhk", probs, weights)
+            self.column_sums[..., k0:k1] += torch.einsum("bhqk,bhq->bhk", weights, row_scale)
 
 
 def tiled_attention(
@@ -145,7 +154,14 @@ def tiled_attention(
     out = query.new_empty(bsz, q_len, num_heads, value.shape[-1])
     if block_rows is None:
         block_rows = max(16, min(TILE_ROWS, TILE_BYTES // max(1, 4 * bsz * num_heads * k_len)))
+    plain_softmax = (
+        normalizer is None and not logit_stages and not prob_stages and record is None and dropout == 0.0
+    )
     if stats is not None:
+        if not plain_softmax:
+            raise ValueError(
+                "AttentionStats are of the plain softmax: pass no stages, record or dropout with them."
+            )
         stats.start(bsz, num_heads, q_len, k_len, query.device)
     if record is not None:
         maps = torch.zeros(bsz, num_heads, q_len, k_len, dtype=torch.float32, device=query.device)
@@ -167,15 +183,19 @@ def tiled_attention(
         lo = s - k0 if attention_mask is None and is_causal and q_len > 1 else 0
         scores[..., lo:].masked_fill_(~allowed[..., lo:], torch.finfo(scores.dtype).min)
         if stats is not None:
-            soft = torch.softmax(scores, dim=-1)
-            stats.add(soft, scores, s, e, k0, k1)
-            probs = soft if normalizer is None else normalizer.normalize(scores, tile)
-        else:
-            probs = (
-                normalizer.normalize(scores, tile)
-                if normalizer is not None
-                else torch.softmax(scores, dim=-1)
-            )
+            # flash-style: normalise the (bq x Dv) output instead of the (bq x bk) block, one pass fewer
+            top = scores.amax(dim=-1, keepdim=True)
+            weights = scores.sub_(top).exp_()
+            total = weights.sum(dim=-1, keepdim=True)
+            inv = total.reciprocal()
+            stats.add(weights, (top + total.log()).squeeze(-1), s, e, k0, k1, row_scale=inv.squeeze(-1))
+            weights = weights.to(value.dtype).view(bsz, num_kv, groups * (e - s), k1 - k0)
+            block = torch.matmul(weights, value[:, :, k0:k1]).view(bsz, num_heads, e - s, -1) * inv
+            out[:, s:e] = block.to(out.dtype).transpose(1, 2)
+            continue
+        probs = (
+            normalizer.normalize(scores, tile) if normalizer is not None else torch.softmax(scores, dim=-1)
+        )
         for surgery in prob_stages:
             probs = surgery.probs(probs, tile)
         if record is not None:
