@@ -71,7 +71,7 @@ def _short_args(surgery: Surgery) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in surgery.config.to_dict().items())
 
 
-def _build(model: nn.Module, engine: Engine, spec: SurgerySpec) -> Surgery:
+def _build(engine: Engine, spec: SurgerySpec) -> Surgery:
     cls = get_surgery_class(spec.surgery)
     config = cls.config_class.from_kwargs(cls.name, spec.args)
     targets = resolve_targets(spec.layers, spec.heads, engine.info.num_layers, engine.info.num_heads)
@@ -133,7 +133,7 @@ def patch(
     added: list[Surgery] = []
     try:
         for spec in specs:
-            surgery_obj = _build(model, engine, spec)
+            surgery_obj = _build(engine, spec)
             engine.add(surgery_obj)
             added.append(surgery_obj)
             if spec.state is not None:

@@ -390,8 +390,7 @@ class Engine:
                 handle.remove()
             if first and self._installed:
                 self._uninstall()
-            if not self.surgeries and not self._installed:
-                _ENGINES.pop(self.model, None)
+            self.discard_if_unused()
             raise
         self.surgeries.append(surgery)
         self._apply(plans)
@@ -405,7 +404,7 @@ class Engine:
         if not self.surgeries and self._record is None:
             self._uninstall()
         else:
-            self._apply(self._plans(self.surgeries))
+            self.refresh()
 
     def refresh(self) -> None:
         """Re-route layers after a surgery's state changed (e.g. calibrated tensors were loaded)."""
@@ -468,7 +467,7 @@ class Engine:
     def start_recording(self, layers: set[int]) -> None:
         if not self._installed:
             self._install()
-            self._apply(self._plans(self.surgeries))
+            self.refresh()
         self._record, self._maps = set(layers), {}
 
     def stop_recording(self) -> dict[int, list[torch.Tensor]]:

@@ -162,8 +162,9 @@ def find_recipe(name: str | Path, model: str | None = None) -> Recipe:
         files = sorted(folder.glob("*.yaml"))
         if model is not None:
             for f in files:
-                if f.stem == model or load_recipe_file(f).model == model:
-                    return load_recipe_file(f)
+                recipe = load_recipe_file(f)
+                if f.stem == model or recipe.model == model:
+                    return recipe
         if (folder / "default.yaml").is_file():
             return load_recipe_file(folder / "default.yaml")
         if len(files) == 1:
