@@ -29,6 +29,11 @@ class TemperatureConfig(SurgeryConfig):
         doc="The reference code's parametrisation of the position coefficient, c = exp(-exp(beta)) "
         "(beta=2 -> c=6.2e-4). Give c or beta, not both.",
     )
+    trainable: bool = arg(
+        False,
+        doc="Make the position coefficients (the (layers, heads) table c) a trainable parameter, e.g. to fit them "
+        "with `attnsurgery calibrate temperature`; tau stays fixed.",
+    )
 
     def validate(self) -> None:
         super().validate()

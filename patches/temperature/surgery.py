@@ -4,6 +4,7 @@ import math
 from typing import Any
 
 import torch
+from torch import nn
 
 from attnsurgery.surgery import AttentionCall, Stage, Surgery
 from attnsurgery.targeting import per_layer_head
@@ -43,9 +44,15 @@ class TemperatureSurgery(Surgery):
         coef = torch.where(targeted, coef, torch.zeros_like(coef))
         # state (saved with save_surgery); float32 like the model's compute
         self.register_buffer("inv_tau", inv_tau.float())
-        self.register_buffer("coef", coef.float())
+        if cfg.trainable:  # same state_dict key either way, so a fitted table loads into a plain surgery
+            self.coef = nn.Parameter(coef.float())
+        else:
+            self.register_buffer("coef", coef.float())
 
     def active_stages(self, layer_idx: int) -> frozenset[Stage]:
+        # trainable: targeted layers stay routed even at c = 0, or the coefficients would get no gradient
+        if self.config.trainable and layer_idx in self.targets.layers:
+            return self.stages
         # exact identity on a layer: skip it, so identity settings cost nothing
         if bool((self.inv_tau[layer_idx] != 1).any() or (self.coef[layer_idx] != 0).any()):
             return self.stages
@@ -55,7 +62,7 @@ class TemperatureSurgery(Surgery):
         inv_tau = self.inv_tau[call.layer_idx].to(query.device)  # (H,)
         coef = self.coef[call.layer_idx].to(query.device)  # (H,)
         factor = inv_tau[None, :, None]  # (1, H, 1)
-        if bool(coef.any()):
+        if self.config.trainable or bool(coef.any()):
             log_n = torch.log1p(call.positions.to(query.device).float())  # (B, Tq): log(n_i), n_i = pos + 1
             factor = factor * (1 + coef[None, :, None] * log_n[:, None, :])  # (B, H, Tq)
         return query * factor.unsqueeze(-1).to(query.dtype), scaling
