@@ -65,10 +65,21 @@ class ModelInfo:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    layers: list[nn.Module] = field(default_factory=list)  # decoder layers (each attention module's parent)
+    hidden_size: int = 0
+    #: vision-language models: the placeholder id the processor expands into one token per image feature, and
+    #: every id that belongs to an image in the prompt (the placeholder plus Qwen2-VL's vision start/end)
+    image_token_id: int | None = None
+    vision_token_ids: tuple[int, ...] = ()
 
     @property
     def num_layers(self) -> int:
         return len(self.attention)
+
+    @property
+    def is_vision_language(self) -> bool:
+        """Surgeries act on the language model inside a VLM; image positions come from ``input_ids``."""
+        return self.image_token_id is not None and self.decoder is not self.model
 
 
 def _is_self_attention(module: nn.Module) -> bool:
@@ -106,9 +117,34 @@ def discover(model: nn.Module) -> ModelInfo:
     num_heads = config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    ordered = [by_layer[i] for i in range(len(attention))]
+    names = {m: n for n, m in decoder.named_modules()}
+    layers = [decoder.get_submodule(names[m].rpartition(".")[0]) for m in ordered]
+    image_token_id, vision_ids = _image_tokens(model.config)
     return ModelInfo(
-        model, decoder, [by_layer[i] for i in range(len(attention))], num_heads, num_kv_heads, head_dim
+        model,
+        decoder,
+        ordered,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        layers=layers,
+        hidden_size=int(getattr(config, "hidden_size", num_heads * head_dim)),
+        image_token_id=image_token_id,
+        vision_token_ids=vision_ids,
     )
+
+
+def _image_tokens(config: Any) -> tuple[int | None, tuple[int, ...]]:
+    """The image placeholder id of a VLM config (LLaVA: ``image_token_index``/``image_token_id``, Qwen2-VL:
+    ``image_token_id``) and the ids that bracket images (Qwen2-VL's vision start/end), or (None, ())."""
+    image = getattr(config, "image_token_id", None)
+    if image is None:
+        image = getattr(config, "image_token_index", None)
+    if not isinstance(image, int):
+        return None, ()
+    extra = [getattr(config, k, None) for k in ("vision_start_token_id", "vision_end_token_id")]
+    return image, (image, *(int(x) for x in extra if isinstance(x, int)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -122,13 +158,57 @@ class RequestState:
     Filled by a forward pre-hook on the decoder from its ``attention_mask`` (2D, covering cached and new
     tokens), ``position_ids`` or cache length. Surgeries may stash their own per-request data in ``extras``
     (e.g. sink sets frozen at prefill); it is cleared when a new prompt starts (no cache, or an empty one).
+
+    On a vision-language model a second pre-hook, on the top-level model (the only place that still sees
+    ``input_ids``: the language model gets merged embeddings), marks image placeholders; ``image_mask`` then
+    covers every key column of the request, prompt and generated tokens alike, through cached decoding.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, image_token_id: int | None = None) -> None:
         self._positions: torch.Tensor | None = None
         self.key_valid: torch.Tensor | None = None  # (B, Tk_total) bool, when a 2D mask was given
         self.past_len: int = 0
         self.extras: dict[str, Any] = {}
+        self.image_token_id = image_token_id
+        #: (B, Tk_total) bool: which key columns hold image tokens (VLMs only; None when unknown)
+        self.image_mask: torch.Tensor | None = None
+        # (B, Tq) this call's image tokens, from the top-level hook, consumed by the decoder hook
+        self._pending_image: torch.Tensor | None = None
+
+    def capture_images(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Top-level pre-hook of a VLM: which of this call's tokens are image placeholders."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2 and self.image_token_id is not None:
+            self._pending_image = ids == self.image_token_id
+        else:  # inputs_embeds only: image positions are unknown
+            self._pending_image = None
+
+    def _update_images(self, batch: int, q_len: int, past: int) -> None:
+        chunk, self._pending_image = self._pending_image, None
+        if chunk is not None and tuple(chunk.shape) != (batch, q_len):
+            chunk = None  # not the call this chunk was recorded for
+        if past == 0:
+            self.image_mask = chunk
+            return
+        prev = self.image_mask
+        if prev is None or prev.shape[0] != batch:
+            self.image_mask = None
+            return
+        if chunk is None:  # decode steps feed generated tokens: they are text
+            chunk = torch.zeros(batch, q_len, dtype=torch.bool, device=prev.device)
+        if prev.shape[1] >= past:  # a cache cropped back (assisted decoding) drops the tail
+            prev = prev[:, :past]
+        else:
+            prev = torch.nn.functional.pad(prev, (0, past - prev.shape[1]))
+        self.image_mask = torch.cat([prev, chunk.to(prev.device)], dim=1)
+
+    def save(self) -> dict[str, Any]:
+        """Everything a nested forward would overwrite (see :meth:`Engine.side_forward`)."""
+        return dict(vars(self))
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        vars(self).clear()
+        vars(self).update(saved)
 
     def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -141,8 +221,9 @@ class RequestState:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         if past == 0:
-            self.extras.clear()  # a new prompt: forget state frozen for the previous one
+            self.extras = {}  # a new prompt: forget state frozen for the previous one
         self.past_len = past
+        self._update_images(batch, q_len, past)
         mask = kwargs.get("attention_mask")
         position_ids = kwargs.get("position_ids")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
@@ -334,7 +415,7 @@ class Engine:
         self.info = discover(model)
         self.model = model
         self.surgeries: list[Surgery] = []
-        self.request = RequestState()
+        self.request = RequestState(self.info.image_token_id if self.info.is_vision_language else None)
         self._hooks: dict[int, list[Any]] = {}  # id(surgery or self) -> hook handles
         self._record: set[int] | None = None
         self._maps: dict[int, list[torch.Tensor]] = {}
@@ -359,6 +440,10 @@ class Engine:
         self._hooks[id(self)] = [
             self.info.decoder.register_forward_pre_hook(self.request.capture, with_kwargs=True)
         ]
+        if self.info.is_vision_language:
+            self._hooks[id(self)].append(
+                self.model.register_forward_pre_hook(self.request.capture_images, with_kwargs=True)
+            )
         self._impl_owner.set_attn_implementation(self.impl)
         self._installed = True
 
@@ -375,6 +460,33 @@ class Engine:
     def register_hook(self, owner: Surgery, handle: Any) -> None:
         """Keep a hook handle a surgery registered; it is removed with the surgery."""
         self._hooks.setdefault(id(owner), []).append(handle)
+
+    def capture_layer_inputs(
+        self, owner: Surgery, callback: Callable[[int, torch.Tensor, RequestState], None]
+    ) -> None:
+        """Call ``callback(layer_idx, hidden_states, request)`` with each decoder layer's input (the residual
+        stream ``x^(l-1)``, (B, Tq, hidden)) before the layer runs; the hooks go with the surgery."""
+
+        def make(idx: int) -> Callable:
+            def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                hidden = args[0] if args else kwargs.get("hidden_states")
+                if isinstance(hidden, torch.Tensor):
+                    callback(idx, hidden, self.request)
+
+            return hook
+
+        for idx, layer in enumerate(self.info.layers):
+            self.register_hook(owner, layer.register_forward_pre_hook(make(idx), with_kwargs=True))
+
+    @torch.no_grad()
+    def side_forward(self, **inputs: Any) -> Any:
+        """Run the model on other inputs (VHR's text-only pass) from inside a hook, leaving the request state
+        of the forward in progress as it was."""
+        saved = self.request.save()
+        try:
+            return self.model(**inputs)
+        finally:
+            self.request.restore(saved)
 
     # -- surgeries -------------------------------------------------------------------------------------------
     def add(self, surgery: Surgery) -> None:

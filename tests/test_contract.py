@@ -13,7 +13,12 @@ from tiny import ARCHS, cache_kwarg, random_ids, tiny_model
 from attnsurgery import list_surgeries, load_surgery, patch, save_surgery
 from attnsurgery.registry import get_surgery_class
 
-SURGERIES = [info.name for info in list_surgeries()]
+# surgeries that need image tokens (VAR, VHR) run the same contract on tiny VLMs in test_vlm.py
+SURGERIES = [
+    info.name
+    for info in list_surgeries()
+    if not getattr(get_surgery_class(info.name), "requires_vision", False)
+]
 # surgeries whose outputs at a position depend only on the tokens up to it; prompt-adaptive ones (ACT) test
 # their causal and decode semantics in their own files
 CAUSAL = [name for name in SURGERIES if not get_surgery_class(name).prompt_adaptive]

@@ -1,0 +1,288 @@
+"""Vision-language plumbing and the VLM surgeries (VAR, VHR) on tiny random-weight LLaVA and Qwen2-VL models.
+
+The shared text-model contract (test_contract.py) skips surgeries with ``requires_vision``; the same invariants
+(identity, remove, batched + padded, cached decode, generate) are covered here on VLMs.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from attnsurgery.patches.var.reference import sink_tokens, var_reference
+from tiny import tiny_model
+from vlm_tiny import IMAGE_TOKEN, VLM_ARCHS, prompt, tiny_vlm, vlm_inputs
+
+import attnsurgery.engine as engine_module
+from attnsurgery import SurgeryConfigError, UnsupportedModelError, patch
+from attnsurgery.engine import Engine
+
+ATOL = 1e-5
+#: tiny random models have no massive activations; at tau 1.5 on two channels a fair share of tokens (text and
+#: image) qualify as sinks, enough to exercise every branch of VAR
+VAR_ARGS = dict(p=0.3, tau=1.5, summ=0.05, rho=0.5, sink_dims=[0, 1])
+
+
+@pytest.fixture(params=VLM_ARCHS)
+def arch(request):
+    return request.param
+
+
+def _rows(model):
+    return [prompt(model, 3, 6, seed=0), prompt(model, 1, 3, seed=1), prompt(model, 4, 8, seed=2)]
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def _real(logits, inputs):
+    return logits[inputs["attention_mask"].bool()]
+
+
+def _maps(model, inputs):
+    """{layer: (B, H, T, T)} attention probabilities as the (patched) model computes them (tiled path)."""
+    engine = Engine.of(model)
+    engine.start_recording(set(range(engine.info.num_layers)))
+    try:
+        with torch.no_grad():
+            out = model(**inputs, output_hidden_states=True)
+    finally:
+        maps = engine.stop_recording()
+    return {k: v[0] for k, v in maps.items()}, out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plumbing
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_engine_finds_language_model_and_leaves_vision_tower(arch):
+    model = tiny_vlm(arch)
+    vision = [m for n, m in model.named_modules() if "visual" in n or "vision_tower" in n]
+    with patch(model, "head_scale", scale=0.5):
+        info = Engine.of(model).info
+        assert info.is_vision_language and info.image_token_id == IMAGE_TOKEN
+        assert info.num_layers == 4 and len(info.layers) == 4
+        assert all(layer.self_attn is attn for layer, attn in zip(info.layers, info.attention))
+        assert not any(hasattr(m, "attnsurgery_layer") for m in vision)
+        vision_impl = (model.config.vision_config._attn_implementation,)
+        assert vision_impl == ("sdpa",)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_image_masks_per_row_and_through_decode(arch, side):
+    model = tiny_vlm(arch)
+    inputs = vlm_inputs(model, _rows(model), side=side)
+    with patch(model, "head_scale", scale=0.5), torch.no_grad():
+        request = Engine.of(model).request
+        model(**inputs, use_cache=True)
+        assert torch.equal(request.image_mask, inputs["input_ids"] == IMAGE_TOKEN)
+        if side == "right":
+            return
+        model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        width = inputs["input_ids"].shape[1]
+        assert request.image_mask.shape == (3, width + 3)  # the last generated token is never fed back
+        assert torch.equal(request.image_mask[:, :width], inputs["input_ids"] == IMAGE_TOKEN)
+        assert not request.image_mask[:, width:].any()
+
+
+def test_layer_inputs_are_the_residual_stream(arch):
+    model = tiny_vlm(arch)
+    inputs = vlm_inputs(model, _rows(model))
+    seen = {}
+    with patch(model, "head_scale", scale=0.5) as handle:
+        engine = Engine.of(model)
+        engine.capture_layer_inputs(handle.surgeries[0], lambda i, h, r: seen.__setitem__(i, h.clone()))
+        with torch.no_grad():
+            out = model(**inputs, output_hidden_states=True)
+    for i in range(4):
+        torch.testing.assert_close(seen[i], out.hidden_states[i], atol=0, rtol=0)
+    seen.clear()
+    with torch.no_grad():
+        model(**inputs)
+    assert not seen  # the hooks went with the surgery
+
+
+# ----------------------------------------------------------------------------------------------------------
+# VAR
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("identity", [{"p": 1.0}, {"rho": 0.0}])
+def test_var_identity_settings(arch, identity):
+    model = tiny_vlm(arch)
+    inputs = vlm_inputs(model, _rows(model))
+    ref = _logits(model, inputs)
+    with patch(model, "var", **{**VAR_ARGS, **identity}):
+        out = _logits(model, inputs)
+    torch.testing.assert_close(_real(out, inputs), _real(ref, inputs), atol=ATOL, rtol=0)
+    with patch(model, "var", **VAR_ARGS):
+        assert (_real(_logits(model, inputs), inputs) - _real(ref, inputs)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_var_matches_reference_layer_by_layer(arch, side):
+    """One layer at a time (its input is then the stock model's): recorded maps == the plain reference on the
+    stock maps with sinks from the stock hidden states; the fused path == the tiled path."""
+    model = tiny_vlm(arch, layers=5)
+    inputs = vlm_inputs(model, _rows(model), side=side)
+    valid = inputs["attention_mask"].bool()
+    image = inputs["input_ids"] == IMAGE_TOKEN
+    base, base_out = _maps(model, inputs)
+    edited_layers = 0
+    for layer in (2, 3):
+        with patch(model, "var", layers=[layer], **VAR_ARGS):
+            fused = _logits(model, inputs)
+            maps, out = _maps(model, inputs)
+            recorded = Engine.of(model).request.extras
+            (slot,) = [k for k in recorded if k[0] == "var"]
+            detected = recorded[slot]
+        torch.testing.assert_close(_real(fused, inputs), _real(out.logits, inputs), atol=ATOL, rtol=1e-4)
+        hidden = base_out.hidden_states[layer]
+        sinks = sink_tokens(hidden, [0, 1], 1.5)
+        x = hidden.double()
+        phi = (x[..., [0, 1]].abs() / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()).amax(-1)
+        borderline = (phi - 1.5).abs() < 1e-4  # fp32 detection vs fp64 reference at the threshold
+        assert torch.equal(detected[~borderline], sinks[~borderline])
+        expected = var_reference(base[layer], image, detected & valid, 0.3, 0.5, 0.05, query_valid=valid)
+        rows = valid[:, None, :, None] & valid[:, None, None, :]
+        torch.testing.assert_close(maps[layer].double() * rows, expected * rows, atol=1e-5, rtol=1e-4)
+        edited_layers += bool((expected - base[layer].double()).abs().max() > 1e-4)
+        for other in set(range(5)) - {layer}:  # earlier layers untouched
+            if other < layer:
+                torch.testing.assert_close(maps[other], base[other], atol=1e-6, rtol=0)
+    assert edited_layers == 2
+
+
+def test_var_invariants(arch):
+    model = tiny_vlm(arch, layers=5)
+    inputs = vlm_inputs(model, _rows(model))
+    valid = inputs["attention_mask"].bool()
+    image = inputs["input_ids"] == IMAGE_TOKEN
+    base, _ = _maps(model, inputs)
+    with patch(model, "var", layers=[2], **VAR_ARGS):
+        maps, _ = _maps(model, inputs)
+        sinks = [v for k, v in Engine.of(model).request.extras.items() if k[0] == "var"][0] & valid
+    a, new = base[2].double(), maps[2].double()  # (B, H, T, T)
+    real_rows = valid[:, None, :]
+    sums = new.sum(-1)[real_rows.expand_as(new.sum(-1))]
+    torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-5, rtol=0)  # rows sum to 1
+    assert torch.all(new >= 0)
+    other = ~image & ~sinks  # non-visual, non-sink columns: unchanged
+    torch.testing.assert_close(new * other[:, None, None], a * other[:, None, None], atol=1e-6, rtol=0)
+    changed = (new - a).abs().amax(-1) > 1e-6  # (B, H, T) edited rows
+    assert changed.any()
+    rest = image & ~sinks
+    for b, h, i in changed.nonzero().tolist():
+        torch.testing.assert_close(new[b, h, i, sinks[b]], 0.3 * a[b, h, i, sinks[b]], atol=1e-6, rtol=1e-4)
+        # proportional: one factor on all visual non-sinks
+        ratio = new[b, h, i, rest[b]] / a[b, h, i, rest[b]]
+        torch.testing.assert_close(ratio, ratio[0].expand_as(ratio), atol=1e-5, rtol=1e-4)
+        assert ratio[0] > 1
+        assert i > int(image[b].nonzero().max())  # only queries after the image
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_var_batched_padded_equals_one_by_one(arch, side):
+    model = tiny_vlm(arch)
+    rows = _rows(model)
+    inputs = vlm_inputs(model, rows, side=side)
+    with patch(model, "var", **VAR_ARGS):
+        batched = _logits(model, inputs)
+        for i, row in enumerate(rows):
+            single = _logits(model, vlm_inputs(model, [row], seed=i))
+            real = inputs["attention_mask"][i].bool()
+            torch.testing.assert_close(batched[i, real], single[0], atol=ATOL, rtol=1e-4)
+
+
+def test_var_cached_decode(arch):
+    model = tiny_vlm(arch)
+    inputs = vlm_inputs(model, _rows(model))
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        with patch(model, "var", decode="detect", **VAR_ARGS):
+            cached = model.generate(**inputs, use_cache=True, **kw)
+            uncached = model.generate(**inputs, use_cache=False, **kw)
+            # prefill + cached decode == one full forward over prompt + generated tokens
+            full_inputs = {**inputs, "input_ids": cached, "attention_mask": torch.ones_like(cached)}
+            full_inputs["attention_mask"][:, : inputs["input_ids"].shape[1]] = inputs["attention_mask"]
+            if "mm_token_type_ids" in inputs:
+                full_inputs["mm_token_type_ids"] = (cached == IMAGE_TOKEN).int()
+            full = model(**full_inputs).logits
+        assert torch.equal(cached, uncached)
+        width = inputs["input_ids"].shape[1]
+        assert torch.equal(full[:, width - 1 : -1].argmax(-1), cached[:, width:])
+        with patch(model, "var", **VAR_ARGS) as handle:  # frozen: generated tokens never become sinks
+            assert handle.surgeries[0].config.decode == "frozen"
+            out = model.generate(**inputs, **kw)
+            extras = Engine.of(model).request.extras
+            sinks = [v for k, v in extras.items() if k[0] == "var"]
+        assert out.shape == cached.shape
+        assert sinks and all(s.shape[1] == out.shape[1] - 1 and not s[:, width:].any() for s in sinks)
+
+
+def test_var_last_layer(arch):
+    model = tiny_vlm(arch)
+    inputs = vlm_inputs(model, _rows(model))
+    with patch(model, "var", layers=[3], **VAR_ARGS):
+        assert Engine.of(model).info.num_layers == 4
+        torch.testing.assert_close(_logits(model, inputs), _logits(model, inputs))
+        maps, _ = _maps(model, inputs)
+    base, _ = _maps(model, inputs)
+    torch.testing.assert_close(maps[3], base[3], atol=0, rtol=0)  # the paper skips the last layer
+    with patch(model, "var", layers=[3], skip_last_layer=False, **VAR_ARGS):
+        maps, _ = _maps(model, inputs)
+    assert (maps[3] - base[3]).abs().max() > 1e-4  # the released code modifies it
+
+
+def test_var_remove_restores_and_fused_off_agrees(arch):
+    model = tiny_vlm(arch)
+    inputs = vlm_inputs(model, _rows(model))
+    ref = _logits(model, inputs)
+    handle = patch(model, "var", **VAR_ARGS)
+    fused = _logits(model, inputs)
+    engine_module.FUSED_KERNELS = False
+    try:
+        Engine.of(model).refresh()
+        tiled = _logits(model, inputs)
+    finally:
+        engine_module.FUSED_KERNELS = True
+    handle.remove()
+    torch.testing.assert_close(_real(fused, inputs), _real(tiled, inputs), atol=ATOL, rtol=1e-4)
+    assert torch.equal(_logits(model, inputs), ref)
+    assert not [(n, a) for n, m in model.named_modules() for a in vars(m) if a.startswith("attnsurgery")]
+
+
+def test_var_bad_input():
+    text_model = tiny_model("llama")
+    with pytest.raises(UnsupportedModelError, match="vision-language"):
+        patch(text_model, "var", sink_dims=[0])
+    model = tiny_vlm("llava")
+    with pytest.raises(SurgeryConfigError, match="out of range"):
+        patch(model, "var", sink_dims=[0, 64])
+    with pytest.raises(SurgeryConfigError, match="no known sink dimensions"):
+        patch(model, "var")
+    with pytest.raises(SurgeryConfigError, match="p=1.5 is out of range"):
+        patch(model, "var", p=1.5, sink_dims=[0])
+    with pytest.raises(SurgeryConfigError, match="integers"):
+        patch(model, "var", sink_dims=["a"])
+    assert Engine.of(model, create=False) is None  # nothing half-applied
+    text_only = vlm_inputs(model, [torch.tensor([1, 5, 6, 7, 8, 9])])
+    ref = _logits(model, text_only)
+    with patch(model, "var", **VAR_ARGS), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = _logits(model, text_only)
+    assert torch.equal(out, ref)
+    assert any("no image tokens" in str(w.message) for w in caught)
+
+
+def test_var_known_sink_dims():
+    from attnsurgery.patches.var.config import lookup_sink_dims
+
+    assert lookup_sink_dims("llama", 4096, 32) == ("llava-1.5-7b", [2533, 1415])
+    assert lookup_sink_dims("llama", 5120, 40) == ("llava-1.5-13b", [2100, 4743])
+    assert lookup_sink_dims("qwen2_vl_text", 3584, 28) == ("qwen2-vl-7b", [458, 2570])
+    assert lookup_sink_dims("mistral", 4096, 32) is None
