@@ -1,4 +1,4 @@
-"""``attnsurgery`` command line: list, apply, inspect.
+"""``attnsurgery`` command line: list, apply, inspect, eval, reproduce, lm-eval.
 
 Heavy imports (torch, transformers) happen inside the commands, so ``attnsurgery --help`` is instant.
 Exit codes: 0 success, 1 unexpected error, 2 bad input in general, 3 unknown surgery, 4 bad surgery argument,
@@ -248,6 +248,54 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_report(markdown: str, paths: dict[str, Path]) -> None:
+    from rich.markdown import Markdown
+
+    console = _console()
+    console.print(Markdown(markdown))
+    console.print(f"wrote {paths['json']}, {paths['md']} and {paths['png']}")
+
+
+def _arm_progress(model: str, arm: str, status: str) -> None:
+    style = {"cached": "dim", "running": "bold", "done": "green"}.get(status, "")
+    _console(stderr=True).print(f"[{style}]{model} · {arm}: {status}[/{style}]")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import check_tasks, evaluate_arms, make_arms, task_manager, write_report
+
+    tasks = check_tasks([t for item in args.tasks for t in item.split(",") if t], task_manager())
+    arms = make_arms(args.recipe or [], model=args.model)  # bad recipes fail before the model loads
+    report = evaluate_arms(
+        args.model,
+        arms,
+        tasks,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        cache_dir=Path(args.out) / "cache",
+        force=args.force,
+        on_arm=lambda arm, status: _arm_progress(args.model, arm, status),
+    )
+    paths = write_report([report], args.out)
+    _print_report(paths["md"].read_text(), paths)
+    return 0 if all(a.valid for a in report.arms) else 1
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .evaluate import load_table, reproduce
+
+    table = load_table(args.table)
+    if table.requires:
+        _console(stderr=True).print(f"[yellow]this table needs: {table.requires}[/yellow]")
+    reports, paths = reproduce(
+        table, out_dir=args.out, models=args.model, limit=args.limit, force=args.force, on_arm=_arm_progress
+    )
+    _print_report(paths["md"].read_text(), paths)
+    return 0 if all(a.valid for r in reports for a in r.arms) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnsurgery", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=_version())
@@ -300,6 +348,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="attention.png")
     model_options(p)
     p.set_defaults(func=cmd_inspect)
+
+    def eval_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--limit", type=float, default=None, help="docs per task (a quick look; same docs per arm)"
+        )
+        p.add_argument("--force", action="store_true", help="re-run arms even if their results are cached")
+
+    p = sub.add_parser(
+        "eval",
+        help="baseline vs patched with lm-eval: table (JSON, markdown, PNG) with deltas and paired p-values",
+        description="attnsurgery eval smollm2-135m --recipe act --recipe temperature/fitted --tasks offline",
+    )
+    p.add_argument("model")
+    p.add_argument("--recipe", action="append", help="a patched arm (repeatable); the baseline always runs")
+    p.add_argument(
+        "--tasks",
+        action="append",
+        required=True,
+        help="lm-eval tasks, comma-separated; 'offline' is the shipped offline suite",
+    )
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", default="attnsurgery-eval", help="output folder (results + per-arm cache)")
+    eval_options(p)
+    model_options(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("reproduce", help="run a table definition (evals/*.yaml): models x arms x tasks")
+    p.add_argument("table", help="table YAML, e.g. evals/mini.yaml")
+    p.add_argument("--model", action="append", help="only this model of the table (repeatable)")
+    p.add_argument("--out", default=None, help="output folder (default evals/results/<table name>)")
+    eval_options(p)
+    p.set_defaults(func=cmd_reproduce)
+
+    sub.add_parser(
+        "lm-eval",
+        help="lm-eval's own CLI with `--model attnsurgery` registered and the offline tasks included",
+        add_help=False,
+    )
     return parser
 
 
@@ -310,6 +397,11 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:  # everything after it belongs to lm-eval's own parser
+        from .lmeval import harness_main
+
+        return harness_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "apply" and args.prompt is None and not args.save:

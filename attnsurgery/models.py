@@ -136,25 +136,38 @@ def load_model(
     if load_in_4bit or load_in_8bit:
         load_kwargs["quantization_config"] = _bnb_config(load_in_4bit, load_in_8bit, from_pretrained_kwargs)
 
+    where = model_location(name_or_path, cache_dir=cache_dir)
+    if isinstance(where, Path):
+        return _load_dir(where, load_kwargs)
+    return _load_hub(where, load_kwargs)
+
+
+def model_location(name_or_path: str, *, cache_dir: str | os.PathLike | None = None) -> Path | str:
+    """Where ``name_or_path`` loads from: a local checkpoint directory (``Path``) or a hub id (``str``).
+
+    Packaged aliases and ``.gguf`` files are converted once into attnsurgery's safetensors cache, so the
+    returned directory can be handed to any ``from_pretrained``-style loader (lm-eval's ``HFLM`` included).
+    Raises :class:`ModelNotFoundError` (with "did you mean") for paths and names that cannot be resolved.
+    """
     spec = _ALIASES.get(name_or_path.strip().lower())
     path = Path(name_or_path).expanduser()
     root = Path(cache_dir or Path(os.environ.get("ATTNSURGERY_CACHE", "~/.cache/attnsurgery")) / "models")
     root = root.expanduser()
     if spec is not None and spec.kind == "hub":
-        return _load_hub(spec.target, load_kwargs)
+        return spec.target
     if spec is not None:
-        return _load_dir(_packaged_gguf_cache(spec, root), load_kwargs)
+        return _packaged_gguf_cache(spec, root)
     if path.is_file() and path.suffix == ".gguf":
         st = path.resolve().stat()
         key = f"file:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
         out = root / f"gguf-{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-        return _load_dir(_cached(out, key, lambda tmp: _convert_gguf(path, tmp), path.name), load_kwargs)
+        return _cached(out, key, lambda tmp: _convert_gguf(path, tmp), path.name)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(
                 f"{path} is a directory but not a transformers checkpoint (no config.json)."
             )
-        return _load_dir(path, load_kwargs)
+        return path
     looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.endswith(".gguf")
     if looks_like_path or path.exists() or name_or_path.count("/") > 1:
         raise ModelNotFoundError(
@@ -162,7 +175,7 @@ def load_model(
             f"({', '.join(_ALIASES)}) or a hub id 'owner/name'."
         )
     if _HUB_ID.match(name_or_path):
-        return _load_hub(name_or_path, load_kwargs)
+        return name_or_path
     resolve_alias(name_or_path)  # raises the "unknown alias, did you mean" error
     raise AssertionError("unreachable")
 
