@@ -286,3 +286,150 @@ def test_var_known_sink_dims():
     assert lookup_sink_dims("llama", 5120, 40) == ("llava-1.5-13b", [2100, 4743])
     assert lookup_sink_dims("qwen2_vl_text", 3584, 28) == ("qwen2-vl-7b", [458, 2570])
     assert lookup_sink_dims("mistral", 4096, 32) is None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# VHR
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _text_only(model, row):
+    """The paper's text-only prompt: image tokens (and Qwen2-VL's vision start/end) and pixels removed."""
+    keep = ~torch.isin(row, torch.tensor(Engine.of(model).info.vision_token_ids))
+    ids = row[keep][None]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _chosen(model):
+    extras = Engine.of(model).request.extras
+    return {k[2]: v.clone() for k, v in extras.items() if k[0] == "vhr"}
+
+
+def test_vhr_paper_layers():
+    from attnsurgery.patches.vhr.config import paper_layers
+
+    assert paper_layers(32) == [1, *range(18, 32)]
+    assert paper_layers(40) == [1, *range(22, 40)]  # round(14 / 32 * 40) = 18 layers
+    assert paper_layers(4) == [1, 2, 3]
+
+
+def test_vhr_identity_and_reference(arch):
+    from attnsurgery.patches.vhr.reference import vhr_reference
+
+    model = tiny_vlm(arch, layers=6)
+    row = prompt(model, 3, 6)
+    inputs = vlm_inputs(model, [row])
+    ref = _logits(model, inputs)
+    with patch(model, "vhr", alpha=1.0):
+        torch.testing.assert_close(_logits(model, inputs), ref, atol=0, rtol=0)
+    with patch(model, "vhr", alpha=2.0):
+        layers = sorted(Engine.of(model).surgeries[0]._layers)
+        text_inputs = _text_only(model, row)
+        out = _logits(model, inputs)
+        chosen = _chosen(model)
+    assert layers == [1, 3, 4, 5]  # layer 1 + the last round(14 / 32 * 6) = 3
+    expected, expected_heads = vhr_reference(model, inputs, text_inputs, layers, 2.0)
+    assert sorted(chosen) == layers
+    for layer in layers:
+        assert torch.equal(chosen[layer][0], expected_heads[layer])
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=1e-4)
+    assert (out - ref).abs().max() > 1e-3
+
+
+def test_vhr_scales_at_most_half_and_leaves_the_rest(arch):
+    model = tiny_vlm(arch, heads=8, kv_heads=4, hidden=64, layers=4)
+    inputs = vlm_inputs(model, _rows(model))
+    o_proj = model.get_decoder().layers[1].self_attn.o_proj
+    seen = []
+    handle = o_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
+    with torch.no_grad():
+        model(**inputs)
+        with patch(model, "vhr", alpha=2.0):
+            model(**inputs)
+            chosen = _chosen(model)
+    handle.remove()
+    assert len(seen) == 3  # stock, the text-only pass, the with-image pass
+    stock, scaled = (x.view(*x.shape[:-1], 8, -1) for x in (seen[0], seen[2]))  # (B, T, H, Dh)
+    for heads in chosen.values():
+        assert torch.all(heads.sum(-1) <= 4) and heads.any()
+    heads = chosen[1]  # layer 1: its input is the stock model's, so unscaled heads are bit-identical
+    for b in range(3):
+        torch.testing.assert_close(scaled[b][:, ~heads[b]], stock[b][:, ~heads[b]], atol=0, rtol=0)
+        torch.testing.assert_close(scaled[b][:, heads[b]], 2.0 * stock[b][:, heads[b]], atol=1e-6, rtol=1e-6)
+
+
+def test_vhr_heads_fixed_through_decode(arch):
+    model = tiny_vlm(arch)
+    row = prompt(model, 3, 6)
+    inputs = vlm_inputs(model, [row])
+    kw = dict(
+        max_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True
+    )
+    with torch.no_grad():
+        with patch(model, "vhr", alpha=2.0):
+            model(**inputs)
+            at_prefill = _chosen(model)
+            out = model.generate(**inputs, **kw)
+            after = _chosen(model)
+        assert at_prefill.keys() == after.keys() and all(torch.equal(at_prefill[k], after[k]) for k in after)
+        # decode steps == the stock model with those heads scaled at every position (one full forward)
+        heads = {layer: v[0].nonzero().flatten().tolist() for layer, v in after.items()}
+        seq = out.sequences
+        full_inputs = {**inputs, "input_ids": seq, "attention_mask": torch.ones_like(seq)}
+        if "mm_token_type_ids" in inputs:
+            full_inputs["mm_token_type_ids"] = (seq == IMAGE_TOKEN).int()
+        with patch(model, "head_scale", heads=heads, scale=2.0):
+            full = model(**full_inputs).logits
+    width = inputs["input_ids"].shape[1]
+    steps = torch.stack(out.logits, dim=1)
+    torch.testing.assert_close(steps, full[:, width - 1 : -1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_vhr_batched_padded_equals_one_by_one(arch, side):
+    model = tiny_vlm(arch)
+    rows = [*_rows(model), torch.tensor([1, 5, 6, 7, 8])]  # a text-only row is left unchanged
+    inputs = vlm_inputs(model, rows, side=side)
+    ref = _logits(model, inputs)
+    with patch(model, "vhr", alpha=2.0), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batched = _logits(model, inputs)
+        chosen = _chosen(model)
+        assert not any(v[3].any() for v in chosen.values())
+        for i, row in enumerate(rows[:3]):
+            single = _logits(model, vlm_inputs(model, [row], seed=i))
+            real = inputs["attention_mask"][i].bool()
+            torch.testing.assert_close(batched[i, real], single[0], atol=ATOL, rtol=1e-4)
+            assert all(torch.equal(v[0], chosen[k][i]) for k, v in _chosen(model).items())
+    real = inputs["attention_mask"][3].bool()
+    torch.testing.assert_close(batched[3, real], ref[3, real], atol=ATOL, rtol=1e-4)
+
+
+def test_vhr_generate_and_bad_input(arch):
+    model = tiny_vlm(arch)
+    inputs = vlm_inputs(model, _rows(model))
+    with patch(model, "vhr", alpha=2.0), torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 4
+    with pytest.raises(UnsupportedModelError, match="vision-language"):
+        patch(tiny_model("llama"), "vhr")
+    text_only = vlm_inputs(model, [torch.tensor([1, 5, 6, 7, 8, 9])])
+    ref = _logits(model, text_only)
+    with patch(model, "vhr"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = _logits(model, text_only)
+    assert torch.equal(out, ref)
+    assert any("no image tokens" in str(w.message) for w in caught)
+
+
+def test_var_and_vhr_compose(arch):
+    model = tiny_vlm(arch)
+    inputs = vlm_inputs(model, _rows(model))
+    ref = _logits(model, inputs)
+    with patch(model, "var", **VAR_ARGS):
+        var_only = _logits(model, inputs)
+        with patch(model, "vhr", alpha=2.0):
+            both = _logits(model, inputs)
+        torch.testing.assert_close(_logits(model, inputs), var_only, atol=0, rtol=0)
+    assert (_real(both, inputs) - _real(var_only, inputs)).abs().max() > 1e-3
+    assert torch.equal(_logits(model, inputs), ref)

@@ -1,0 +1,159 @@
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from attnsurgery.errors import UnsupportedModelError
+from attnsurgery.surgery import AttentionCall, Stage, Surgery
+
+from .config import VhrConfig, paper_layers
+
+
+class VhrSurgery(Surgery):
+    """VHR: scale the attention heads that react most to the image, chosen per prompt.
+
+    At the first generation step (the prefill forward) a text-only forward of the same prompt, with the image
+    placeholders (and Qwen2-VL's vision start/end tokens) and the pixels removed, gives each head's output for the
+    last prompt token without the image. During the with-image prefill, layer by layer (earlier layers already
+    reinforced), each targeted layer computes the vision-aware head divergence ``VHD = ||A_img - A_txt||_2`` per
+    head at the last prompt token, zeroes outliers (Eq. 6), and multiplies the heads above the layer median by
+    ``alpha`` at every position; the chosen heads stay fixed for the rest of generation (KV-cached decode steps
+    reuse them). Paper: He et al., "Cracking the Code of Hallucination in LVLMs with Vision-aware Head
+    Divergence", ACL 2025 (arXiv 2412.13949).
+
+    Runs after the model's own SDPA kernel (a per-head output stage); the cost is the text-only forward, once per
+    prompt. Per batch row: each row gets its own heads; a row without image tokens is left unchanged. The
+    text-only branch runs the stock model (not reinforced) once, before the with-image pass: the paper leaves this
+    open (docs/vlm.md).
+
+    >>> patch(model, "vhr", alpha=2.0)                    # layer 1 + the last 14/32 of the layers
+    >>> patch(model, "vhr", alpha=2.0, layers="1,18:32")  # the same on a 32-layer LLaVA, explicitly
+    """
+
+    name = "vhr"
+    config_class = VhrConfig
+    summary = "VHR vision-aware head reinforcement: scale heads whose output depends most on the image"
+    paper = "He et al., Cracking the Code of Hallucination in LVLMs with VHD, ACL 2025 (arXiv 2412.13949)"
+    stages = frozenset({Stage.HEAD_OUTPUT})
+    example_args = {"alpha": 2.0}
+    identity_args = {"alpha": 1.0}
+    #: decisions use the last prompt token (heads are chosen once per prompt)
+    prompt_adaptive = True
+    #: needs image tokens: the shared text-model contract skips it; tests/test_vlm.py covers VLMs
+    requires_vision = True
+
+    def setup(self, model: Any, engine: Any) -> None:
+        info = engine.info
+        if not info.is_vision_language:
+            raise UnsupportedModelError(
+                f"vhr acts on vision-language models (LLaVA, LLaVA-NeXT, Qwen2-VL ...): {type(model).__name__} has "
+                "no image token id in its config (image_token_id / image_token_index), so the image cannot be "
+                "removed for the text-only pass. Load the full VLM, not its language model."
+            )
+        layers = self.targets.layers
+        if self.config.paper_layers and len(layers) == info.num_layers:
+            layers = frozenset(paper_layers(info.num_layers))
+        self._layers = layers
+        self._heads = {layer: self.targets.head_mask(layer) for layer in layers}
+        self._engine = engine
+        self._vision_ids = torch.tensor(info.vision_token_ids)
+        self._image_id = info.image_token_id
+        self._text: dict[int, torch.Tensor] | None = None  # layer -> (B, H, Dh) text-only head outputs
+        self._text_rows: torch.Tensor | None = None  # (B,) rows that had image tokens
+        self._in_text_pass = False
+        if self.config.alpha != 1.0:
+            engine.register_hook(
+                self, model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+            )
+
+    def active_stages(self, layer_idx: int) -> frozenset[Stage]:
+        if layer_idx in self._layers and self.config.alpha != 1.0:
+            return self.stages
+        return frozenset()
+
+    def _slot(self, layer_idx: int) -> tuple:
+        return ("vhr", id(self), layer_idx)
+
+    # -- the text-only pass ------------------------------------------------------------------------------------
+    def _before_forward(self, module: Any, args: tuple, kwargs: dict) -> None:
+        """Top-level pre-hook: at a prefill with image tokens, run the text-only forward first."""
+        if self._in_text_pass:
+            return
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and hasattr(cache, "get_seq_length") and int(cache.get_seq_length()) > 0:
+            return  # a decode step: the heads chosen at prefill stay
+        self._text = self._text_rows = None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if not isinstance(ids, torch.Tensor) or not bool((ids == self._image_id).any()):
+            warnings.warn(
+                "vhr: no image tokens in this prompt (or no input_ids to find them in), so no vision-aware heads "
+                "can be chosen; the model runs unchanged. Pass the processor's input_ids and pixel values.",
+                stacklevel=2,
+            )
+            return
+        mask = kwargs.get("attention_mask")
+        mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        keep = mask & ~torch.isin(ids, self._vision_ids.to(ids.device))
+        lengths = keep.sum(-1)
+        width = int(lengths.max())
+        text_ids = ids.new_zeros(ids.shape[0], width)
+        text_mask = torch.zeros(ids.shape[0], width, dtype=torch.long, device=ids.device)
+        for b in range(ids.shape[0]):  # left-padded, so every row's last token sits in the last column
+            n = int(lengths[b])
+            text_ids[b, width - n :] = ids[b][keep[b]]
+            text_mask[b, width - n :] = 1
+        position_ids = (text_mask.cumsum(-1) - 1).clamp(min=0)
+        self._text = {}
+        self._in_text_pass = True
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter(
+                    "ignore"
+                )  # other surgeries' "no image" notices about this internal pass
+                self._engine.side_forward(
+                    input_ids=text_ids, attention_mask=text_mask, position_ids=position_ids, use_cache=False
+                )
+        finally:
+            self._in_text_pass = False
+        self._text_rows = (ids == self._image_id).any(-1)
+
+    # -- the head-output stage ---------------------------------------------------------------------------------
+    def head_output(self, attn_output: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+        """attn_output (B, Tq, H, Dh): record (text-only pass), choose (prefill) or reuse (decode) and scale."""
+        bsz, q_len = attn_output.shape[:2]
+        if self._in_text_pass:
+            if self._text is not None:
+                self._text[call.layer_idx] = attn_output[:, -1].detach().float()  # left-padded: last = real
+            return attn_output
+        slot = self._slot(call.layer_idx)
+        if call.request.past_len == 0:
+            text = None if self._text is None else self._text.get(call.layer_idx)
+            if text is None or text.shape[0] != bsz:
+                return attn_output
+            valid = call.query_valid.to(attn_output.device).expand(bsz, -1)
+            columns = torch.arange(q_len, device=attn_output.device)
+            last = torch.where(valid, columns, -1).amax(-1).clamp(min=0)  # the last prompt token of each row
+            with_image = attn_output[torch.arange(bsz), last].float()  # (B, H, Dh)
+            chosen = self._select(with_image, text.to(with_image.device))
+            chosen &= self._text_rows.to(chosen.device)[:, None]
+            chosen &= self._heads[call.layer_idx].to(chosen.device)[None, :]
+            call.request.extras[slot] = chosen
+        else:
+            chosen = call.request.extras.get(slot)
+            if chosen is None or chosen.shape[0] != bsz:
+                return attn_output
+        scale = torch.where(chosen, self.config.alpha, 1.0).to(attn_output.dtype)  # (B, H)
+        return attn_output * scale[:, None, :, None]
+
+    def _select(self, with_image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """(B, H) bool: heads above their layer's median vision-aware head divergence (Eqs. 4, 6, 7), per row."""
+        vhd = (with_image - text).norm(dim=-1)  # (B, H)
+        if self.config.outlier_filter:
+            ta = text.pow(2).sum(-1)
+            high_vhd = vhd > vhd.mean(-1, keepdim=True) + vhd.std(-1, unbiased=False, keepdim=True)
+            high_ta = ta > ta.mean(-1, keepdim=True) + ta.std(-1, unbiased=False, keepdim=True)
+            vhd = torch.where(high_vhd & high_ta, torch.zeros_like(vhd), vhd)
+        # strictly above the median: at most floor(H / 2) heads
+        return vhd > vhd.median(dim=-1, keepdim=True).values
