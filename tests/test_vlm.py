@@ -433,3 +433,29 @@ def test_var_and_vhr_compose(arch):
         torch.testing.assert_close(_logits(model, inputs), var_only, atol=0, rtol=0)
     assert (_real(both, inputs) - _real(var_only, inputs)).abs().max() > 1e-3
     assert torch.equal(_logits(model, inputs), ref)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# calibrate var
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_find_sink_dims_recovers_planted_massive_activations(arch):
+    from attnsurgery.patches.var.calibrate import find_sink_dims
+
+    model = tiny_vlm(arch)
+    embed = model.get_input_embeddings().weight
+    with torch.no_grad():  # BOS carries massive activations in channels 3 and 41, as sink tokens do
+        embed[1, [3, 41]] = 50 * embed[1].abs().mean()
+    prompts = [vlm_inputs(model, [prompt(model, 2 + i, 4, seed=i)], seed=i) for i in range(3)]
+    assert find_sink_dims(model, None, prompts, tau=5.0) == [3, 41]
+    with pytest.raises(SurgeryConfigError, match="no channel reaches"):
+        find_sink_dims(model, None, prompts, tau=50.0)
+    with pytest.raises(SurgeryConfigError, match="at least one prompt"):
+        find_sink_dims(model, None, [])
+    # BOS is then a text sink for VAR at every detected layer
+    with patch(model, "var", sink_dims=[3, 41], tau=5.0, summ=0.05) as handle:
+        _logits(model, prompts[0])
+        sinks = [v for k, v in Engine.of(model).request.extras.items() if k[0] == "var"]
+    assert sinks and all(bool(s[0, 0]) for s in sinks)
+    assert handle.surgeries[0].config.sink_dims == [3, 41]
