@@ -6,13 +6,15 @@ from typing import Any
 import torch
 
 from attnsurgery.errors import SurgeryConfigError, UnsupportedModelError
-from attnsurgery.kernels import sdpa_with_lse, visible
+from attnsurgery.kernels import sdpa_with_lse, tiled_attention, visible
 from attnsurgery.surgery import AttentionCall, AttentionTile, Stage, Surgery
 
 from .config import VarConfig, lookup_sink_dims
 
 #: bytes of fp32 (query x edited column) probabilities held at once by the fused correction
 _BLOCK_BYTES = 64 * 2**20
+#: calls with at most this many query rows (decode steps) compute their probabilities explicitly
+_DIRECT_ROWS = 4
 
 
 def _to_columns(mask: torch.Tensor | None, batch: int, key_len: int) -> torch.Tensor | None:
@@ -170,6 +172,10 @@ class VarSurgery(Surgery):
     def attention(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, call: AttentionCall
     ) -> torch.Tensor:
+        if call.query_len <= _DIRECT_ROWS:
+            # decode steps: the correction would read nearly every key anyway (the image span), so one explicit
+            # probability row per head is cheaper than the fused kernel plus a gather of the image's keys
+            return tiled_attention(query, key, value, call.attention_mask, scaling, call, prob_stages=[self])
         out, lse = sdpa_with_lse(query, key, value, call.attention_mask, scaling, call.is_causal)
         plan = self._plan(call)
         if plan is not None:
