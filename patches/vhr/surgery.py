@@ -113,7 +113,11 @@ class VhrSurgery(Surgery):
                     "ignore"
                 )  # other surgeries' "no image" notices about this internal pass
                 self._engine.side_forward(
-                    input_ids=text_ids, attention_mask=text_mask, position_ids=position_ids, use_cache=False
+                    input_ids=text_ids,
+                    attention_mask=text_mask,
+                    position_ids=position_ids,
+                    use_cache=False,
+                    logits_to_keep=1,  # only the head outputs are wanted, not the vocabulary
                 )
         finally:
             self._in_text_pass = False
