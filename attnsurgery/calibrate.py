@@ -1192,6 +1192,7 @@ def fit_temperature(
     heldout_texts: Sequence[Any] | None = None,
     heldout_fraction: float = 0.2,
     val_fraction: float = 0.1,
+    max_val_windows: int = 32,
     eval_every: int = 25,
     patience: int = 3,
     min_c: float = 0.0,
@@ -1207,7 +1208,7 @@ def fit_temperature(
     the identity ``c = 0`` (``batch_size`` windows per step in shuffled epochs; all of them when it is at least
     the number of training windows), projected onto ``c >= min_c`` (0: the paper's range, attention only sharpens with
     position). Every ``eval_every`` steps the loss on held-back validation windows (the last ``val_fraction``
-    of the training windows) is measured; the best table is kept and the fit stops after ``patience`` evaluations
+    of the training windows, at most ``max_val_windows``) is measured; the best table is kept and the fit stops after ``patience`` evaluations
     without improvement. If no table beats the identity on validation, the identity ships (``result.improved``
     is False).
 
@@ -1228,6 +1229,7 @@ def fit_temperature(
         ("patience", patience, isinstance(patience, int) and patience >= 1),
         ("heldout_fraction", heldout_fraction, 0 < heldout_fraction < 1),
         ("val_fraction", val_fraction, 0 < val_fraction < 1),
+        ("max_val_windows", max_val_windows, isinstance(max_val_windows, int) and max_val_windows >= 1),
         ("min_c", min_c, math.isfinite(min_c)),
     ):
         if not ok:
@@ -1257,7 +1259,8 @@ def fit_temperature(
             f"the training text gives {len(windows)} window of {seq_len} tokens; need at least 2 (one for "
             "validation). Give more text or a shorter seq_len."
         )
-    n_val = max(1, round(val_fraction * len(windows)))
+    # validation compares tables on the same windows (paired), so a few dozen suffice and keep evaluations cheap
+    n_val = min(max_val_windows, max(1, round(val_fraction * len(windows))))
     train, val = windows[:-n_val], windows[-n_val:]
 
     info = discover(model)
