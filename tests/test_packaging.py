@@ -29,6 +29,10 @@ print(attnsurgery.patches.__file__)
 assert {s.name for s in list_surgeries()} >= {"temperature", "head_scale", "clipped_softmax"}
 assert "temperature/default" in list_recipes()
 assert importlib.resources.files("attnsurgery.recipes").joinpath("temperature/default.yaml").is_file()
+assert {s.name for s in list_surgeries()} >= {"act", "var", "vhr"}
+from attnsurgery.tasks import include_path, load_split, offline_tasks
+assert "bb_general_knowledge" in offline_tasks() and load_split("bb_general_knowledge", "test")
+assert sys.prefix in include_path() or "evals" in include_path()
 model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                      num_attention_heads=2, num_key_value_heads=1))
 ids = torch.randint(0, 32, (1, 6))
