@@ -15,7 +15,6 @@ text (``str`` or ``{"id", "text"}``) for temperature fitting (``attnsurgery.task
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -1429,84 +1428,3 @@ def write_temperature_recipe(
 # ----------------------------------------------------------------------------------------------------------
 # Command-line helpers (``attnsurgery calibrate act|temperature``)
 # ----------------------------------------------------------------------------------------------------------
-
-
-def add_act_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``attnsurgery calibrate act`` (model and --data are the caller's)."""
-    parser.add_argument(
-        "--beta", type=float, default=0.4, help="ACT beta (default 0.4, the reference code's)"
-    )
-    parser.add_argument("--threshold", type=float, default=None, help="absolute sink threshold (default 0.1)")
-    parser.add_argument("--alpha", type=float, default=None, help="sink threshold as alpha / N instead")
-    parser.add_argument("--layers", default=None, help="layers to sweep, e.g. 2:-1 (default all)")
-    parser.add_argument("--heads", default=None, help="heads to sweep, e.g. '[0, 3]' or '{10: [0, 3]}'")
-    parser.add_argument("--slow", action="store_true", help="full forward per head (the reference procedure)")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default 16)")
-    parser.add_argument(
-        "--head-batch", type=int, default=None, help="heads stacked per forward (default all)"
-    )
-    parser.add_argument("--max-length", type=int, default=None, help="truncate sequences from the left")
-    parser.add_argument("--metric", choices=METRICS, default="choice_logprob", help="per-record score")
-    parser.add_argument(
-        "--min-delta", type=float, default=0.0, help="keep heads whose mean delta exceeds this"
-    )
-    parser.add_argument(
-        "--confidence", type=float, default=0.95, help="bootstrap P(delta > 0) needed to keep"
-    )
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N calibration records")
-    parser.add_argument("--state", default=None, help="JSON-lines state file: resume an interrupted sweep")
-    parser.add_argument("--out", default=None, help="write the recipe YAML here")
-
-
-def act_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """``calibrate_act_heads`` keyword arguments from :func:`add_act_arguments` options."""
-    import yaml
-
-    return {
-        "beta": args.beta,
-        "threshold": args.threshold,
-        "alpha": args.alpha,
-        "layers": args.layers,
-        "heads": yaml.safe_load(args.heads) if args.heads else None,
-        "fast": not args.slow,
-        "batch_size": args.batch_size,
-        "head_batch": args.head_batch,
-        "max_length": args.max_length,
-        "metric": args.metric,
-        "min_delta": args.min_delta,
-        "confidence": args.confidence,
-        "state_path": args.state,
-    }
-
-
-def add_temperature_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``attnsurgery calibrate temperature`` (model and --data are the caller's)."""
-    parser.add_argument(
-        "--per", choices=("layer", "head"), default="layer", help="one c per layer or per head"
-    )
-    parser.add_argument("--steps", type=int, default=200, help="maximum optimiser steps (default 200)")
-    parser.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default 0.01)")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per training window (default 256)")
-    parser.add_argument("--batch-size", type=int, default=1, help="windows per step (default 1)")
-    parser.add_argument("--layers", default=None, help="layers to fit, e.g. 2: (default all)")
-    parser.add_argument("--eval-every", type=int, default=25, help="validation every N steps (default 25)")
-    parser.add_argument("--patience", type=int, default=3, help="stop after N validations without gain")
-    parser.add_argument("--heldout-fraction", type=float, default=0.2, help="texts held out for perplexity")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N texts")
-    parser.add_argument("--save", default=None, metavar="DIR", help="save_surgery the fitted table to DIR")
-    parser.add_argument("--out", default=None, help="write the recipe YAML (+ .safetensors state) here")
-
-
-def temperature_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """``fit_temperature`` keyword arguments from :func:`add_temperature_arguments` options."""
-    return {
-        "per": args.per,
-        "steps": args.steps,
-        "lr": args.lr,
-        "seq_len": args.seq_len,
-        "batch_size": args.batch_size,
-        "layers": args.layers,
-        "eval_every": args.eval_every,
-        "patience": args.patience,
-        "heldout_fraction": args.heldout_fraction,
-    }

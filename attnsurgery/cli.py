@@ -296,6 +296,179 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0 if all(a.valid for r in reports for a in r.arms) else 1
 
 
+def _add_act_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``attnsurgery calibrate act`` (model and --data are the caller's)."""
+    parser.add_argument(
+        "--beta", type=float, default=0.4, help="ACT beta (default 0.4, the reference code's)"
+    )
+    parser.add_argument("--threshold", type=float, default=None, help="absolute sink threshold (default 0.1)")
+    parser.add_argument("--alpha", type=float, default=None, help="sink threshold as alpha / N instead")
+    parser.add_argument("--layers", default=None, help="layers to sweep, e.g. 2:-1 (default all)")
+    parser.add_argument("--heads", default=None, help="heads to sweep, e.g. '[0, 3]' or '{10: [0, 3]}'")
+    parser.add_argument("--slow", action="store_true", help="full forward per head (the reference procedure)")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default 16)")
+    parser.add_argument(
+        "--head-batch", type=int, default=None, help="heads stacked per forward (default all)"
+    )
+    parser.add_argument("--max-length", type=int, default=None, help="truncate sequences from the left")
+    parser.add_argument(
+        "--metric",
+        choices=("choice_logprob", "acc", "margin"),
+        default="choice_logprob",
+        help="per-record score",
+    )
+    parser.add_argument(
+        "--min-delta", type=float, default=0.0, help="keep heads whose mean delta exceeds this"
+    )
+    parser.add_argument(
+        "--confidence", type=float, default=0.95, help="bootstrap P(delta > 0) needed to keep"
+    )
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N calibration records")
+    parser.add_argument("--state", default=None, help="JSON-lines state file: resume an interrupted sweep")
+    parser.add_argument("--out", default=None, help="write the recipe YAML here")
+
+
+def _act_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``calibrate_act_heads`` keyword arguments from :func:`add_act_arguments` options."""
+    import yaml
+
+    return {
+        "beta": args.beta,
+        "threshold": args.threshold,
+        "alpha": args.alpha,
+        "layers": args.layers,
+        "heads": yaml.safe_load(args.heads) if args.heads else None,
+        "fast": not args.slow,
+        "batch_size": args.batch_size,
+        "head_batch": args.head_batch,
+        "max_length": args.max_length,
+        "metric": args.metric,
+        "min_delta": args.min_delta,
+        "confidence": args.confidence,
+        "state_path": args.state,
+    }
+
+
+def _add_temperature_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``attnsurgery calibrate temperature`` (model and --data are the caller's)."""
+    parser.add_argument(
+        "--per", choices=("layer", "head"), default="layer", help="one c per layer or per head"
+    )
+    parser.add_argument("--steps", type=int, default=200, help="maximum optimiser steps (default 200)")
+    parser.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default 0.01)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per training window (default 256)")
+    parser.add_argument("--batch-size", type=int, default=1, help="windows per step (default 1)")
+    parser.add_argument("--layers", default=None, help="layers to fit, e.g. 2: (default all)")
+    parser.add_argument("--eval-every", type=int, default=25, help="validation every N steps (default 25)")
+    parser.add_argument("--patience", type=int, default=3, help="stop after N validations without gain")
+    parser.add_argument(
+        "--min-c", type=float, default=0.0, help="lower bound of c (default 0, the paper's range)"
+    )
+    parser.add_argument("--heldout-fraction", type=float, default=0.2, help="texts held out for perplexity")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N texts")
+    parser.add_argument("--save", default=None, metavar="DIR", help="save_surgery the fitted table to DIR")
+    parser.add_argument("--out", default=None, help="write the recipe YAML (+ .safetensors state) here")
+
+
+def _temperature_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``fit_temperature`` keyword arguments from :func:`add_temperature_arguments` options."""
+    return {
+        "per": args.per,
+        "steps": args.steps,
+        "lr": args.lr,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "layers": args.layers,
+        "eval_every": args.eval_every,
+        "patience": args.patience,
+        "heldout_fraction": args.heldout_fraction,
+        "min_c": args.min_c,
+    }
+
+
+# argparse lives here, not in calibrate.py: importing that module loads torch, and --help must stay instant
+def _calibration_records(data: list[str], limit: int | None, kind: str) -> tuple[list[dict], str]:
+    """Calibration splits of offline tasks (or JSON-lines files): never the test split a table reports on."""
+    import itertools
+    import json
+
+    from .errors import AttnSurgeryError
+
+    names = [d for item in data or [] for d in item.split(",") if d]
+    if not names:
+        raise AttnSurgeryError(
+            "calibration data missing: pass --data TASK (an offline task's calibration split, e.g. "
+            f"{'bb_general_knowledge' if kind == 'multiple_choice' else 'gutenberg_ppl'}) or a .jsonl file."
+        )
+    per_source: list[list[dict]] = []
+    for name in names:
+        path = Path(name)
+        if path.suffix == ".jsonl":
+            if not path.is_file():
+                raise AttnSurgeryError(f"calibration data file {path} does not exist.")
+            per_source.append([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+            continue
+        from .tasks import load_split, task_info
+
+        try:
+            info = task_info(name)
+        except ValueError as err:
+            raise AttnSurgeryError(str(err)) from None
+        if info["kind"] != kind:
+            raise AttnSurgeryError(
+                f"--data {name} is a {info['kind']} task; this calibration needs {kind} data."
+            )
+        per_source.append(load_split(name, "calibration"))
+    # round-robin over the sources, so --limit keeps a balanced mix of tasks
+    records = [r for group in itertools.zip_longest(*per_source) for r in group if r is not None]
+    if limit:
+        records = records[:limit]
+    return records, ",".join(f"{n}:calibration" if not n.endswith(".jsonl") else n for n in names)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from . import calibrate
+
+    console = _console()
+    if args.method == "var":
+        from .patches.var.calibrate import find_sink_dims, sink_dim_scores
+
+        prompts = args.prompt or [
+            "The capital of France is Paris, and the capital of Italy is Rome.",
+            "Describe the picture in one sentence.",
+            "A quick brown fox jumps over the lazy dog.",
+        ]
+        model, tokenizer = _load(args.model, args)
+        scores = sink_dim_scores(model, tokenizer, prompts, tau=args.tau)
+        top = scores.argsort(descending=True)[:8].tolist()
+        console.print("channels by hit fraction: " + ", ".join(f"{d}: {scores[d]:.0%}" for d in top))
+        dims = find_sink_dims(
+            model, tokenizer, prompts, tau=args.tau, min_fraction=args.min_fraction, max_dims=args.max_dims
+        )
+        console.print(f"sink_dims: {dims}")
+        return 0
+    if args.method == "act":
+        records, data = _calibration_records(args.data, args.limit, "multiple_choice")
+        kwargs = _act_kwargs(args)
+        model, tokenizer = _load(args.model, args)
+        result = calibrate.calibrate_act_heads(model, tokenizer, records, data=data, **kwargs)
+        console.print(result.summary())
+        if args.out:
+            path = calibrate.write_act_recipe(result, args.out, args.model, data=data)
+            console.print(f"wrote {path} (use: attnsurgery apply --recipe {path} {args.model})")
+        return 0
+    records, data = _calibration_records(args.data, args.limit, "perplexity")
+    model, tokenizer = _load(args.model, args)
+    result = calibrate.fit_temperature(model, tokenizer, records, data=data, **_temperature_kwargs(args))
+    console.print(result.summary())
+    if args.save:
+        console.print(f"saved to {result.save(model, args.save) if hasattr(result, 'save') else args.save}")
+    if args.out:
+        path = calibrate.write_temperature_recipe(result, args.out, args.model, data=data)
+        console.print(f"wrote {path} (use: attnsurgery apply --recipe {path} {args.model})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnsurgery", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=_version())
@@ -381,6 +554,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default evals/results/<table name>)")
     eval_options(p)
     p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser(
+        "calibrate",
+        help="ACT head selection, temperature fitting, VAR sink dimensions",
+        description="attnsurgery calibrate act smollm2-135m --data bb_general_knowledge --out act.yaml\n"
+        "attnsurgery calibrate temperature smollm2-135m --data gutenberg_ppl --out temp.yaml\n"
+        "attnsurgery calibrate var llava-1.5-7b",
+    )
+    methods = p.add_subparsers(dest="method", required=True)
+    for name, add, help_text in (
+        ("act", _add_act_arguments, "the paper's single-head sweep on multiple-choice calibration data"),
+        ("temperature", _add_temperature_arguments, "fit Selective-Attention position temperatures on text"),
+    ):
+        m = methods.add_parser(name, help=help_text)
+        m.add_argument("model")
+        m.add_argument("--data", action="append", help="offline task(s) (their calibration split) or .jsonl")
+        add(m)
+        model_options(m)
+        m.set_defaults(func=cmd_calibrate)
+    m = methods.add_parser("var", help="find a backbone's sink dimensions (massive activations)")
+    m.add_argument("model")
+    m.add_argument("--prompt", action="append", help="prompt (repeatable; a few defaults otherwise)")
+    m.add_argument("--tau", type=float, default=20.0, help="|x/RMS(x)| threshold (VAR's tau)")
+    m.add_argument("--min-fraction", type=float, default=0.5)
+    m.add_argument("--max-dims", type=int, default=4)
+    model_options(m)
+    m.set_defaults(func=cmd_calibrate)
 
     sub.add_parser(
         "lm-eval",

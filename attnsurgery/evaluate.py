@@ -149,6 +149,10 @@ def _arm_from_lm_eval(arm: Arm, raw: dict[str, Any], lm: Any, seconds: float, fp
                     values[metric] = float(v)
                 elif isinstance(v, (list, tuple)) and len(v) == 2:
                     values[metric] = [float(v[0]), float(v[1])]
+            resps = sample.get("filtered_resps") or []
+            if len(resps) > 1 and all(isinstance(r, (list, tuple)) and r for r in resps):
+                # the choices' log-likelihoods: what an arm actually changed, even when no argmax flipped
+                values["_choice_lls"] = [float(r[0]) for r in resps]
             docs[str(sample["doc_id"])] = values
         per_doc[task] = docs
         frac = degenerate_fraction(samples)

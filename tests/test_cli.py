@@ -30,6 +30,14 @@ def test_list_verbose_shows_arguments(capsys):
         (["apply", "--recipe", "nope/nothing", "smollm2-135m"], 5, "unknown recipe"),
         (["apply", "temperature"], 2, "needs SURGERY MODEL"),
         (["apply", "temperature", "/no/such/model/dir"], 7, "does not exist"),
+        (["calibrate", "act", "smollm2-135m"], 2, "calibration data missing"),
+        (["calibrate", "act", "smollm2-135m", "--data", "gutenberg_ppl"], 2, "needs multiple_choice data"),
+        (["calibrate", "temperature", "smollm2-135m", "--data", "bb_general_knowledge"], 2, "needs perplexity"),
+        (["calibrate", "act", "smollm2-135m", "--data", "bb_general_knowlege"], 2, "Did you mean"),
+        (["calibrate", "act", "smollm2-135m", "--data", "/no/such.jsonl"], 2, "does not exist"),
+        (["eval", "smollm2-135m", "--tasks", "bb_general_knowlege"], 2, "Did you mean 'bb_general_knowledge'"),
+        (["eval", "smollm2-135m", "--tasks", "offline", "--recipe", "act/nope"], 5, "unknown recipe"),
+        (["reproduce", "/no/such/table.yaml"], 2, "does not exist"),
     ],
 )
 def test_bad_input_exit_codes(argv, code, message, capsys):

@@ -85,3 +85,32 @@ def test_cli_apply_and_inspect_on_smollm2(tmp_path, capsys):
     png = tmp_path / "maps.png"
     assert main(["inspect", "smollm2-135m", "--show-layers", "0,15", "--out", str(png)]) == 0
     assert png.stat().st_size > 10_000 and png.with_suffix(".json").is_file()
+
+
+def test_eval_baseline_vs_act_on_smollm2(smollm2, tmp_path):
+    """The whole scoring path on the real model: offline task, lm-eval, baseline and an ACT arm, a table."""
+    from attnsurgery.evaluate import Arm, evaluate_arms, write_report
+    from attnsurgery.recipe import parse_recipe
+
+    act = parse_recipe({"name": "act-all", "surgeries": [{"surgery": "act", "layers": "2:"}]})
+    report = evaluate_arms(
+        "smollm2-135m",
+        [Arm("baseline"), Arm("act-all", act)],
+        ["bb_general_knowledge"],
+        limit=8,
+        loaded=smollm2,
+    )
+    base, patched = report.arms
+    assert base.valid and patched.valid
+    assert base.n_docs == patched.n_docs == {"bb_general_knowledge": 8}
+    # ACT really ran: the choices' log-likelihoods moved
+    lls = [
+        (base.per_doc[t][d]["_choice_lls"], patched.per_doc[t][d]["_choice_lls"])
+        for t in base.per_doc
+        for d in base.per_doc[t]
+    ]
+    assert len(lls) == 8 and any(abs(a - b) > 1e-3 for x, y in lls for a, b in zip(x, y))
+    row = {(r["task"], r["metric"]): r for r in report.rows()}[("bb_general_knowledge", "acc")]
+    assert row["arms"]["act-all"]["n"] == 8
+    paths = write_report([report], tmp_path)
+    assert "act-all" in paths["md"].read_text()
