@@ -285,7 +285,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from .evaluate import load_table, reproduce
+    from .vlm_eval import is_vlm_table
 
+    if is_vlm_table(args.table):  # POPE / CHAIR tables of the VLM surgeries: their own runner, one model
+        from .vlm_eval import load_vlm_table, run_vlm_table
+
+        vlm = load_vlm_table(args.table)
+        if vlm.requires:
+            _console(stderr=True).print(f"[yellow]this table needs: {vlm.requires}[/yellow]")
+        paths = run_vlm_table(
+            args.table, out_dir=args.out, limit=int(args.limit) if args.limit else None, force=args.force
+        )
+        _print_report(paths["md"].read_text(), paths)
+        return 0
     table = load_table(args.table)
     if table.requires:
         _console(stderr=True).print(f"[yellow]this table needs: {table.requires}[/yellow]")
