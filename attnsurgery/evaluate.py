@@ -360,7 +360,7 @@ def plot_report(
         raise EvalError("nothing to plot: the reports have no metrics.")
     cols = min(4, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.2 * rows), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (report, task, metric) in zip(axes.flat, panels):
         names = [a.arm for a in report.arms]
@@ -371,7 +371,17 @@ def plot_report(
             if not arm.valid:
                 bar.set_hatch("//")
                 bar.set_alpha(0.4)
-        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        labels = []
+        for arm in report.arms:
+            label = arm.arm
+            if arm is not report.baseline:
+                # the paired delta under the name: small effects (perplexity) are invisible in bar heights
+                d = paired_delta(metric, report.baseline.per_doc.get(task, {}), arm.per_doc.get(task, {}))
+                if d["delta"] is not None:
+                    p = _fmt_p(d["p"])
+                    label += f"\nΔ{d['delta']:+.3g} (p{p if p.startswith('<') else '=' + p})"
+            labels.append(label)
+        ax.set_xticks(range(len(names)), labels, fontsize=7)
         arrow = "↓" if metric.split(" (")[0] in _LOWER_IS_BETTER else "↑"
         ax.set_title(f"{report.model}\n{task}", fontsize=8)
         ax.set_ylabel(f"{metric} {arrow}", fontsize=8)
