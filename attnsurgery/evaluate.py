@@ -295,6 +295,11 @@ def _fmt_p(p: float) -> str:
     return "<0.001" if p < 0.001 else f"{p:.2g}"
 
 
+def _p_label(p: float) -> str:
+    text = _fmt_p(p)
+    return f"p{text}" if text.startswith("<") else f"p={text}"
+
+
 def render_markdown(reports: Sequence[EvalReport], published: Sequence[dict[str, Any]] = ()) -> str:
     """A markdown table per model: value ± stderr per arm, then delta (paired stderr, p) per patched arm."""
     out: list[str] = []
@@ -319,7 +324,7 @@ def render_markdown(reports: Sequence[EvalReport], published: Sequence[dict[str,
                     cells.append("–")
                     continue
                 se = f" ± {_fmt(e['delta_stderr'])}" if e.get("delta_stderr") is not None else ""
-                cells.append(f"{e['delta']:+.4f}{se} (p={_fmt_p(e['p'])})")
+                cells.append(f"{e['delta']:+.4f}{se} ({_p_label(e['p'])})")
             if pub:
                 hits = [
                     f"{p['arm']}: {p['value']}"
@@ -378,8 +383,7 @@ def plot_report(
                 # the paired delta under the name: small effects (perplexity) are invisible in bar heights
                 d = paired_delta(metric, report.baseline.per_doc.get(task, {}), arm.per_doc.get(task, {}))
                 if d["delta"] is not None:
-                    p = _fmt_p(d["p"])
-                    label += f"\nΔ{d['delta']:+.3g} (p{p if p.startswith('<') else '=' + p})"
+                    label += f"\nΔ{d['delta']:+.3g} ({_p_label(d['p'])})"
             labels.append(label)
         ax.set_xticks(range(len(names)), labels, fontsize=7)
         arrow = "↓" if metric.split(" (")[0] in _LOWER_IS_BETTER else "↑"
