@@ -459,3 +459,22 @@ def test_find_sink_dims_recovers_planted_massive_activations(arch):
         sinks = [v for k, v in Engine.of(model).request.extras.items() if k[0] == "var"]
     assert sinks and all(bool(s[0, 0]) for s in sinks)
     assert handle.surgeries[0].config.sink_dims == [3, 41]
+
+
+@pytest.mark.parametrize(
+    ("name", "args"),
+    [("var", dict(p=0.3, tau=1.5, summ=0.05, rho=0.5, sink_dims=[0, 1])), ("vhr", dict(alpha=2.0))],
+)
+def test_static_cache_generate_equals_dynamic(name, args):
+    """A static cache has more key columns than tokens, and generate hands the model a 4D mask with it."""
+    model = tiny_vlm("llava")
+    inputs = vlm_inputs(model, [prompt(model, 3, 6, seed=0), prompt(model, 1, 3, seed=1)])
+    kw = dict(
+        max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True
+    )
+    with warnings.catch_warnings(), torch.no_grad(), patch(model, name, **args):
+        warnings.simplefilter("ignore")
+        dynamic = model.generate(**inputs, **kw)
+        static = model.generate(**inputs, cache_implementation="static", **kw)
+    for a, b in zip(dynamic.scores, static.scores):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)

@@ -152,8 +152,10 @@ class VarSurgery(Surgery):
             sinks = sinks & key_valid.to(device)  # padding is never a sink
         columns = torch.arange(call.key_len, device=device)
         last_image = torch.where(image, columns, -1).amax(-1)  # (B,)
-        # queries sit on the last Tq key columns (the cache's new tokens)
-        query_cols = columns[call.key_len - call.query_len :]
+        # the new queries follow the tokens already cached; a static cache is longer than that (its key columns
+        # run to max_cache_len), a sliding-window cache shorter (then they are its last Tq columns)
+        start = min(request.past_len, call.key_len - call.query_len)
+        query_cols = columns[start : start + call.query_len]
         rows = query_cols[None, :] > last_image[:, None]  # (B, Tq): text after the row's image
         rows &= (image & sinks).any(-1, keepdim=True)  # a row without visual sinks is left alone (reference)
         rows &= call.query_valid.to(device).expand(batch, -1)

@@ -94,7 +94,12 @@ class VhrSurgery(Surgery):
             )
             return
         mask = kwargs.get("attention_mask")
-        mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            # generate passes a 4D mask with a static cache: the last prompt token's row says which tokens are
+            # real (bool: True = attend; additive float: 0 = attend)
+            last = mask[:, 0, -1, : ids.shape[1]]
+            mask = last if last.dtype == torch.bool else last == 0
+        mask = torch.ones_like(ids, dtype=torch.bool) if not isinstance(mask, torch.Tensor) else mask.bool()
         keep = mask & ~torch.isin(ids, self._vision_ids.to(ids.device))
         lengths = keep.sum(-1)
         width = int(lengths.max())
