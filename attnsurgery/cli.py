@@ -341,7 +341,7 @@ def _add_act_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _act_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """``calibrate_act_heads`` keyword arguments from :func:`add_act_arguments` options."""
+    """``calibrate_act_heads`` keyword arguments from :func:`_add_act_arguments` options."""
     import yaml
 
     return {
@@ -383,7 +383,7 @@ def _add_temperature_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _temperature_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """``fit_temperature`` keyword arguments from :func:`add_temperature_arguments` options."""
+    """``fit_temperature`` keyword arguments from :func:`_add_temperature_arguments` options."""
     return {
         "per": args.per,
         "steps": args.steps,
@@ -443,7 +443,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     console = _console()
     if args.method == "var":
-        from .patches.var.calibrate import find_sink_dims, sink_dim_scores
+        from .patches.var.calibrate import select_sink_dims, sink_dim_scores
 
         prompts = args.prompt or [
             "The capital of France is Paris, and the capital of Italy is Rome.",
@@ -454,9 +454,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         scores = sink_dim_scores(model, tokenizer, prompts, tau=args.tau)
         top = scores.argsort(descending=True)[:8].tolist()
         console.print("channels by hit fraction: " + ", ".join(f"{d}: {scores[d]:.0%}" for d in top))
-        dims = find_sink_dims(
-            model, tokenizer, prompts, tau=args.tau, min_fraction=args.min_fraction, max_dims=args.max_dims
-        )
+        dims = select_sink_dims(scores, tau=args.tau, min_fraction=args.min_fraction, max_dims=args.max_dims)
         console.print(f"sink_dims: {dims}")
         return 0
     if args.method == "act":
@@ -474,7 +472,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     result = calibrate.fit_temperature(model, tokenizer, records, data=data, **_temperature_kwargs(args))
     console.print(result.summary())
     if args.save:
-        console.print(f"saved to {result.save(model, args.save) if hasattr(result, 'save') else args.save}")
+        console.print(f"saved to {result.save(model, args.save)}")
     if args.out:
         path = calibrate.write_temperature_recipe(result, args.out, args.model, data=data)
         console.print(f"wrote {path} (use: attnsurgery apply --recipe {path} {args.model})")

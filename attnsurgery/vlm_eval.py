@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelNotFoundError, did_you_mean
-from .evaluate import Arm, EvalError, _fmt_p, _slug
+from .evaluate import Arm, EvalError, _p_label, _slug
 from .recipe import find_recipe
 
 CACHE_FORMAT = 1
@@ -1120,7 +1120,7 @@ def render_vlm_markdown(report: dict[str, Any]) -> str:
                 cells.append("–")
                 continue
             se = f" ± {_num(e['delta_stderr'])}" if e.get("delta_stderr") is not None else ""
-            cells.append(f"{e['delta']:+.2f}{se} (p={_fmt_p(e['p'])})")
+            cells.append(f"{e['delta']:+.2f}{se} ({_p_label(e['p'])})")
         hits = [
             f"{p['arm']}: {p['value']}" + (f" ± {p['std']}" if p.get("std") is not None else "")
             for p in pub

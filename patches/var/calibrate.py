@@ -94,6 +94,13 @@ def find_sink_dims(
     7B model are far above 20).
     """
     scores = sink_dim_scores(model, processor_or_tokenizer, prompts, images, tau=tau, layers=layers)
+    return select_sink_dims(scores, tau=tau, min_fraction=min_fraction, max_dims=max_dims)
+
+
+def select_sink_dims(
+    scores: torch.Tensor, *, tau: float = 20.0, min_fraction: float = 0.5, max_dims: int = 4
+) -> list[int]:
+    """:func:`find_sink_dims`'s choice from :func:`sink_dim_scores` (to show the scores without a second pass)."""
     order = torch.argsort(scores, descending=True, stable=True)
     dims = [int(d) for d in order[:max_dims] if scores[d] >= min_fraction]
     if not dims:
