@@ -363,11 +363,14 @@ class CalibrationResult:
     min_delta: float = 0.0
     confidence: float = 0.95
     n_boot: int = 2000
+    rule: str = "bootstrap"  # "bootstrap" (per head) or "fdr" (Benjamini-Hochberg over all swept heads)
     model_name: str = ""
     data: str | None = None
     fast: bool = True
     seconds: float = 0.0  # wall time of this call (resumed heads cost nothing)
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    combined_ll: list[list[float]] | None = None  # the kept heads together, from :meth:`score_selection`
+    combined_heads: dict[int, list[int]] | None = None
 
     @property
     def n_records(self) -> int:
@@ -381,13 +384,27 @@ class CalibrationResult:
         return float(record_scores(self.baseline_ll, self.golds, "acc").mean())
 
     def table(
-        self, *, metric: str | None = None, min_delta: float | None = None, confidence: float | None = None
+        self,
+        *,
+        metric: str | None = None,
+        min_delta: float | None = None,
+        confidence: float | None = None,
+        rule: str | None = None,
     ) -> list[HeadScore]:
-        """One row per swept head (layer, head order) with its score, delta, bootstrap p and kept flag."""
+        """One row per swept head (layer, head order) with its score, delta, bootstrap p and kept flag.
+
+        ``rule="bootstrap"``: keep a head when ``delta > min_delta`` and its paired bootstrap P(mean delta > 0)
+        is at least ``confidence`` — a per-head test, so ~(1 - confidence) of the swept heads pass by chance.
+        ``rule="fdr"``: Benjamini-Hochberg at level ``q = 1 - confidence`` over the one-sided p-values of a paired
+        z-test of every swept head's mean delta (normal approximation of the mean, fine from ~30 records; the
+        bootstrap's 1/n_boot resolution is too coarse for the BH thresholds ``q k / m``), plus ``delta >
+        min_delta``: the expected share of false heads among the kept ones is at most q.
+        """
         metric = metric or self.metric
         min_delta = self.min_delta if min_delta is None else min_delta
         confidence = self.confidence if confidence is None else confidence
-        _check_selection(metric, min_delta, confidence)
+        rule = rule or self.rule
+        _check_selection(metric, min_delta, confidence, rule)
         keys = sorted(self.head_ll)
         if not keys:
             return []
@@ -395,20 +412,26 @@ class CalibrationResult:
         scores = torch.stack([record_scores(self.head_ll[k], self.golds, metric) for k in keys])
         deltas = scores - base
         p = _bootstrap_p(deltas, self.n_boot)
+        passed = _bh_pass(_ztest_p(deltas), 1.0 - confidence) if rule == "fdr" else p >= confidence
         rows = []
         for i, (layer, head) in enumerate(keys):
             delta = float(deltas[i].mean())
             acc = float(record_scores(self.head_ll[(layer, head)], self.golds, "acc").mean())
-            kept = delta > min_delta and float(p[i]) >= confidence
+            kept = delta > min_delta and bool(passed[i])
             rows.append(HeadScore(layer, head, float(scores[i].mean()), delta, acc, float(p[i]), kept))
         return rows
 
     def select(
-        self, *, metric: str | None = None, min_delta: float | None = None, confidence: float | None = None
+        self,
+        *,
+        metric: str | None = None,
+        min_delta: float | None = None,
+        confidence: float | None = None,
+        rule: str | None = None,
     ) -> dict[int, list[int]]:
         """``{layer: [heads]}`` of the kept heads, in the form ``patch(model, "act", heads=...)`` takes."""
         out: dict[int, list[int]] = {}
-        for row in self.table(metric=metric, min_delta=min_delta, confidence=confidence):
+        for row in self.table(metric=metric, min_delta=min_delta, confidence=confidence, rule=rule):
             if row.kept:
                 out.setdefault(row.layer, []).append(row.head)
         return out
@@ -417,6 +440,49 @@ class CalibrationResult:
     def heads(self) -> dict[int, list[int]]:
         """The selection under this result's metric / min_delta / confidence."""
         return self.select()
+
+    def score_selection(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        records: Sequence[Mapping[str, Any]],
+        *,
+        heads: Mapping[int, Sequence[int]] | None = None,
+        batch_size: int = 16,
+        max_length: int | None = None,
+    ) -> dict[str, float]:
+        """Score the kept heads *together* on the calibration records (one more pass) and remember it.
+
+        The sweep scores each head alone; their effects need not add up (two heads can redistribute the same
+        mass), so this is the check that the recipe as shipped helps on the data it was chosen on. It is not a
+        held-out number: the heads were selected on these records, so the delta is optimistic — report
+        held-out effects from the test split (``attnsurgery eval``). Returns :meth:`combined`.
+        """
+        heads = {int(k): sorted(v) for k, v in (self.heads if heads is None else heads).items() if v}
+        if len(records) != self.n_records:
+            raise AttnSurgeryError(
+                f"score_selection got {len(records)} records; the sweep used {self.n_records}. Pass the same records."
+            )
+        with self.patch(model, heads):
+            self.combined_ll = score_choices(
+                model, tokenizer, records, batch_size=batch_size, max_length=max_length
+            )
+        self.combined_heads = heads
+        return self.combined()
+
+    def combined(self) -> dict[str, float]:
+        """Score, delta, accuracy and paired p of the kept heads together ({} before :meth:`score_selection`)."""
+        if self.combined_ll is None:
+            return {}
+        base = record_scores(self.baseline_ll, self.golds, self.metric)
+        delta = record_scores(self.combined_ll, self.golds, self.metric) - base
+        return {
+            "score": float(base.mean() + delta.mean()),
+            "delta": float(delta.mean()),
+            "stderr": float(delta.std() / math.sqrt(len(delta))) if len(delta) > 1 else float("nan"),
+            "p_improve": float(_bootstrap_p(delta[None], self.n_boot)[0]),
+            "acc": float(record_scores(self.combined_ll, self.golds, "acc").mean()),
+        }
 
     def patch(self, model: nn.Module, heads: Mapping[int, Sequence[int]] | None = None) -> SurgeryHandle:
         """Apply ACT with the selected heads (or ``heads``) and the calibration's beta/threshold."""
@@ -431,8 +497,7 @@ class CalibrationResult:
         lines = [
             f"ACT calibration ({', '.join(f'{k}={v}' for k, v in self.act_args.items())}) on {self.n_records} "
             f"records, metric {self.metric}: baseline {self.baseline_score():.4f} (acc {self.baseline_acc:.3f}); "
-            f"{len(rows)} heads swept, {len(kept)} kept (delta > {self.min_delta:g}, bootstrap "
-            f"p >= {self.confidence:g}; ~{(1 - self.confidence) * len(rows):.0f} expected by chance if no head helped)",
+            f"{len(rows)} heads swept, {len(kept)} kept ({self.rule_text()})",
         ]
         if rows:
             d = torch.tensor([r.delta for r in rows])
@@ -445,7 +510,25 @@ class CalibrationResult:
                     f"  L{r.layer:>2} H{r.head:>2}: delta {r.delta:+.4f}  acc {r.acc:.3f}  p {r.p_improve:.3f}"
                     + ("  kept" if r.kept else "")
                 )
+        c = self.combined()
+        if c:
+            lines.append(
+                f"kept heads together (selected on these records, so optimistic): delta {c['delta']:+.4f} "
+                f"+- {c['stderr']:.4f}, acc {self.baseline_acc:.3f} -> {c['acc']:.3f}, P(delta > 0) {c['p_improve']:.3f}"
+            )
         return "\n".join(lines)
+
+    def rule_text(self) -> str:
+        """The selection rule in words, with what it lets through by chance."""
+        if self.rule == "fdr":
+            return (
+                f"delta > {self.min_delta:g} and Benjamini-Hochberg over paired z-test p-values at false discovery "
+                f"rate {1 - self.confidence:g}"
+            )
+        return (
+            f"delta > {self.min_delta:g}, bootstrap P(delta > 0) >= {self.confidence:g}; "
+            f"~{(1 - self.confidence) * len(self.head_ll):.0f} expected by chance if no head helped"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -453,10 +536,12 @@ class CalibrationResult:
             "metric": self.metric,
             "min_delta": self.min_delta,
             "confidence": self.confidence,
+            "rule": self.rule,
             "n_records": self.n_records,
             "baseline": {"score": self.baseline_score(), "acc": self.baseline_acc},
             "heads": {str(k): v for k, v in self.heads.items()},
             "table": [vars(r) for r in self.table()],
+            "combined": self.combined(),
             "seconds": self.seconds,
             "fingerprint": self.fingerprint,
         }
@@ -468,7 +553,32 @@ _NOTHING_KEPT = (
 )
 
 
-def _check_selection(metric: str, min_delta: float, confidence: float) -> None:
+SELECTION_RULES = ("bootstrap", "fdr")
+
+
+def _ztest_p(deltas: torch.Tensor) -> torch.Tensor:
+    """(heads,) one-sided p-value of a paired z-test that a head's mean delta is > 0 (1 when it has no spread)."""
+    n = deltas.shape[-1]
+    se = deltas.std(-1) / math.sqrt(n)
+    z = deltas.mean(-1) / se
+    p = 0.5 * torch.erfc(z / math.sqrt(2.0))
+    return torch.where(se > 0, p, torch.ones_like(p))
+
+
+def _bh_pass(p: torch.Tensor, q: float) -> torch.Tensor:
+    """Benjamini-Hochberg: which p-values are discoveries at false discovery rate ``q``."""
+    m = p.numel()
+    order = p.argsort()
+    below = p[order] <= q * torch.arange(1, m + 1, dtype=p.dtype) / m
+    k = int(below.nonzero().max()) + 1 if below.any() else 0
+    passed = torch.zeros(m, dtype=torch.bool)
+    passed[order[:k]] = True
+    return passed
+
+
+def _check_selection(metric: str, min_delta: float, confidence: float, rule: str = "bootstrap") -> None:
+    if rule not in SELECTION_RULES:
+        raise AttnSurgeryError(f"unknown selection rule {rule!r}; choose one of {', '.join(SELECTION_RULES)}.")
     if metric not in METRICS:
         raise AttnSurgeryError(f"unknown calibration metric {metric!r}; choose one of {', '.join(METRICS)}.")
     if not 0.0 <= confidence < 1.0:
@@ -707,6 +817,7 @@ def calibrate_act_heads(
     metric: str = "choice_logprob",
     min_delta: float = 0.0,
     confidence: float = 0.95,
+    rule: str = "bootstrap",
     n_boot: int = 2000,
     state_path: str | Path | None = None,
     progress: bool = True,
@@ -728,8 +839,10 @@ def calibrate_act_heads(
     **Selection.** A head is kept when its mean per-record delta over the baseline exceeds ``min_delta`` *and* a
     paired bootstrap over records (``n_boot`` resamples, fixed seed) finds a positive mean delta in at least
     ``confidence`` of resamples. Sweeping 270 heads, ~(1 - confidence) x heads pass by chance even if none helps
-    (the summary prints that number); the paper's rule (any accuracy gain) has no such guard. Re-select without
-    rerunning via ``result.select(...)``.
+    (the summary prints that number); the paper's rule (any accuracy gain) has no such guard. ``rule="fdr"``
+    controls the false discovery rate over all swept heads instead (Benjamini-Hochberg at ``1 - confidence``).
+    Re-select without rerunning via ``result.select(...)``; :meth:`CalibrationResult.score_selection` scores the
+    kept heads together.
 
     **ACT detection** uses every query token of the input, including the choice tokens, so each choice sees a
     slightly different sink set: the paper's behaviour (it scores prompts in one forward). Inputs are fed
@@ -753,7 +866,7 @@ def calibrate_act_heads(
     """
     started = time.perf_counter()
     act_args = _act_args(beta, threshold, alpha)
-    _check_selection(metric, min_delta, confidence)
+    _check_selection(metric, min_delta, confidence, rule)
     check_choice_records(records)
     info = discover(model)
     targets: LayerHeads = resolve_targets(layers, heads, info.num_layers, info.num_heads)
@@ -819,6 +932,7 @@ def calibrate_act_heads(
         metric=metric,
         min_delta=min_delta,
         confidence=confidence,
+        rule=rule,
         n_boot=n_boot,
         model_name=fingerprint["model"]["name"],
         data=data,
@@ -1006,7 +1120,11 @@ def write_act_recipe(
             "n": result.n_records,
             "metric": result.metric,
             "selection": {
-                "rule": "mean delta > min_delta and paired-bootstrap P(mean delta > 0) >= confidence",
+                "rule": (
+                    "mean delta > min_delta and Benjamini-Hochberg (paired z-test p-values) at FDR 1 - confidence"
+                    if result.rule == "fdr"
+                    else "mean delta > min_delta and paired-bootstrap P(mean delta > 0) >= confidence"
+                ),
                 "min_delta": result.min_delta,
                 "confidence": result.confidence,
                 "n_boot": result.n_boot,
@@ -1017,6 +1135,11 @@ def write_act_recipe(
             "scores": scores,
         },
     }
+    c = result.combined()
+    if c and result.combined_heads == heads:
+        recipe["calibration"]["together"] = {
+            k: round(c[k], 5) for k in ("score", "delta", "stderr", "p_improve", "acc")
+        }
     if eval_tasks:
         recipe["eval"] = {"tasks": list(eval_tasks)}
     recipe["notes"] = notes or (

@@ -333,7 +333,16 @@ def _add_act_arguments(parser: argparse.ArgumentParser) -> None:
         "--min-delta", type=float, default=0.0, help="keep heads whose mean delta exceeds this"
     )
     parser.add_argument(
-        "--confidence", type=float, default=0.95, help="bootstrap P(delta > 0) needed to keep"
+        "--confidence",
+        type=float,
+        default=0.95,
+        help="bootstrap P(delta > 0) needed to keep (--rule fdr: false discovery rate 1 - confidence)",
+    )
+    parser.add_argument(
+        "--rule",
+        choices=("bootstrap", "fdr"),
+        default="bootstrap",
+        help="per-head bootstrap test, or Benjamini-Hochberg over all swept heads (default bootstrap)",
     )
     parser.add_argument("--limit", type=int, default=None, help="use only the first N calibration records")
     parser.add_argument("--state", default=None, help="JSON-lines state file: resume an interrupted sweep")
@@ -357,6 +366,7 @@ def _act_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "metric": args.metric,
         "min_delta": args.min_delta,
         "confidence": args.confidence,
+        "rule": args.rule,
         "state_path": args.state,
     }
 
@@ -462,6 +472,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         kwargs = _act_kwargs(args)
         model, tokenizer = _load(args.model, args)
         result = calibrate.calibrate_act_heads(model, tokenizer, records, data=data, **kwargs)
+        if result.heads:  # one more pass: do the kept heads help together, not just one at a time?
+            result.score_selection(
+                model, tokenizer, records, batch_size=args.batch_size, max_length=args.max_length
+            )
         console.print(result.summary())
         if args.out:
             path = calibrate.write_act_recipe(result, args.out, args.model, data=data)

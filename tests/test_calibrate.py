@@ -279,6 +279,58 @@ def test_selection_and_recipe_round_trip(tmp_path):
         write_act_recipe(result, tmp_path / "empty.yaml", "tiny-llama", heads={})
 
 
+def test_benjamini_hochberg_and_ztest():
+    from attnsurgery.calibrate import _bh_pass, _ztest_p
+
+    # m=5, q=0.05: thresholds 0.01 .. 0.05; sorted p 0.001 0.012 0.03 0.045 0.2 -> largest k with p_(k) <= q k / m is 3
+    p = torch.tensor([0.045, 0.001, 0.012, 0.2, 0.03], dtype=torch.float64)
+    assert _bh_pass(p, 0.05).tolist() == [False, True, True, False, True]
+    assert _bh_pass(p, 0.06).tolist() == [True, True, True, False, True]  # 0.045 <= 0.048 now
+    assert not _bh_pass(torch.tensor([0.5, 0.9], dtype=torch.float64), 0.05).any()
+    d = torch.tensor([[1.0, 1.2, 0.8, 1.1], [-1.0, -0.9, -1.1, -1.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    z = _ztest_p(d)
+    assert z[0] < 1e-3 and z[1] > 0.999 and z[2] == 1.0  # no spread and no mean: never a discovery
+
+
+def test_fdr_rule_and_kept_heads_scored_together(tmp_path):
+    model = tiny_model("llama")
+    tok = CharTokenizer()
+    records = mc_records(8)
+    result = calibrate_act_heads(model, tok, records, threshold=0.08, progress=False, rule="fdr")
+    from attnsurgery.calibrate import _bh_pass, _ztest_p
+
+    base = record_scores(result.baseline_ll, result.golds, "choice_logprob")
+    keys = sorted(result.head_ll)
+    deltas = torch.stack([record_scores(result.head_ll[k], result.golds, "choice_logprob") for k in keys]) - base
+    want = _bh_pass(_ztest_p(deltas), 0.05) & (deltas.mean(-1) > 0)
+    assert [r.kept for r in result.table()] == want.tolist()
+    # a lax FDR keeps a superset of a strict one (BH is monotone in q)
+    strict = {(r.layer, r.head) for r in result.table(confidence=0.99) if r.kept}
+    lax = {(r.layer, r.head) for r in result.table(confidence=0.5) if r.kept}
+    assert strict <= lax
+    assert "false discovery rate" in result.summary()
+    with pytest.raises(AttnSurgeryError, match="selection rule"):
+        result.table(rule="holm")
+
+    heads = {1: [0, 2], 2: [1]}
+    assert result.combined() == {}
+    together = result.score_selection(model, tok, records, heads=heads)
+    with torch.no_grad(), patch(model, "act", heads=heads, beta=0.4, threshold=0.08):
+        want_ll = score_choices(model, tok, records)
+    assert result.combined_ll == want_ll
+    got = record_scores(want_ll, result.golds, "choice_logprob") - base
+    assert together["delta"] == pytest.approx(float(got.mean()))
+    assert "kept heads together" in result.summary()
+    path = write_act_recipe(result, tmp_path / "act.yaml", "tiny-llama", heads=heads)
+    cal = find_recipe(path).calibration
+    assert cal["together"]["delta"] == pytest.approx(together["delta"], abs=1e-5)
+    assert "Benjamini-Hochberg" in cal["selection"]["rule"]
+    other = write_act_recipe(result, tmp_path / "other.yaml", "tiny-llama", heads={1: [3]})
+    assert "together" not in find_recipe(other).calibration  # measured for another head set
+    with pytest.raises(AttnSurgeryError, match="same records"):
+        result.score_selection(model, tok, records[:3], heads=heads)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Temperature: the trainable flag and fitting
 # ------------------------------------------------------------------------------------------------------------
