@@ -152,12 +152,59 @@ def _image_tokens(config: Any) -> tuple[int | None, tuple[int, ...]]:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def key_valid_from_mask(
+    mask: Any, batch: int, q_len: int, past: int = 0, prev: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """(B, past + q_len) bool: which key columns of the request are real tokens, from the decoder's mask.
+
+    A 2D mask says it directly. A 4D mask (generate with a static cache, or a caller's own; bool: True = attend,
+    additive float: 0 = attend; (B|1, H|1, Q|1, K)) says it per query: a key is real for a row when some query of
+    that row may attend to it, since padding is masked for every query while each real token sees at least itself.
+    A static cache's mask runs to ``max_cache_len``: the slots after the tokens seen so far are dropped. A
+    sliding-window mask hides old keys from the new queries without making them padding, so at a decode step
+    the cached columns keep the validity ``prev`` found when they were queries. A dict of masks (one per layer
+    type) is read through its full-attention mask. None when the mask says nothing about padding (no mask), or
+    its columns cannot be placed (a sliding cache shorter than the request, with no earlier validity).
+    """
+    if isinstance(mask, dict):
+        mask = mask.get("full_attention", next(iter(mask.values()), None))
+    if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 3, 4):
+        return None
+    if mask.dim() == 2:
+        return mask.bool()
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    if allowed.dim() == 3:  # (B, Q, K)
+        allowed = allowed[:, None]
+    k_len, total = allowed.shape[-1], past + q_len
+    start = min(past, k_len - q_len)  # the mask column of the first new query
+    if allowed.shape[-2] == q_len and start >= 0:
+        # torch < 2.5 with transformers 5.0 un-masks rows that see nothing (left padding) so SDPA gives no NaN:
+        # such a row sees every key, later ones included, which no causal row does; it must not vouch for keys
+        future = torch.arange(k_len, device=allowed.device)[None, :] > (
+            torch.arange(q_len, device=allowed.device)[:, None] + start
+        )
+        unmasked = allowed.all(-1) & future.any(-1)
+        allowed = allowed & ~unmasked[..., None]
+    seen = allowed.any(-2).any(-2)  # (B|1, K)
+    seen = seen.expand(batch, -1) if seen.shape[0] == 1 else seen
+    have_prev = prev is not None and prev.shape[0] == batch and prev.shape[1] >= past and past > 0
+    if k_len >= total:  # key columns are the request's columns (a static cache has empty slots after them)
+        valid = seen[:, :total].clone()
+        if have_prev:
+            valid[:, :past] = prev[:, :past].to(valid.device)
+        return valid
+    if not have_prev or start < 0:  # a sliding cache shorter than the request: only its last columns are here
+        return None
+    return torch.cat([prev[:, :past].to(seen.device), seen[:, start : start + q_len]], dim=1)
+
+
 class RequestState:
     """What one forward call carries that attention functions never see: real-token positions.
 
     Filled by a forward pre-hook on the decoder from its ``attention_mask`` (2D, covering cached and new
-    tokens), ``position_ids`` or cache length. Surgeries may stash their own per-request data in ``extras``
-    (e.g. sink sets frozen at prefill); it is cleared when a new prompt starts (no cache, or an empty one).
+    tokens, or 4D: :func:`key_valid_from_mask`), ``position_ids`` or cache length. Surgeries may stash their own
+    per-request data in ``extras`` (e.g. sink sets frozen at prefill); it is cleared when a new prompt starts (no
+    cache, or an empty one).
 
     On a vision-language model a second pre-hook, on the top-level model (the only place that still sees
     ``input_ids``: the language model gets merged embeddings), marks image placeholders; ``image_mask`` then
@@ -166,7 +213,7 @@ class RequestState:
 
     def __init__(self, image_token_id: int | None = None) -> None:
         self._positions: torch.Tensor | None = None
-        self.key_valid: torch.Tensor | None = None  # (B, Tk_total) bool, when a 2D mask was given
+        self.key_valid: torch.Tensor | None = None  # (B, Tk_total) bool real keys (key_valid_from_mask)
         self.past_len: int = 0
         self.extras: dict[str, Any] = {}
         self.image_token_id = image_token_id
@@ -226,16 +273,15 @@ class RequestState:
         self._update_images(batch, q_len, past)
         mask = kwargs.get("attention_mask")
         position_ids = kwargs.get("position_ids")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            self.key_valid = mask.bool()
+        prev = self.key_valid if past > 0 else None
+        self.key_valid = key_valid_from_mask(mask, batch, q_len, past, prev)
+        if self.key_valid is not None:
             # index among real tokens: right padding (lm-eval scoring) and left padding (generate) alike
             self._positions = (self.key_valid.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
+        elif isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2:
+            self._positions = position_ids.expand(batch, -1)
         else:
-            self.key_valid = None
-            if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2:
-                self._positions = position_ids.expand(batch, -1)
-            else:
-                self._positions = (torch.arange(q_len, device=ref.device) + past).expand(batch, q_len)
+            self._positions = (torch.arange(q_len, device=ref.device) + past).expand(batch, q_len)
 
     def query_valid(self, q_len: int, k_len: int) -> torch.Tensor:
         valid = self.key_valid

@@ -97,6 +97,78 @@ def test_request_positions_under_cache_and_padding():
     assert [s.tolist() for s in seen[1:]] == [[[4], [6]], [[5], [7]]]
 
 
+def _mask_4d(mask: torch.Tensor, k_len: int | None = None, window: int | None = None) -> torch.Tensor:
+    """(B, 1, T, K) bool: causal (optionally sliding) & padding, K >= T columns (extra ones: empty cache slots)."""
+    t = mask.shape[1]
+    k_len = k_len or t
+    rows, cols = torch.arange(t)[:, None], torch.arange(k_len)[None, :]
+    allowed = cols <= rows
+    if window is not None:
+        allowed &= cols > rows - window
+    padded = torch.nn.functional.pad(mask.bool(), (0, k_len - t))
+    return allowed[None, None] & padded[:, None, None, :]
+
+
+def test_key_valid_from_4d_masks():
+    from attnsurgery.engine import key_valid_from_mask
+
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    real = mask.bool()
+    as_float = lambda m: torch.zeros(m.shape).masked_fill(~m, torch.finfo(torch.float32).min)  # noqa: E731
+    assert torch.equal(key_valid_from_mask(mask, 3, 5), real)
+    assert torch.equal(key_valid_from_mask(_mask_4d(mask), 3, 5), real)
+    assert torch.equal(key_valid_from_mask(as_float(_mask_4d(mask)), 3, 5), real)  # additive (eager)
+    assert torch.equal(key_valid_from_mask(_mask_4d(mask)[:, 0], 3, 5), real)  # (B, Q, K)
+    assert torch.equal(key_valid_from_mask(_mask_4d(mask).expand(-1, 4, -1, -1), 3, 5), real)  # per head
+    assert torch.equal(key_valid_from_mask({"full_attention": _mask_4d(mask)}, 3, 5), real)
+    ones = torch.ones(1, 5, dtype=torch.long)
+    assert torch.equal(
+        key_valid_from_mask(_mask_4d(ones), 3, 5), torch.ones(3, 5, dtype=torch.bool)
+    )  # broadcast
+    # a static cache: 8 key columns, the last 3 are empty slots, not part of the request
+    assert torch.equal(key_valid_from_mask(_mask_4d(mask, k_len=8), 3, 5), real)
+    # sliding window of 2 at prefill: every real token still sees itself
+    assert torch.equal(key_valid_from_mask(_mask_4d(mask, window=2), 3, 5), real)
+    # a decode step whose window no longer reaches the first keys: they keep the prefill's validity
+    step = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)
+    window = _mask_4d(step, k_len=8, window=2)[:, :, -1:]  # (B, 1, 1, 8): the new query's row
+    expected = step.bool()
+    assert torch.equal(key_valid_from_mask(window, 3, 1, past=5, prev=real), expected)
+    assert not key_valid_from_mask(window, 3, 1, past=5)[:, :3].any()  # without it only the window is known
+    # a sliding cache holding the last 3 columns: placed after the prefill's validity, unknown without it
+    assert torch.equal(key_valid_from_mask(window[..., 3:6], 3, 1, past=5, prev=real), expected)
+    assert key_valid_from_mask(window[..., 3:6], 3, 1, past=5) is None
+    # torch < 2.5 un-masks rows that see nothing (left padding): they must not make padding real
+    fixed = _mask_4d(mask)
+    fixed = fixed | ~fixed.any(-1, keepdim=True)
+    assert torch.equal(key_valid_from_mask(fixed, 3, 5), real)
+    assert key_valid_from_mask(None, 3, 5) is None
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_4d_mask_equals_2d_mask_left_padded(kind):
+    """Surgeries that count real keys (ACT's alpha / N) or positions (temperature) see the same request from a 4D
+    mask (generate with a static cache, or a caller's own) as from the 2D one."""
+    model = tiny_model("llama")
+    ids = random_ids(3, 12)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :7] = 0
+    ids[mask == 0] = 0
+    mask4 = _mask_4d(mask)
+    if kind == "float":
+        mask4 = torch.zeros(mask4.shape).masked_fill(~mask4, torch.finfo(torch.float32).min)
+    real = mask.bool()
+    for name, args in [("act", dict(alpha=1.0)), ("temperature", dict(c=0.5))]:
+        with patch(model, name, **args), torch.no_grad():
+            flat = model(input_ids=ids, attention_mask=mask).logits
+            full = model(input_ids=ids, attention_mask=mask4).logits
+            for i in range(3):  # and one by one
+                single = model(input_ids=ids[i : i + 1, real[i]]).logits
+                torch.testing.assert_close(flat[i, real[i]], single[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(full[real], flat[real], atol=1e-5, rtol=1e-4)
+
+
 def test_register_duplicate_name_fails():
     class Other(Surgery):
         name = "temperature"

@@ -106,6 +106,27 @@ def test_layer_inputs_are_the_residual_stream(arch):
     assert not seen  # the hooks went with the surgery
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize(("name", "args"), [("var", VAR_ARGS), ("vhr", dict(alpha=2.0))])
+def test_4d_mask_equals_2d_mask(side, name, args):
+    """A 4D mask (generate with a static cache, or a caller's own) tells the surgeries which tokens are real, as the
+    2D mask does: VHR picks its heads at each row's last real token, VAR never edits or counts padding."""
+    model = tiny_vlm("llava")
+    inputs = vlm_inputs(model, _rows(model), side=side)
+    mask = inputs["attention_mask"].bool()
+    t = mask.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    inputs4 = {**inputs, "attention_mask": causal[None, None] & mask[:, None, None, :]}
+    # the positions the 2D path would give (the 4D path cannot derive them from the mask)
+    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    with patch(model, name, **args):
+        flat = _logits(model, {**inputs, "position_ids": position_ids})
+        chosen = _chosen(model)
+        full = _logits(model, {**inputs4, "position_ids": position_ids})
+        assert all(torch.equal(v, chosen[k]) for k, v in _chosen(model).items())
+    torch.testing.assert_close(full[mask], flat[mask], atol=ATOL, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # VAR
 # ----------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from typing import Any
 
 import torch
 
+from attnsurgery.engine import key_valid_from_mask
 from attnsurgery.errors import UnsupportedModelError
 from attnsurgery.surgery import AttentionCall, Stage, Surgery
 
@@ -93,13 +94,9 @@ class VhrSurgery(Surgery):
                 stacklevel=2,
             )
             return
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
-            # generate passes a 4D mask with a static cache: the last prompt token's row says which tokens are
-            # real (bool: True = attend; additive float: 0 = attend)
-            last = mask[:, 0, -1, : ids.shape[1]]
-            mask = last if last.dtype == torch.bool else last == 0
-        mask = torch.ones_like(ids, dtype=torch.bool) if not isinstance(mask, torch.Tensor) else mask.bool()
+        # generate passes a 4D mask with a static cache; the engine reads real tokens from 2D and 4D masks alike
+        mask = key_valid_from_mask(kwargs.get("attention_mask"), ids.shape[0], ids.shape[1])
+        mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.to(ids.device)
         keep = mask & ~torch.isin(ids, self._vision_ids.to(ids.device))
         lengths = keep.sum(-1)
         width = int(lengths.max())
