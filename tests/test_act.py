@@ -161,6 +161,27 @@ def test_decode_recompute_and_generate():
         assert out.shape == (2, 19)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_static_cache_generate_equals_dynamic(arch):
+    """A static cache's key columns run to max_cache_len (empty slots after the tokens) and generate passes a 4D
+    mask with it: the frozen sinks stay on their columns and alpha / N counts real tokens only."""
+    model = tiny_model(arch)
+    ids = random_ids(2, 12)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    ids[mask == 0] = 0
+    kw = dict(
+        max_new_tokens=5, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True
+    )
+    for args in (dict(alpha=1.0, beta=0.2), dict(threshold=0.08, beta=0.3, decode="recompute")):
+        with patch(model, "act", **args), torch.no_grad():
+            dynamic = model.generate(ids, attention_mask=mask, **kw)
+            static = model.generate(ids, attention_mask=mask, cache_implementation="static", **kw)
+        assert torch.equal(dynamic.sequences, static.sequences)
+        for a, b in zip(dynamic.scores, static.scores):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
 def test_act_bad_arguments():
     model = tiny_model("llama")
     for args, message in [

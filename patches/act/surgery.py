@@ -71,7 +71,8 @@ class ActSurgery(Surgery):
         )  # mean received attention
         if self.config.alpha is not None:
             key_valid = call.request.key_valid
-            if key_valid is not None and key_valid.shape[1] == call.key_len:
+            # a static cache has key columns past the request's tokens: empty slots, never counted
+            if key_valid is not None and key_valid.shape[1] <= call.key_len:
                 n_real = key_valid.sum(-1).clamp(min=1).to(score)[:, None, None]
             else:
                 n_real = torch.tensor(float(call.key_len))
@@ -103,9 +104,10 @@ class ActSurgery(Surgery):
     def _frozen_now(frozen: torch.Tensor, call: AttentionCall) -> torch.Tensor:
         """The prefill's sink set on the keys of this decode step (a sliding-window cache may have dropped some)."""
         total = call.request.past_len + call.query_len
-        columns = torch.arange(
-            total - call.key_len, total, device=frozen.device
-        )  # absolute column of each key
+        # absolute column of each key: a sliding-window cache holds the last key_len columns; a static cache holds
+        # columns 0.. with empty slots after the tokens seen so far
+        first = max(0, total - call.key_len)
+        columns = torch.arange(first, first + call.key_len, device=frozen.device)
         now = torch.zeros(*frozen.shape[:2], call.key_len, dtype=torch.bool, device=frozen.device)
         inside = columns < frozen.shape[-1]
         now[..., inside] = frozen[..., columns[inside]]
