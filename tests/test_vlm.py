@@ -301,12 +301,50 @@ def test_var_bad_input():
 
 
 def test_var_known_sink_dims():
-    from attnsurgery.patches.var.config import lookup_sink_dims
+    from attnsurgery.patches.var.config import lookup_sink_dims, near_sink_dims
 
-    assert lookup_sink_dims("llama", 4096, 32) == ("llava-1.5-7b", [2533, 1415])
-    assert lookup_sink_dims("llama", 5120, 40) == ("llava-1.5-13b", [2100, 4743])
-    assert lookup_sink_dims("qwen2_vl_text", 3584, 28) == ("qwen2-vl-7b", [458, 2570])
-    assert lookup_sink_dims("mistral", 4096, 32) is None
+    assert lookup_sink_dims("llama", 4096, 32, 32064) == ("llava-1.5-7b", [2533, 1415])
+    assert lookup_sink_dims("llama", 4096, 32, 32000) == ("llava-1.5-7b", [2533, 1415])
+    assert lookup_sink_dims("llama", 5120, 40, 32064) == ("llava-1.5-13b", [2100, 4743])
+    assert lookup_sink_dims("qwen2_vl_text", 3584, 28, 152064) == ("qwen2-vl-7b", [458, 2570])
+    assert lookup_sink_dims("mistral", 4096, 32, 32064) is None
+    # a Llama-3-based LLaVA has Llama-2-7B's shape but not its vocabulary: only a partial match
+    assert lookup_sink_dims("llama", 4096, 32, 128320) is None
+    assert lookup_sink_dims("llama", 4096, 32, None) is None
+    assert near_sink_dims("llama", 4096, 32) == "llava-1.5-7b"
+    assert near_sink_dims("mistral", 4096, 32) is None
+
+
+def test_var_sink_dims_full_and_partial_match(monkeypatch):
+    """Known dims are used only when shape and vocabulary match; a shape-only match is a clear error, not the
+    wrong backbone's dims."""
+    from attnsurgery.patches.var import config as var_config
+
+    model = tiny_vlm("llava")  # llama, hidden 64, 4 layers, vocabulary 128
+    inputs = vlm_inputs(model, _rows(model))
+    entry = dict(
+        model_type="llama", hidden_size=64, layers=4, vocab=(128, 128), base="Tiny-Llama", dims=[0, 1]
+    )
+    monkeypatch.setitem(var_config.KNOWN_SINK_DIMS, "tiny-llava", entry)
+    args = {k: v for k, v in VAR_ARGS.items() if k != "sink_dims"}
+    with patch(model, "var", sink_dims=[0, 1], **args):
+        explicit = _logits(model, inputs)
+    with patch(model, "var", **args) as handle:
+        assert handle.surgeries[0]._dims == [0, 1]
+        torch.testing.assert_close(_logits(model, inputs), explicit, atol=0, rtol=0)
+    monkeypatch.setitem(var_config.KNOWN_SINK_DIMS, "tiny-llava", {**entry, "vocab": (200, 256)})
+    with pytest.raises(SurgeryConfigError) as caught:
+        patch(model, "var", **args)
+    message = str(caught.value)
+    for part in (
+        "shape of tiny-llava",
+        "vocabulary 128",
+        "not Tiny-Llama",
+        "calibrate var",
+        "sink_dims=[0, 1]",
+    ):
+        assert part in message
+    assert Engine.of(model, create=False) is None  # nothing half-applied
 
 
 # ----------------------------------------------------------------------------------------------------------

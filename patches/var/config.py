@@ -7,23 +7,71 @@ from attnsurgery.errors import SurgeryConfigError
 from attnsurgery.surgery import SurgeryConfig, arg
 
 #: Sink dimensions D_sink of the language backbones the paper evaluates: the residual-stream channels in which
-#: sink tokens carry massive activations. Matched on (text model_type, hidden_size, num_hidden_layers).
+#: sink tokens carry massive activations. They are inherited from the base LLM, so a backbone is matched on its
+#: text model type, hidden size, depth *and* vocabulary size: the shape alone does not tell Llama-2-7B (LLaVA-1.5)
+#: from Llama-3-8B (LLaVA-NeXT-8B ...), both llama with 4096 hidden and 32 layers. ``vocab`` is the inclusive range
+#: of text vocabulary sizes the base LLM's checkpoints have (Llama-2: 32,000 ids, LLaVA's conversions add the image
+#: and pad tokens and round up to 32,064; Qwen2: 151,643 ids plus specials, padded to 152,064).
 #: LLaVA-1.5 values are from the reference code (MICV-yonsei/VisAttnSink ``src/logic/constants.py``); Qwen2-VL-7B
 #: from a secondary copy of the paper (verify with ``attnsurgery calibrate var`` before trusting them).
 KNOWN_SINK_DIMS: dict[str, dict[str, Any]] = {
-    "llava-1.5-7b": {"model_type": "llama", "hidden_size": 4096, "layers": 32, "dims": [2533, 1415]},
-    "llava-1.5-13b": {"model_type": "llama", "hidden_size": 5120, "layers": 40, "dims": [2100, 4743]},
-    "qwen2-vl-7b": {"model_type": "qwen2_vl_text", "hidden_size": 3584, "layers": 28, "dims": [458, 2570]},
+    "llava-1.5-7b": {
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "layers": 32,
+        "vocab": (32000, 32064),
+        "base": "Llama-2-7B / Vicuna-7B",
+        "dims": [2533, 1415],
+    },
+    "llava-1.5-13b": {
+        "model_type": "llama",
+        "hidden_size": 5120,
+        "layers": 40,
+        "vocab": (32000, 32064),
+        "base": "Llama-2-13B / Vicuna-13B",
+        "dims": [2100, 4743],
+    },
+    "qwen2-vl-7b": {
+        "model_type": "qwen2_vl_text",
+        "hidden_size": 3584,
+        "layers": 28,
+        "vocab": (151643, 152064),
+        "base": "Qwen2-7B",
+        "dims": [458, 2570],
+    },
 }
 
 
-def lookup_sink_dims(model_type: str, hidden_size: int, layers: int) -> tuple[str, list[int]] | None:
-    """(backbone name, D_sink) of a known language backbone, or None."""
+def _same_shape(entry: dict[str, Any], model_type: str, hidden_size: int, layers: int) -> bool:
     family = {"qwen2_vl": "qwen2_vl_text", "qwen2": "qwen2_vl_text"}.get(model_type, model_type)
+    return (entry["model_type"], entry["hidden_size"], entry["layers"]) == (family, hidden_size, layers)
+
+
+def lookup_sink_dims(
+    model_type: str, hidden_size: int, layers: int, vocab_size: int | None
+) -> tuple[str, list[int]] | None:
+    """(backbone name, D_sink) of a known language backbone matched on shape and vocabulary, or None."""
     for name, entry in KNOWN_SINK_DIMS.items():
-        if (entry["model_type"], entry["hidden_size"], entry["layers"]) == (family, hidden_size, layers):
+        lo, hi = entry["vocab"]
+        if (
+            _same_shape(entry, model_type, hidden_size, layers)
+            and vocab_size is not None
+            and lo <= vocab_size <= hi
+        ):
             return name, list(entry["dims"])
     return None
+
+
+def near_sink_dims(model_type: str, hidden_size: int, layers: int) -> str | None:
+    """The known backbone with this shape but another vocabulary (a partial match), or None."""
+    return next(
+        (
+            name
+            for name, entry in KNOWN_SINK_DIMS.items()
+            if _same_shape(entry, model_type, hidden_size, layers)
+        ),
+        None,
+    )
 
 
 @dataclass
@@ -68,7 +116,8 @@ class VarConfig(SurgeryConfig):
     sink_dims: list[int] | None = arg(
         None,
         doc="Residual-stream channels D_sink where sinks carry massive activations. None: the known value for "
-        "this backbone (LLaVA-1.5-7B/13B, Qwen2-VL-7B), else an error; find them with `attnsurgery calibrate var`.",
+        "this backbone (LLaVA-1.5-7B/13B, Qwen2-VL-7B: matched on shape and vocabulary), else an error; find "
+        "them with `attnsurgery calibrate var`.",
         low=0,
     )
     skip_last_layer: bool = arg(

@@ -9,7 +9,7 @@ from attnsurgery.errors import SurgeryConfigError, UnsupportedModelError
 from attnsurgery.kernels import sdpa_with_lse, tiled_attention, visible
 from attnsurgery.surgery import AttentionCall, AttentionTile, Stage, Surgery
 
-from .config import VarConfig, lookup_sink_dims
+from .config import KNOWN_SINK_DIMS, VarConfig, lookup_sink_dims, near_sink_dims
 
 #: bytes of fp32 (query x edited column) probabilities held at once by the fused correction
 _BLOCK_BYTES = 64 * 2**20
@@ -77,18 +77,7 @@ class VarSurgery(Surgery):
                 "no image token id in its config (image_token_id / image_token_index), so image positions cannot "
                 "be found. Load the full VLM (e.g. LlavaForConditionalGeneration), not its language model."
             )
-        dims = self.config.sink_dims
-        if dims is None:
-            config = model.config
-            text = config.get_text_config() if hasattr(config, "get_text_config") else config
-            known = lookup_sink_dims(getattr(text, "model_type", ""), info.hidden_size, info.num_layers)
-            if known is None:
-                raise SurgeryConfigError(
-                    f"var: no known sink dimensions for this backbone ({getattr(text, 'model_type', '?')}, "
-                    f"hidden size {info.hidden_size}, {info.num_layers} layers). Pass sink_dims=[...], found with "
-                    "`attnsurgery calibrate var` (patches.var.calibrate.find_sink_dims)."
-                )
-            dims = known[1]
+        dims = self.config.sink_dims if self.config.sink_dims is not None else self._known_dims(model, info)
         bad = [d for d in dims if not 0 <= d < info.hidden_size]
         if bad:
             raise SurgeryConfigError(
@@ -102,6 +91,31 @@ class VarSurgery(Surgery):
         self._layers = frozenset(layer for layer in self.targets.layers if 2 <= layer < last)
         self._heads = {layer: self.targets.head_mask(layer) for layer in self._layers}
         engine.capture_layer_inputs(self, self._detect)
+
+    @staticmethod
+    def _known_dims(model: Any, info: Any) -> list[int]:
+        """D_sink of a known backbone, matched on shape and vocabulary; a clear error for anything else."""
+        config = model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        model_type, vocab = getattr(text, "model_type", ""), getattr(text, "vocab_size", None)
+        known = lookup_sink_dims(model_type, info.hidden_size, info.num_layers, vocab)
+        if known is not None:
+            return known[1]
+        checkpoint = getattr(config, "_name_or_path", "") or "this model"
+        backbone = f"{model_type or '?'}, hidden size {info.hidden_size}, {info.num_layers} layers, vocabulary {vocab}"
+        fix = "Pass sink_dims=[...], found with `attnsurgery calibrate var` (patches.var.calibrate.find_sink_dims)."
+        near = near_sink_dims(model_type, info.hidden_size, info.num_layers)
+        if near is None:
+            raise SurgeryConfigError(f"var: no known sink dimensions for {checkpoint} ({backbone}). {fix}")
+        # same shape, other vocabulary: most likely another base LLM (Llama-3 under a LLaVA with Llama-2's shape),
+        # whose massive activations sit in other channels; the known dims would silently edit the wrong tokens
+        entry = KNOWN_SINK_DIMS[near]
+        raise SurgeryConfigError(
+            f"var: {checkpoint} ({backbone}) has the shape of {near} but not its vocabulary "
+            f"({entry['vocab'][0]}..{entry['vocab'][1]}), so its language model is probably not {entry['base']}; "
+            f"{near}'s sink dims {entry['dims']} are not used. {fix} If it is a {near} variant with a resized "
+            f"vocabulary, pass sink_dims={entry['dims']}."
+        )
 
     def active_stages(self, layer_idx: int) -> frozenset[Stage]:
         if layer_idx in self._layers and self.config.p != 1.0:
