@@ -1329,7 +1329,8 @@ def fit_temperature(
     restored after). Adam on next-token loss over random ``seq_len`` windows of ``texts`` (joined with EOS), from
     the identity ``c = 0`` (``batch_size`` windows per step in shuffled epochs; all of them when it is at least
     the number of training windows), projected onto ``c >= min_c`` (0: the paper's range, attention only sharpens with
-    position). Every ``eval_every`` steps the loss on held-back validation windows (the last ``val_fraction``
+    position; a negative bound lets it flatten, and must keep ``1 + c log n > 0`` up to the model's
+    ``max_position_embeddings``). Every ``eval_every`` steps the loss on held-back validation windows (the last ``val_fraction``
     of the training windows, at most ``max_val_windows``) is measured; the best table is kept and the fit stops after ``patience`` evaluations
     without improvement. If no table beats the identity on validation, the identity ships (``result.improved``
     is False).
@@ -1386,6 +1387,14 @@ def fit_temperature(
     train, val = windows[:-n_val], windows[-n_val:]
 
     info = discover(model)
+    # c < 0 flattens attention with position; below -1/log(n) the factor 1 + c log n reaches 0 and then flips the
+    # sign of the logits, so the bound must keep it positive over the whole context the model supports
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if min_c < 0 and isinstance(max_pos, int) and max_pos > 1 and 1 + min_c * math.log(max_pos) <= 0:
+        raise SurgeryConfigError(
+            f"fit_temperature: min_c={min_c} lets 1 + c log(n) reach 0 within the model's {max_pos} positions "
+            f"(attention would invert); use min_c > {-1 / math.log(max_pos):.4f}."
+        )
     handle = patch(model, "temperature", layers=layers, trainable=True)
     surgery = handle.surgeries[0]
     coef: nn.Parameter = surgery.coef

@@ -452,4 +452,7 @@ def test_fit_temperature_errors():
         fit_temperature(model, tok, PROSE, seq_len=4)
     with pytest.raises(SurgeryConfigError, match="layer 9"):
         fit_temperature(model, tok, PROSE, layers=[9])
+    n = model.config.max_position_embeddings
+    with pytest.raises(SurgeryConfigError, match="attention would invert"):
+        fit_temperature(model, tok, PROSE, min_c=-1.01 / math.log(n))
     assert text_windows(tok, ["ab", "cd"], 64).shape == (1, 6)  # shorter than a window: one short window
