@@ -249,6 +249,22 @@ class RequestState:
             prev = torch.nn.functional.pad(prev, (0, past - prev.shape[1]))
         self.image_mask = torch.cat([prev, chunk.to(prev.device)], dim=1)
 
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Beam search gave each cache row a new parent: per-row state follows it, as the KV cache does.
+
+        ``extras`` tensors are per batch row along dim 0 (a convention of surgeries' slots); state derived from
+        generated tokens (VAR's ``decode="detect"`` sinks) differs between beams and would otherwise stay on the
+        row it was found in, while the cache moves on."""
+        rows = beam_idx.shape[0]
+
+        def pick(x: Any) -> Any:
+            if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == rows:
+                return x.index_select(0, beam_idx.to(x.device))
+            return x
+
+        self.key_valid, self.image_mask = pick(self.key_valid), pick(self.image_mask)
+        self.extras = {k: pick(v) for k, v in self.extras.items()}
+
     def save(self) -> dict[str, Any]:
         """Everything a nested forward would overwrite (see :meth:`Engine.side_forward`)."""
         return dict(vars(self))
@@ -448,6 +464,7 @@ _register()
 # ----------------------------------------------------------------------------------------------------------
 
 _ENGINES: weakref.WeakKeyDictionary[nn.Module, Engine] = weakref.WeakKeyDictionary()
+_MISSING = object()
 
 
 class Engine:
@@ -472,6 +489,7 @@ class Engine:
         self.original_impl = config._attn_implementation
         self.impl = EAGER_NAME if self.original_impl == "eager" else SDPA_NAME
         self._installed = False
+        self._own_reorder: Any = _MISSING
 
     # -- lookup ----------------------------------------------------------------------------------------------
     @classmethod
@@ -490,12 +508,41 @@ class Engine:
             self._hooks[id(self)].append(
                 self.model.register_forward_pre_hook(self.request.capture_images, with_kwargs=True)
             )
+        self._install_reorder()
         self._impl_owner.set_attn_implementation(self.impl)
         self._installed = True
+
+    def _install_reorder(self) -> None:
+        """Route beam search's cache reordering through the request state too: ``generate`` calls the model's
+        ``_reorder_cache(cache, beam_idx)`` when it has one (transformers' seam for models with special caches),
+        else ``cache.reorder_cache``. The model's own method, if any, still runs first."""
+        own = vars(self.model).get("_reorder_cache", _MISSING)
+        original = getattr(self.model, "_reorder_cache", None)
+        request = self.request
+
+        def reorder_cache(cache: Any, beam_idx: torch.Tensor) -> Any:
+            if original is not None:
+                cache = original(cache, beam_idx)
+            elif hasattr(cache, "reorder_cache"):
+                cache.reorder_cache(beam_idx)
+            else:
+                raise ValueError(
+                    f"{type(self.model).__name__} cannot use beam search with a {type(cache).__name__}: it cannot be "
+                    "reordered."
+                )
+            request.reorder(beam_idx)
+            return cache
+
+        self._own_reorder = own
+        self.model._reorder_cache = reorder_cache
 
     def _uninstall(self) -> None:
         for handle in self._hooks.pop(id(self), []):
             handle.remove()
+        if self._own_reorder is _MISSING:
+            vars(self.model).pop("_reorder_cache", None)
+        else:
+            self.model._reorder_cache = self._own_reorder
         for module in self.info.attention:
             if hasattr(module, "attnsurgery_layer"):
                 del module.attnsurgery_layer

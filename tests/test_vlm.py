@@ -245,6 +245,33 @@ def test_var_cached_decode(arch):
         assert sinks and all(s.shape[1] == out.shape[1] - 1 and not s[:, width:].any() for s in sinks)
 
 
+def test_var_beam_search(arch):
+    """decode="detect" tests each generated token, so its sink columns are per beam: they must follow the beams
+    when beam search reorders the cache (cached decoding then equals full forwards, which re-detect everything).
+    "frozen" keeps only the prompt's sinks, the same for every beam of a prompt."""
+    model = tiny_vlm(arch)
+    inputs = vlm_inputs(model, _rows(model)[:2])
+    kw = dict(
+        max_new_tokens=5,
+        num_beams=2,
+        do_sample=False,
+        pad_token_id=0,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    with torch.no_grad():
+        with patch(model, "var", decode="detect", **VAR_ARGS):
+            cached = model.generate(**inputs, **kw)
+            uncached = model.generate(**inputs, use_cache=False, **kw)
+        assert torch.equal(cached.sequences, uncached.sequences)
+        torch.testing.assert_close(cached.sequences_scores, uncached.sequences_scores, atol=1e-4, rtol=0)
+        with patch(model, "var", **VAR_ARGS):
+            frozen = model.generate(**inputs, **kw)
+            sinks = [v for k, v in Engine.of(model).request.extras.items() if k[0] == "var"]
+        assert sinks and all(torch.equal(s[0::2], s[1::2]) for s in sinks)  # beams of one prompt agree
+        assert frozen.sequences.shape[0] == 2
+
+
 def test_var_last_layer(arch):
     model = tiny_vlm(arch)
     inputs = vlm_inputs(model, _rows(model))
