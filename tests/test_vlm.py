@@ -471,6 +471,46 @@ def test_vhr_heads_fixed_through_decode(arch):
     torch.testing.assert_close(steps, full[:, width - 1 : -1], atol=1e-4, rtol=1e-4)
 
 
+def test_vhr_heads_fixed_without_cache(arch):
+    """generate(use_cache=False) runs a full forward per step; each extends the prompt whose heads were chosen at
+    the first step, so the heads stay (no new text-only pass) and the output equals cached generation."""
+    model = tiny_vlm(arch)
+    inputs = vlm_inputs(model, _rows(model)[:2])
+    kw = dict(
+        max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True
+    )
+    steps, text_passes = [], []
+    with patch(model, "vhr", alpha=2.0), torch.no_grad():
+        engine = Engine.of(model)
+        cached = model.generate(**inputs, **kw)
+        at_prefill = _chosen(model)
+        side_forward = engine.side_forward
+        engine.side_forward = lambda **kw: text_passes.append(1) or side_forward(**kw)
+        hook = model.register_forward_hook(lambda *a: steps.append(_chosen(model)))
+        uncached = model.generate(**inputs, use_cache=False, **kw)
+        hook.remove()
+        assert len(text_passes) == 1
+        # plain forwards: a longer prompt with the same images continues; other pixels make a new prompt
+        seq = uncached.sequences
+        longer = {**inputs, "input_ids": seq, "attention_mask": torch.ones_like(seq)}
+        longer["attention_mask"][:, : inputs["input_ids"].shape[1]] = inputs["attention_mask"]
+        if "mm_token_type_ids" in inputs:
+            longer["mm_token_type_ids"] = (seq == IMAGE_TOKEN).int()
+        model(**inputs)
+        model(**longer)
+        assert len(text_passes) == 2
+        model(**{**longer, "pixel_values": longer["pixel_values"] + 1})
+        assert len(text_passes) == 3
+    steps = [chosen for chosen in steps if chosen]  # the text-only pass (a nested forward) chooses nothing
+    assert len(steps) == 4
+    for chosen in steps:
+        assert chosen.keys() == at_prefill.keys()
+        assert all(torch.equal(chosen[k], at_prefill[k]) for k in chosen)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for a, b in zip(cached.scores, uncached.scores):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_vhr_batched_padded_equals_one_by_one(arch, side):
     model = tiny_vlm(arch)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -10,6 +11,43 @@ from attnsurgery.errors import UnsupportedModelError
 from attnsurgery.surgery import AttentionCall, Stage, Surgery
 
 from .config import VhrConfig, paper_layers
+
+#: the forward arguments that carry images (pixels, grids, or the features generate pre-encodes in transformers
+#: >= 5.x): a forward with other ones is a new prompt
+_IMAGE_INPUTS = (
+    "pixel_values",
+    "image_grid_thw",
+    "image_sizes",
+    "pixel_values_videos",
+    "video_grid_thw",
+    "mm_encoder_outputs",
+)
+
+
+def _image_inputs(kwargs: dict) -> list[tuple[str, torch.Tensor]]:
+    """The tensors that carry a forward's images, flattened with their names."""
+    found: list[tuple[str, torch.Tensor]] = []
+
+    def walk(name: str, x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            found.append((name, x))
+        elif isinstance(x, Mapping):  # a dict of ModelOutputs (mm_encoder_outputs)
+            for k, v in x.items():
+                walk(f"{name}.{k}", v)
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                walk(f"{name}.{i}", v)
+
+    for key in _IMAGE_INPUTS:
+        walk(key, kwargs.get(key))
+    return found
+
+
+def _same_images(a: list[tuple[str, torch.Tensor]], b: list[tuple[str, torch.Tensor]]) -> bool:
+    return len(a) == len(b) and all(
+        na == nb and (ta is tb or (ta.shape == tb.shape and torch.equal(ta, tb.to(ta.device))))
+        for (na, ta), (nb, tb) in zip(a, b)
+    )
 
 
 class VhrSurgery(Surgery):
@@ -21,7 +59,8 @@ class VhrSurgery(Surgery):
     reinforced), each targeted layer computes the vision-aware head divergence ``VHD = ||A_img - A_txt||_2`` per
     head at the last prompt token, zeroes outliers (Eq. 6), and multiplies the heads above the layer median by
     ``alpha`` at every position; the chosen heads stay fixed for the rest of generation (KV-cached decode steps
-    reuse them). Paper: He et al., "Cracking the Code of Hallucination in LVLMs with Vision-aware Head
+    reuse them, and so do the full forwards of ``generate(use_cache=False)``, recognised as continuations of the
+    prompt: same image inputs, every row the prompt's tokens followed by new text). Paper: He et al., "Cracking the Code of Hallucination in LVLMs with Vision-aware Head
     Divergence", ACL 2025 (arXiv 2412.13949).
 
     Runs after the model's own SDPA kernel (a per-head output stage); the cost is the text-only forward, once per
@@ -64,6 +103,9 @@ class VhrSurgery(Surgery):
         self._text: dict[int, torch.Tensor] | None = None  # layer -> (B, H, Dh) text-only head outputs
         self._text_rows: torch.Tensor | None = None  # (B,) rows that had image tokens
         self._in_text_pass = False
+        # the prompt whose heads were chosen last, to keep them for its continuations without a KV cache
+        self._prompt: dict[str, Any] | None = None  # ids, mask, image inputs, heads {layer: (B, H)}
+        self._reuse: torch.Tensor | None = None  # (B,) prompt row each row of this forward continues
         if self.config.alpha != 1.0:
             engine.register_hook(
                 self, model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
@@ -85,9 +127,10 @@ class VhrSurgery(Surgery):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is not None and hasattr(cache, "get_seq_length") and int(cache.get_seq_length()) > 0:
             return  # a decode step: the heads chosen at prefill stay
-        self._text = self._text_rows = None
+        self._text = self._text_rows = self._reuse = None
         ids = kwargs.get("input_ids", args[0] if args else None)
         if not isinstance(ids, torch.Tensor) or not bool((ids == self._image_id).any()):
+            self._prompt = None
             warnings.warn(
                 "vhr: no image tokens in this prompt (or no input_ids to find them in), so no vision-aware heads "
                 "can be chosen; the model runs unchanged. Pass the processor's input_ids and pixel values.",
@@ -97,6 +140,10 @@ class VhrSurgery(Surgery):
         # generate passes a 4D mask with a static cache; the engine reads real tokens from 2D and 4D masks alike
         mask = key_valid_from_mask(kwargs.get("attention_mask"), ids.shape[0], ids.shape[1])
         mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.to(ids.device)
+        self._reuse = self._continues(ids, mask, kwargs)
+        if self._reuse is not None:
+            return  # a step of generate(use_cache=False): the heads chosen at its first step stay
+        self._prompt = {"ids": ids, "mask": mask, "images": _image_inputs(kwargs), "heads": {}}
         keep = mask & ~torch.isin(ids, self._vision_ids.to(ids.device))
         lengths = keep.sum(-1)
         width = int(lengths.max())
@@ -125,6 +172,27 @@ class VhrSurgery(Surgery):
             self._in_text_pass = False
         self._text_rows = (ids == self._image_id).any(-1)
 
+    def _continues(self, ids: torch.Tensor, mask: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
+        """(B,) the row of the remembered prompt that each row of this forward extends, or None for a new prompt.
+
+        Without a KV cache every step of ``generate`` is a full forward that looks like a first step; the paper
+        fixes the heads at the first step for the rest of the generation. A forward continues the prompt when it
+        has the same image inputs and every row is a remembered row (tokens and mask) followed by new text tokens.
+        Rows are matched, not assumed in place, because beam search reorders them between steps."""
+        prompt = self._prompt
+        if prompt is None or not prompt["heads"] or ids.shape[1] <= prompt["ids"].shape[1]:
+            return None
+        if not _same_images(_image_inputs(kwargs), prompt["images"]):
+            return None
+        width = prompt["ids"].shape[1]
+        if bool(torch.isin(ids[:, width:], self._vision_ids.to(ids.device)).any()):
+            return None  # new image tokens: a new prompt
+        same = (ids[:, None, :width] == prompt["ids"][None].to(ids.device)).all(-1)  # (B, B_prompt)
+        same &= (mask[:, None, :width] == prompt["mask"][None].to(mask.device)).all(-1)
+        if not bool(same.any(-1).all()):
+            return None
+        return same.int().argmax(-1)
+
     # -- the head-output stage ---------------------------------------------------------------------------------
     def head_output(self, attn_output: torch.Tensor, call: AttentionCall) -> torch.Tensor:
         """attn_output (B, Tq, H, Dh): record (text-only pass), choose (prefill) or reuse (decode) and scale."""
@@ -134,7 +202,13 @@ class VhrSurgery(Surgery):
                 self._text[call.layer_idx] = attn_output[:, -1].detach().float()  # left-padded: last = real
             return attn_output
         slot = self._slot(call.layer_idx)
-        if call.request.past_len == 0:
+        if call.request.past_len == 0 and self._reuse is not None:
+            chosen = self._prompt["heads"].get(call.layer_idx)
+            if chosen is None:
+                return attn_output
+            chosen = chosen[self._reuse.to(chosen.device)]
+            call.request.extras[slot] = chosen
+        elif call.request.past_len == 0:
             text = None if self._text is None else self._text.get(call.layer_idx)
             if text is None or text.shape[0] != bsz:
                 return attn_output
@@ -146,6 +220,8 @@ class VhrSurgery(Surgery):
             chosen &= self._text_rows.to(chosen.device)[:, None]
             chosen &= self._heads[call.layer_idx].to(chosen.device)[None, :]
             call.request.extras[slot] = chosen
+            if self._prompt is not None and self._prompt["ids"].shape[0] == bsz:
+                self._prompt["heads"][call.layer_idx] = chosen
         else:
             chosen = call.request.extras.get(slot)
             if chosen is None or chosen.shape[0] != bsz:
