@@ -203,8 +203,9 @@ class RequestState:
 
     Filled by a forward pre-hook on the decoder from its ``attention_mask`` (2D, covering cached and new
     tokens, or 4D: :func:`key_valid_from_mask`), ``position_ids`` or cache length. Surgeries may stash their own
-    per-request data in ``extras`` (e.g. sink sets frozen at prefill); it is cleared when a new prompt starts (no
-    cache, or an empty one).
+    per-request data in ``extras`` (e.g. sink sets frozen at prefill) under keys ``(name, id(surgery), ...)``,
+    tensors per batch row along dim 0; it is cleared when a new prompt starts (no cache, or an empty one), and a
+    surgery's slots go with it when it is removed.
 
     On a vision-language model a second pre-hook, on the top-level model (the only place that still sees
     ``input_ids``: the language model gets merged embeddings), marks image placeholders; ``image_mask`` then
@@ -248,6 +249,14 @@ class RequestState:
         else:
             prev = torch.nn.functional.pad(prev, (0, past - prev.shape[1]))
         self.image_mask = torch.cat([prev, chunk.to(prev.device)], dim=1)
+
+    def drop(self, owner: Any) -> None:
+        """Forget a removed surgery's slots: ``extras`` keys are ``(name, id(surgery), ...)``, and a surgery made
+        later may get the same id."""
+        gone = id(owner)
+        self.extras = {
+            k: v for k, v in self.extras.items() if not (isinstance(k, tuple) and len(k) > 1 and k[1] == gone)
+        }
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
         """Beam search gave each cache row a new parent: per-row state follows it, as the KV cache does.
@@ -606,6 +615,7 @@ class Engine:
         self.surgeries.remove(surgery)
         for handle in self._hooks.pop(id(surgery), []):
             handle.remove()
+        self.request.drop(surgery)
         if not self.surgeries and self._record is None:
             self._uninstall()
         else:

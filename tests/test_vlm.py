@@ -561,6 +561,24 @@ def test_var_and_vhr_compose(arch):
     assert torch.equal(_logits(model, inputs), ref)
 
 
+@pytest.mark.parametrize(("name", "args"), [("var", VAR_ARGS), ("vhr", dict(alpha=2.0))])
+def test_remove_drops_per_request_state(name, args):
+    """Removing VAR / VHR while another surgery stays leaves none of their per-request slots behind (a later
+    surgery object could reuse the id they are keyed by), and the model is the other surgery alone."""
+    model = tiny_vlm("llava")
+    inputs = vlm_inputs(model, _rows(model))
+    with patch(model, "head_scale", heads={1: [0]}, scale=0.5):
+        only_other = _logits(model, inputs)
+        handle = patch(model, name, **args)
+        _logits(model, inputs)
+        gone = id(handle.surgeries[0])
+        request = Engine.of(model).request
+        assert any(k[1] == gone for k in request.extras)
+        handle.remove()
+        assert not any(isinstance(k, tuple) and gone in k for k in request.extras)
+        torch.testing.assert_close(_logits(model, inputs), only_other, atol=0, rtol=0)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # calibrate var
 # ----------------------------------------------------------------------------------------------------------
