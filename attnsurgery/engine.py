@@ -67,10 +67,12 @@ class ModelInfo:
     head_dim: int
     layers: list[nn.Module] = field(default_factory=list)  # decoder layers (each attention module's parent)
     hidden_size: int = 0
-    #: vision-language models: the placeholder id the processor expands into one token per image feature, and
-    #: every id that belongs to an image in the prompt (the placeholder plus Qwen2-VL's vision start/end)
+    #: vision-language models: the placeholder id the processor expands into one token per image feature; the
+    #: placeholders the model fills with vision features (images and videos: VAR/VHR treat both as visual tokens);
+    #: and every id that belongs to an image or video in the prompt (those plus Qwen2-VL's vision start/end)
     image_token_id: int | None = None
     vision_token_ids: tuple[int, ...] = ()
+    visual_token_ids: tuple[int, ...] = ()
 
     @property
     def num_layers(self) -> int:
@@ -120,7 +122,7 @@ def discover(model: nn.Module) -> ModelInfo:
     ordered = [by_layer[i] for i in range(len(attention))]
     names = {m: n for n, m in decoder.named_modules()}
     layers = [decoder.get_submodule(names[m].rpartition(".")[0]) for m in ordered]
-    image_token_id, vision_ids = _image_tokens(model.config)
+    image_token_id, visual_ids, vision_ids = _image_tokens(model.config)
     return ModelInfo(
         model,
         decoder,
@@ -132,19 +134,30 @@ def discover(model: nn.Module) -> ModelInfo:
         hidden_size=int(getattr(config, "hidden_size", num_heads * head_dim)),
         image_token_id=image_token_id,
         vision_token_ids=vision_ids,
+        visual_token_ids=visual_ids,
     )
 
 
-def _image_tokens(config: Any) -> tuple[int | None, tuple[int, ...]]:
+def _config_id(config: Any, *names: str) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _image_tokens(config: Any) -> tuple[int | None, tuple[int, ...], tuple[int, ...]]:
     """The image placeholder id of a VLM config (LLaVA: ``image_token_index``/``image_token_id``, Qwen2-VL:
-    ``image_token_id``) and the ids that bracket images (Qwen2-VL's vision start/end), or (None, ())."""
-    image = getattr(config, "image_token_id", None)
+    ``image_token_id``), the visual placeholders (the image one plus a video one: Qwen2-VL ``video_token_id``,
+    LLaVA-NeXT-Video ``video_token_index``), and those plus the ids that bracket them (Qwen2-VL's vision
+    start/end); or (None, (), ())."""
+    image = _config_id(config, "image_token_id", "image_token_index")
     if image is None:
-        image = getattr(config, "image_token_index", None)
-    if not isinstance(image, int):
-        return None, ()
-    extra = [getattr(config, k, None) for k in ("vision_start_token_id", "vision_end_token_id")]
-    return image, (image, *(int(x) for x in extra if isinstance(x, int)))
+        return None, (), ()
+    video = _config_id(config, "video_token_id", "video_token_index")
+    visual = (image,) if video is None or video == image else (image, video)
+    extra = [_config_id(config, k) for k in ("vision_start_token_id", "vision_end_token_id")]
+    return image, visual, (*visual, *(x for x in extra if x is not None))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -208,17 +221,17 @@ class RequestState:
     surgery's slots go with it when it is removed.
 
     On a vision-language model a second pre-hook, on the top-level model (the only place that still sees
-    ``input_ids``: the language model gets merged embeddings), marks image placeholders; ``image_mask`` then
-    covers every key column of the request, prompt and generated tokens alike, through cached decoding.
+    ``input_ids``: the language model gets merged embeddings), marks image and video placeholders; ``image_mask``
+    then covers every key column of the request, prompt and generated tokens alike, through cached decoding.
     """
 
-    def __init__(self, image_token_id: int | None = None) -> None:
+    def __init__(self, visual_token_ids: tuple[int, ...] = ()) -> None:
         self._positions: torch.Tensor | None = None
         self.key_valid: torch.Tensor | None = None  # (B, Tk_total) bool real keys (key_valid_from_mask)
         self.past_len: int = 0
         self.extras: dict[str, Any] = {}
-        self.image_token_id = image_token_id
-        #: (B, Tk_total) bool: which key columns hold image tokens (VLMs only; None when unknown)
+        self.visual_token_ids = tuple(visual_token_ids)  # image and video placeholders: visual tokens
+        #: (B, Tk_total) bool: which key columns hold image or video tokens (VLMs only; None when unknown)
         self.image_mask: torch.Tensor | None = None
         # (B, Tq) this call's image tokens, from the top-level hook, consumed by the decoder hook
         self._pending_image: torch.Tensor | None = None
@@ -226,8 +239,8 @@ class RequestState:
     def capture_images(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Top-level pre-hook of a VLM: which of this call's tokens are image placeholders."""
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if isinstance(ids, torch.Tensor) and ids.dim() == 2 and self.image_token_id is not None:
-            self._pending_image = ids == self.image_token_id
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2 and self.visual_token_ids:
+            self._pending_image = torch.isin(ids, torch.tensor(self.visual_token_ids, device=ids.device))
         else:  # inputs_embeds only: image positions are unknown
             self._pending_image = None
 
@@ -487,7 +500,7 @@ class Engine:
         self.info = discover(model)
         self.model = model
         self.surgeries: list[Surgery] = []
-        self.request = RequestState(self.info.image_token_id if self.info.is_vision_language else None)
+        self.request = RequestState(self.info.visual_token_ids if self.info.is_vision_language else ())
         self._hooks: dict[int, list[Any]] = {}  # id(surgery or self) -> hook handles
         self._record: set[int] | None = None
         self._maps: dict[int, list[torch.Tensor]] = {}

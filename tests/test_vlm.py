@@ -6,13 +6,14 @@ The shared text-model contract (test_contract.py) skips surgeries with ``require
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import pytest
 import torch
 from attnsurgery.patches.var.reference import sink_tokens, var_reference
 from tiny import tiny_model
-from vlm_tiny import IMAGE_TOKEN, VLM_ARCHS, prompt, tiny_vlm, vlm_inputs
+from vlm_tiny import IMAGE_TOKEN, VISION_END, VISION_START, VLM_ARCHS, prompt, tiny_vlm, vlm_inputs
 
 import attnsurgery.engine as engine_module
 from attnsurgery import SurgeryConfigError, UnsupportedModelError, patch
@@ -577,6 +578,57 @@ def test_remove_drops_per_request_state(name, args):
         handle.remove()
         assert not any(isinstance(k, tuple) and gone in k for k in request.extras)
         torch.testing.assert_close(_logits(model, inputs), only_other, atol=0, rtol=0)
+
+
+VIDEO_TOKEN = 103  # the tiny Qwen2-VL's video_token_id
+
+
+def _video_inputs(model, before=3, after=6, seed=0):
+    """One Qwen2-VL row with a video (2 frames = one temporal patch, an 8 x 8 grid: 16 video tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    text = lambda k: torch.randint(3, 99, (k,), generator=g).tolist()  # noqa: E731
+    ids = torch.tensor([[1, *text(before), VISION_START, *[VIDEO_TOKEN] * 16, VISION_END, *text(after)]])
+    vc = model.config.vision_config
+    patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+    out = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values_videos": torch.randn(64, patch_dim, generator=g),
+        "video_grid_thw": torch.tensor([[1, 8, 8]]),
+    }
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+        out["mm_token_type_ids"] = (ids == VIDEO_TOKEN).int() * 2  # text 0, image 1, video 2
+    return out
+
+
+def test_video_tokens_are_visual_tokens():
+    """Qwen2-VL video placeholders are visual tokens: VAR redistributes to them, VHR removes them (with the vision
+    start/end tokens and the video pixels) for its text-only pass."""
+    from attnsurgery.patches.vhr.reference import vhr_reference
+
+    model = tiny_vlm("qwen2_vl", layers=6)
+    inputs = _video_inputs(model)
+    ids = inputs["input_ids"]
+    ref = _logits(model, inputs)
+    with patch(model, "head_scale", scale=0.5):
+        _logits(model, inputs)
+        info = Engine.of(model).info
+        assert VIDEO_TOKEN in info.vision_token_ids
+        assert torch.equal(Engine.of(model).request.image_mask, ids == VIDEO_TOKEN)
+    with patch(model, "var", **VAR_ARGS), warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "no image tokens" notice
+        assert (_logits(model, inputs) - ref).abs().max() > 1e-3
+    with patch(model, "vhr", alpha=2.0), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layers = sorted(Engine.of(model).surgeries[0]._layers)
+        out = _logits(model, inputs)
+        chosen = _chosen(model)
+    text = ids[:, ~torch.isin(ids[0], torch.tensor([VISION_START, VISION_END, VIDEO_TOKEN]))]
+    expected, expected_heads = vhr_reference(
+        model, inputs, {"input_ids": text, "attention_mask": torch.ones_like(text)}, layers, 2.0
+    )
+    assert sorted(chosen) == layers and all(torch.equal(chosen[k][0], expected_heads[k]) for k in layers)
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------------

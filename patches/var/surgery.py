@@ -51,7 +51,8 @@ class VarSurgery(Surgery):
     for the queries after the image (O(text x image) extra work, no n x n matrix).
 
     Acts only on vision-language models (LLaVA, LLaVA-NeXT, Qwen2-VL ...): image positions come from ``input_ids``
-    and the config's image token id, per batch row. A batch without image tokens is left unchanged (warning).
+    and the config's image token id, per batch row; video tokens (Qwen2-VL's ``video_token_id``) count as image
+    tokens. A batch without image tokens is left unchanged (warning).
 
     >>> patch(model, "var", tau=20, rho=0.5, p=0.6, summ=0.2)          # LLaVA-1.5-7B: sink_dims known
     >>> patch(model, "var", sink_dims=[458, 2570])                       # another backbone
@@ -152,7 +153,7 @@ class VarSurgery(Surgery):
         image = _to_columns(request.image_mask, batch, call.key_len)
         if image is None or not bool(image.any()):
             warnings.warn(
-                "var: no image tokens in this batch, so there is nothing to redistribute to; the model runs "
+                "var: no image tokens in this batch (nor video tokens), so there is nothing to redistribute to; the model runs "
                 "unchanged. Pass the processor's input_ids (with the image placeholders) and pixel values.",
                 stacklevel=2,
             )

@@ -99,7 +99,7 @@ class VhrSurgery(Surgery):
         self._heads = {layer: self.targets.head_mask(layer) for layer in layers}
         self._engine = engine
         self._vision_ids = torch.tensor(info.vision_token_ids)
-        self._image_id = info.image_token_id
+        self._visual_ids = torch.tensor(info.visual_token_ids)  # image and video placeholders
         self._text: dict[int, torch.Tensor] | None = None  # layer -> (B, H, Dh) text-only head outputs
         self._text_rows: torch.Tensor | None = None  # (B,) rows that had image tokens
         self._in_text_pass = False
@@ -129,10 +129,10 @@ class VhrSurgery(Surgery):
             return  # a decode step: the heads chosen at prefill stay
         self._text = self._text_rows = self._reuse = None
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if not isinstance(ids, torch.Tensor) or not bool((ids == self._image_id).any()):
+        if not isinstance(ids, torch.Tensor) or not bool(self._is_visual(ids).any()):
             self._prompt = None
             warnings.warn(
-                "vhr: no image tokens in this prompt (or no input_ids to find them in), so no vision-aware heads "
+                "vhr: no image tokens in this prompt (nor video tokens, or no input_ids to find them in), so no vision-aware heads "
                 "can be chosen; the model runs unchanged. Pass the processor's input_ids and pixel values.",
                 stacklevel=2,
             )
@@ -170,7 +170,10 @@ class VhrSurgery(Surgery):
                 )
         finally:
             self._in_text_pass = False
-        self._text_rows = (ids == self._image_id).any(-1)
+        self._text_rows = self._is_visual(ids).any(-1)
+
+    def _is_visual(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.isin(ids, self._visual_ids.to(ids.device))
 
     def _continues(self, ids: torch.Tensor, mask: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
         """(B,) the row of the remembered prompt that each row of this forward extends, or None for a new prompt.
