@@ -423,6 +423,26 @@ def test_vhr_identity_and_reference(arch):
     assert (out - ref).abs().max() > 1e-3
 
 
+def test_vhr_text_pass_sees_the_other_surgeries(arch):
+    """Both branches of the divergence run on the model as it is used: other surgeries act in the text-only pass
+    as in the with-image pass (VHR's own reinforcement is off there, docs/vlm.md choice 1)."""
+    model = tiny_vlm(arch)
+    row = prompt(model, 3, 6)
+    inputs = vlm_inputs(model, [row])
+    o_proj = model.get_decoder().layers[3].self_attn.o_proj
+    seen = []
+    hook = o_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0][:, -1].clone()))
+    with torch.no_grad(), patch(model, "head_scale", heads={0: [0, 1]}, scale=0.2):
+        model(**_text_only(model, row))  # the text-only prompt with head_scale alone
+        with patch(model, "vhr", alpha=2.0) as handle:
+            model(**inputs)
+            recorded = handle.surgeries[0]._text[3]
+    hook.remove()
+    stock_scaled, in_pass = seen[0], seen[1]
+    torch.testing.assert_close(in_pass, stock_scaled, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(recorded.flatten(1), stock_scaled, atol=1e-6, rtol=1e-5)
+
+
 def test_vhr_scales_at_most_half_and_leaves_the_rest(arch):
     model = tiny_vlm(arch, heads=8, kv_heads=4, hidden=64, layers=4)
     inputs = vlm_inputs(model, _rows(model))

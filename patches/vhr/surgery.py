@@ -65,8 +65,10 @@ class VhrSurgery(Surgery):
 
     Runs after the model's own SDPA kernel (a per-head output stage); the cost is the text-only forward, once per
     prompt. Per batch row: each row gets its own heads; a row without image tokens is left unchanged. The
-    text-only branch runs the stock model (not reinforced) once, before the with-image pass: the paper leaves this
-    open (docs/vlm.md).
+    text-only branch runs once, before the with-image pass, without VHR's own reinforcement (the paper leaves this
+    open, docs/vlm.md) but with every other active surgery: the with-image pass runs with them too, so the
+    divergence compares the same model with and without the image, the model as it is used (image-token surgeries
+    such as VAR have nothing to act on without the image).
 
     >>> patch(model, "vhr", alpha=2.0)                    # layer 1 + the last 14/32 of the layers
     >>> patch(model, "vhr", alpha=2.0, layers="1,18:32")  # the same on a 32-layer LLaVA, explicitly
