@@ -211,6 +211,17 @@ def key_valid_from_mask(
     return torch.cat([prev[:, :past].to(seen.device), seen[:, start : start + q_len]], dim=1)
 
 
+def _past_length(kwargs: dict) -> int:
+    """How many tokens of the request the cache holds before this call's."""
+    position = kwargs.get("cache_position")
+    if isinstance(position, torch.Tensor) and position.dim() == 1 and position.numel() > 0:
+        # exact where given (transformers 5.0 passes it): a static cache's get_seq_length there counts the filled
+        # slots of row 0, which lags behind under left padding
+        return int(position[0])
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    return int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+
+
 class RequestState:
     """What one forward call carries that attention functions never see: real-token positions.
 
@@ -303,8 +314,7 @@ class RequestState:
             self._positions = None
             return
         batch, q_len = ref.shape[0], ref.shape[1]
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        past = _past_length(kwargs)
         if past == 0:
             self.extras = {}  # a new prompt: forget state frozen for the previous one
         self.past_len = past
