@@ -161,9 +161,13 @@ def find_recipe(name: str | Path, model: str | None = None) -> Recipe:
     if folder.is_dir():
         files = sorted(folder.glob("*.yaml"))
         if model is not None:
+            # the file named after the model wins over variants made for it (act/gemma3-270m.yaml over
+            # act/gemma3-270m-fdr.yaml, which sorts first)
+            if (folder / f"{model}.yaml").is_file():
+                return load_recipe_file(folder / f"{model}.yaml")
             for f in files:
                 recipe = load_recipe_file(f)
-                if f.stem == model or recipe.model == model:
+                if recipe.model == model:
                     return recipe
         if (folder / "default.yaml").is_file():
             return load_recipe_file(folder / "default.yaml")

@@ -53,3 +53,10 @@ def test_recipe_with_state_file(tmp_path):
     )
     with patch(model, tmp_path / "recipe.yaml"), torch.no_grad():
         torch.testing.assert_close(model(ids).logits, expected, atol=0, rtol=0)
+
+
+def test_model_named_recipe_wins_over_its_variants():
+    # act/gemma3-270m-fdr.yaml sorts before act/gemma3-270m.yaml and is made for the same model
+    assert find_recipe("act", model="gemma3-270m").name == "act/gemma3-270m"
+    assert find_recipe("act/gemma3-270m-fdr").model == "gemma3-270m"
+    assert find_recipe("temperature", model="smollm2-135m").name == "temperature/smollm2-135m-fitted"
