@@ -347,6 +347,7 @@ def _add_act_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="use only the first N calibration records")
     parser.add_argument("--state", default=None, help="JSON-lines state file: resume an interrupted sweep")
     parser.add_argument("--out", default=None, help="write the recipe YAML here")
+    parser.add_argument("--plot", default=None, help="save a layer x head heatmap of the deltas (PNG) here")
 
 
 def _act_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -477,6 +478,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                 model, tokenizer, records, batch_size=args.batch_size, max_length=args.max_length
             )
         console.print(result.summary())
+        if args.plot:
+            from .plotting import plot_head_sweep
+
+            console.print(f"saved {plot_head_sweep(result, args.plot, label=args.model)}")
         if args.out:
             path = calibrate.write_act_recipe(result, args.out, args.model, data=data)
             console.print(f"wrote {path} (use: attnsurgery apply --recipe {path} {args.model})")

@@ -114,3 +114,38 @@ def test_eval_baseline_vs_act_on_smollm2(smollm2, tmp_path):
     assert row["arms"]["act-all"]["n"] == 8
     paths = write_report([report], tmp_path)
     assert "act-all" in paths["md"].read_text()
+
+
+def test_cli_calibrate_act_and_temperature_on_smollm2(smollm2, tmp_path, capsys):
+    """The calibration commands end to end on the real model (few records, two heads, two steps)."""
+    from attnsurgery import find_recipe
+
+    out, png, state = tmp_path / "act.yaml", tmp_path / "sweep.png", tmp_path / "state.jsonl"
+    args = ["calibrate", "act", "smollm2-135m", "--data", "bb_general_knowledge", "--limit", "6", "--layers", "20"]
+    args += ["--heads", "[0, 5]", "--confidence", "0", "--min-delta=-inf", "--state", str(state)]
+    assert main([*args, "--out", str(out), "--plot", str(png)]) == 0
+    text = capsys.readouterr().out
+    assert "2 heads swept, 2 kept" in text and "kept heads together" in text
+    recipe = find_recipe(out)
+    assert recipe.surgeries[0].heads == {20: [0, 5]} and recipe.calibration["n"] == 6
+    assert "together" in recipe.calibration and png.stat().st_size > 5_000
+    model, tokenizer = smollm2
+    ids = tokenizer("The quick brown fox jumps over the lazy dog", return_tensors="pt").input_ids
+    with torch.no_grad():
+        stock = model(ids).logits
+        with patch(model, out):
+            patched = model(ids).logits
+        with patch(model, "act", layers=[20], heads={20: [0, 5]}, beta=0.4, threshold=0.1):
+            by_hand = model(ids).logits
+    torch.testing.assert_close(patched, by_hand, atol=0, rtol=0)
+    assert not torch.equal(patched, stock)
+    assert main([*args, "--rule", "fdr"]) in (0, 2)  # resumed from the state: re-selection only, no new heads
+    assert "2 heads swept" in capsys.readouterr().out
+
+    temp = tmp_path / "temp.yaml"
+    targs = ["calibrate", "temperature", "smollm2-135m", "--data", "gutenberg_ppl", "--limit", "4"]
+    targs += ["--steps", "2", "--eval-every", "1", "--seq-len", "64", "--min-c", "-0.05", "--out", str(temp)]
+    assert main(targs) == 0
+    text = capsys.readouterr().out
+    assert "held-out" in text.lower()
+    assert find_recipe(temp).calibration["heldout"]["windows"] > 0
