@@ -74,7 +74,7 @@ def plot_head_sweep(result: Any, out: str | Path, label: str = "") -> Path:
     for r in rows:
         grid[layers.index(r.layer), r.head] = r.delta
     limit = float(grid.nan_to_num(0).abs().max()) or 1.0
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * result.num_heads, 1.4 + 0.28 * len(layers)))
+    fig, ax = plt.subplots(figsize=(max(4.8, 1.6 + 0.45 * result.num_heads), 1.6 + 0.28 * len(layers)))
     image = ax.imshow(grid.numpy(), cmap="coolwarm", vmin=-limit, vmax=limit, aspect="auto")
     for r in rows:
         if r.kept:
@@ -88,8 +88,8 @@ def plot_head_sweep(result: Any, out: str | Path, label: str = "") -> Path:
     fig.colorbar(image, ax=ax, label=f"mean delta {result.metric}")
     kept = sum(r.kept for r in rows)
     ax.set_title(
-        f"{label + ': ' if label else ''}ACT head sweep, {kept}/{len(rows)} kept (boxed, rule {result.rule}), "
-        f"{result.n_records} records",
+        f"{label + ': ' if label else ''}ACT head sweep on {result.n_records} records\n"
+        f"{kept}/{len(rows)} heads kept (boxed; rule {result.rule})",
         fontsize=9,
     )
     fig.tight_layout()
