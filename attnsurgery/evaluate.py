@@ -365,7 +365,10 @@ def plot_report(
         raise EvalError("nothing to plot: the reports have no metrics.")
     cols = min(4, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.2 * rows), squeeze=False)
+    most_arms = max(len(r.arms) for r in reports)
+    # panels widen with the arm count so each bar's two-line label (name, delta and p) stays readable
+    width = max(4.4, 1.45 * most_arms + 0.8)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, 3.2 * rows), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (report, task, metric) in zip(axes.flat, panels):
         names = [a.arm for a in report.arms]
