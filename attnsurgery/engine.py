@@ -23,10 +23,11 @@ rejects unknown forward kwargs).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -625,6 +626,7 @@ class Engine:
         except BaseException:
             for handle in self._hooks.pop(id(surgery), []):
                 handle.remove()
+            surgery.teardown(self.model, self)
             if first and self._installed:
                 self._uninstall()
             self.discard_if_unused()
@@ -638,6 +640,7 @@ class Engine:
         self.surgeries.remove(surgery)
         for handle in self._hooks.pop(id(surgery), []):
             handle.remove()
+        surgery.teardown(self.model, self)
         self.request.drop(surgery)
         if not self.surgeries and self._record is None:
             self._uninstall()
@@ -647,6 +650,21 @@ class Engine:
     def refresh(self) -> None:
         """Re-route layers after a surgery's state changed (e.g. calibrated tensors were loaded)."""
         self._apply(self._plans(self.surgeries))
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the model as if unpatched, without removing anything: every layer goes to the base kernel and
+        module-level effects (LoRA) are switched off. The trainer's teacher pass (``kd``, ``transfer``) uses it,
+        so the teacher is the same model in memory, not a second copy."""
+        for surgery in self.surgeries:
+            surgery.set_enabled(False)
+        self._apply(self._plans([]))
+        try:
+            yield
+        finally:
+            for surgery in self.surgeries:
+                surgery.set_enabled(True)
+            self.refresh()
 
     def discard_if_unused(self) -> None:
         if not self.surgeries and not self._installed:

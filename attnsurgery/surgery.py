@@ -48,6 +48,9 @@ class Stage(enum.Enum):
     PROBS = "probs"
     HEAD_OUTPUT = "head_output"
     REPLACE = "replace"
+    #: outside the attention function: the surgery changes the layer's projection modules (LoRA adapters); the
+    #: engine routes nothing for it, and ``teardown`` undoes its module changes
+    WEIGHTS = "weights"
 
 
 #: stages that need the attention probabilities (or their logits) as tensors
@@ -274,6 +277,15 @@ class Surgery(nn.Module):
     def setup(self, model: nn.Module, engine: Any) -> None:
         """Called once when the surgery is installed (build per-layer tensors, register hooks via engine)."""
 
+    def teardown(self, model: nn.Module, engine: Any) -> None:
+        """Called once when the surgery is removed (or its ``setup`` failed): undo what ``setup`` changed outside
+        the engine's hooks (e.g. swap LoRA-wrapped projections back). Hooks registered through the engine go by
+        themselves."""
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Switch module-level effects (LoRA adapters) off and on again for :meth:`Engine.disabled` (the trainer's
+        teacher pass); the attention stages are switched by the engine itself."""
+
     def active_stages(self, layer_idx: int) -> frozenset[Stage]:
         """Stages this surgery runs on a layer; empty means the layer is untouched by it."""
         return self.stages if layer_idx in self.targets.layers else frozenset()
@@ -299,6 +311,16 @@ class Surgery(nn.Module):
     ) -> torch.Tensor:
         """Own kernel for ``REPLACE`` (or a ``fused`` probability edit): returns attn_output (B, Tq, H, D)."""
         raise NotImplementedError
+
+    # -- training (see :mod:`attnsurgery.train`) ----------------------------------------------------------
+    def regularizer(self) -> torch.Tensor | None:
+        """An extra loss term the trainer adds to the objective (e.g. MoH's load balance, a gate sparsity
+        penalty), computed from what the surgery recorded during the last forward; ``None`` when it has none.
+
+        The trainer trains every ``nn.Parameter`` of the surgery that has ``requires_grad``; a surgery declares
+        trainable state simply by holding parameters.
+        """
+        return None
 
     def extra_repr(self) -> str:
         return f"{self.name}: {self.config}, {self.targets}"
