@@ -1,0 +1,181 @@
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from attnsurgery.errors import SurgeryConfigError
+from attnsurgery.surgery import AttentionCall, Stage, Surgery
+
+from .config import GatedAttentionConfig
+
+
+class GateProjection(nn.Module):
+    """One layer's gate logits from the hidden state X the attention module receives.
+
+    ``elementwise``: ``X @ weight.T + bias`` with weight (H*D, hidden) -> (B, T, H, D);
+    ``headwise``: weight (H, hidden) -> (B, T, H, 1);
+    ``head_slice``: head h reads only X's h-th slice of width hidden/H, weight (H, hidden/H) -> (B, T, H, 1).
+    Parameters are fp32 whatever the model's dtype (sigmoid gates near 1 need the precision to train).
+    """
+
+    def __init__(
+        self, form: str, hidden: int, num_heads: int, head_dim: int, device: torch.device | None
+    ) -> None:
+        super().__init__()
+        self.form, self.num_heads, self.head_dim = form, num_heads, head_dim
+        shape = {
+            "elementwise": (num_heads * head_dim, hidden),
+            "headwise": (num_heads, hidden),
+            "head_slice": (num_heads, hidden // num_heads),
+        }[form]
+        self.weight = nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(shape[0], dtype=torch.float32, device=device))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.to(device=self.weight.device, dtype=self.weight.dtype)  # (B, T, hidden)
+        if self.form == "head_slice":
+            x = x.unflatten(-1, (self.num_heads, -1))  # (B, T, H, hidden/H)
+            return (torch.einsum("bths,hs->bth", x, self.weight) + self.bias)[..., None]  # (B, T, H, 1)
+        logits = nn.functional.linear(x, self.weight, self.bias)  # (B, T, H*D) or (B, T, H)
+        if self.form == "elementwise":
+            return logits.unflatten(-1, (self.num_heads, self.head_dim))  # (B, T, H, D)
+        return logits[..., None]  # (B, T, H, 1)
+
+    def extra_repr(self) -> str:
+        return f"form={self.form}, weight={tuple(self.weight.shape)}"
+
+
+def _device_of(module: nn.Module) -> torch.device | None:
+    """Where a layer's weights live (None for a module offloaded to meta: the gate then stays on the CPU)."""
+    for p in module.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return None
+
+
+class GatedAttentionSurgery(Surgery):
+    """Sigmoid gates on each head's attention output before ``o_proj``: ``Y' = Y * gate_scale * sigmoid(X W + b)``.
+
+    Y is the head's SDPA output, X the hidden state the attention module receives for the same query token
+    (after the layer's pre-norm; captured by a forward pre-hook on each targeted attention module, so under a
+    KV cache X holds only the new tokens, as Y does). Position G1 of Qiu et al. 2025, "Gated Attention for Large
+    Language Models: Non-linearity, Sparsity, and Attention-Sink-Free" (arXiv 2505.06708), ``form="elementwise"``
+    (one gate per channel) or ``"headwise"`` (one per head); ``form="head_slice"`` is Bondarenko et al. 2023,
+    "Quantizable Transformers: Removing Outliers by Helping Attention Heads Do Nothing" (arXiv 2306.12929),
+    where head h's gate reads only the h-th slice of X. A head-output stage, so the layer keeps the fused SDPA
+    kernel.
+
+    Parameterisation (why ``2 sigmoid``): a gate added to a *pretrained* model must start as the exact identity,
+    or the model is damaged before any training. With zero weights, bias ``logit(gate_init)`` and
+    ``gate_scale = 1 / sigmoid(bias)`` every gate is 1 at init; with the default ``gate_init=0.5`` that is bias 0
+    and ``2 sigmoid(0) = 1`` exactly in floating point (Qiu et al.'s retrofit, their issue #10; Bondarenko et
+    al.'s fine-tuning mode ``sigmoid(logit p) / p``). Gates then range over (0, 2): a head can be silenced or
+    amplified. ``gate_scale=1`` gives the papers' from-scratch plain sigmoid (gates in (0, 1), half-strength at
+    bias 0: not the identity). Gate parameters are fp32 ``nn.Parameter`` s in ``self.gates[str(layer)]`` (saved
+    by ``save_surgery``, trained by ``attnsurgery.train``); the gate is cast to the activation dtype at use.
+
+    ``sparsity > 0`` makes :meth:`regularizer` return ``sparsity * mean gate`` of the last forward (Qiu et al.
+    find sparse gates are what remove the attention sink); :meth:`mean_gates` reports the mean gate per layer.
+
+    >>> handle = patch(model, "gated_attention", form="headwise", sparsity=1e-3)   # identity until trained
+    """
+
+    name = "gated_attention"
+    config_class = GatedAttentionConfig
+    summary = "Learnable sigmoid gates on each head's output before o_proj (Qiu et al. G1, Bondarenko et al.)"
+    paper = (
+        "Qiu et al., Gated Attention for LLMs, NeurIPS 2025 (arXiv 2505.06708); Bondarenko et al., "
+        "Quantizable Transformers, NeurIPS 2023 (arXiv 2306.12929)"
+    )
+    stages = frozenset({Stage.HEAD_OUTPUT})
+    #: a seeded random init: gates in (0, 2.5) spread around 1, differing by token, head and layer
+    example_args = {"init_std": 0.3, "gate_init": 0.4}
+
+    def setup(self, model: Any, engine: Any) -> None:
+        info, config = engine.info, self.config
+        H, D, hidden = info.num_heads, info.head_dim, info.hidden_size
+        if config.form == "head_slice" and hidden % H:
+            raise SurgeryConfigError(
+                f"gated_attention: form='head_slice' splits the hidden state ({hidden}) into one slice per head "
+                f"({H}), which does not divide it on this model; use form='headwise' or 'elementwise'."
+            )
+        bias = math.log(config.gate_init) - math.log1p(-config.gate_init)  # logit(gate_init)
+        bias32 = torch.tensor(bias, dtype=torch.float32)
+        # None: the reciprocal of the fp32 sigmoid the gates actually start at, so they start at 1 to the last bit
+        self.gate_scale = (
+            config.gate_scale if config.gate_scale is not None else 1.0 / float(torch.sigmoid(bias32))
+        )
+        generator = torch.Generator().manual_seed(config.seed)
+        self.gates = nn.ModuleDict()
+        self._head_masks: dict[int, torch.Tensor | None] = {}
+        for layer in sorted(self.targets.layers):
+            module = info.attention[layer]
+            device = _device_of(module)
+            gate = GateProjection(config.form, hidden, H, D, device)
+            with torch.no_grad():
+                if config.init_std > 0:  # drawn on the CPU: the same init on every device
+                    w = torch.randn(gate.weight.shape, generator=generator) * config.init_std
+                    gate.weight.copy_(w)
+                gate.bias.fill_(bias)
+            self.gates[str(layer)] = gate
+            mask = self.targets.head_mask(layer, device=device)
+            self._head_masks[layer] = None if bool(mask.all()) else mask
+            engine.register_hook(
+                self, module.register_forward_pre_hook(self._capture(layer), with_kwargs=True)
+            )
+        self._inputs: dict[int, torch.Tensor] = {}  # layer -> this call's X (B, Tq, hidden)
+        self._means: dict[int, torch.Tensor] = {}  # layer -> mean gate of the last forward (scalar)
+
+    def _capture(self, layer: int) -> Any:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            if isinstance(hidden, torch.Tensor):
+                self._inputs[layer] = hidden
+
+        return hook
+
+    def gate_values(self, layer: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, T, H, D | 1) fp32 gates of ``layer`` for hidden states X (B, T, hidden); untargeted heads get 1."""
+        gate = self.gate_scale * torch.sigmoid(self.gates[str(layer)](hidden_states))
+        mask = self._head_masks[layer]
+        if mask is not None:
+            gate = torch.where(mask.to(gate.device)[:, None], gate, torch.ones_like(gate))
+        return gate
+
+    def head_output(self, attn_output: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+        layer = call.layer_idx
+        hidden = self._inputs.pop(layer, None)  # popped: the activation is not kept past its layer
+        if hidden is None or hidden.shape[:2] != attn_output.shape[:2]:
+            raise RuntimeError(
+                f"gated_attention: layer {layer} got no matching hidden state from its attention module's "
+                f"pre-hook (attention output {tuple(attn_output.shape)}, hidden state "
+                f"{None if hidden is None else tuple(hidden.shape)}); was the attention function called "
+                "outside the module's forward?"
+            )
+        gate = self.gate_values(layer, hidden)  # (B, Tq, H, D | 1)
+        self._record(layer, gate, call)
+        return attn_output * gate.to(device=attn_output.device, dtype=attn_output.dtype)
+
+    def _record(self, layer: int, gate: torch.Tensor, call: AttentionCall) -> None:
+        """Mean gate over this layer's targeted heads and real (unpadded) query tokens. Kept in the autograd graph
+        only when the regulariser needs it, so evaluation without ``no_grad`` holds no graph alive."""
+        mask = self._head_masks[layer]
+        per_token = (gate if mask is None else gate[:, :, mask.to(gate.device)]).mean(dim=(-1, -2))  # (B, Tq)
+        valid = call.query_valid.to(per_token.device).expand_as(per_token)
+        mean = per_token[valid].mean() if bool(valid.any()) else per_token.mean()
+        self._means[layer] = mean if self.config.sparsity > 0 else mean.detach()
+
+    def mean_gates(self) -> dict[int, float]:
+        """{layer: mean gate} of the last forward, over targeted heads (and channels) and real tokens."""
+        return {layer: float(mean.detach()) for layer, mean in sorted(self._means.items())}
+
+    def regularizer(self) -> torch.Tensor | None:
+        """``sparsity * mean gate`` over the targeted layers of the last forward (differentiable); ``None`` when
+        ``sparsity`` is 0 or no forward has run yet."""
+        if self.config.sparsity == 0 or not self._means:
+            return None
+        means = [m.to(next(iter(self._means.values())).device) for m in self._means.values()]
+        return self.config.sparsity * torch.stack(means).mean()
