@@ -30,7 +30,7 @@ import yaml
 
 from .errors import AttnSurgeryError, RecipeError, did_you_mean
 
-_RECIPE_KEYS = {"name", "description", "model", "surgeries", "eval", "calibration", "notes"}
+_RECIPE_KEYS = {"name", "description", "model", "surgeries", "eval", "calibration", "training", "notes"}
 _SURGERY_KEYS = {"surgery", "args", "layers", "heads", "state"}
 
 
@@ -51,6 +51,7 @@ class Recipe:
     model: str | None = None
     eval: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)  # what `attnsurgery train` recorded
     notes: str = ""
     path: Path | None = None
 
@@ -103,7 +104,7 @@ def parse_recipe(data: Any, source: str = "<recipe>", base_dir: Path | None = No
             if not state.is_file():
                 raise RecipeError(f"{where}: state file {state} does not exist.")
         specs.append(SurgerySpec(cls.name, dict(args), item.get("layers"), item.get("heads"), state))
-    for key in ("eval", "calibration"):
+    for key in ("eval", "calibration", "training"):
         if data.get(key) is not None and not isinstance(data[key], dict):
             raise RecipeError(f"{source}: {key!r} must be a mapping.")
     return Recipe(
@@ -113,6 +114,7 @@ def parse_recipe(data: Any, source: str = "<recipe>", base_dir: Path | None = No
         model=data.get("model"),
         eval=data.get("eval") or {},
         calibration=data.get("calibration") or {},
+        training=data.get("training") or {},
         notes=str(data.get("notes") or ""),
     )
 
@@ -132,6 +134,16 @@ def load_recipe_file(path: str | Path) -> Recipe:
     return recipe
 
 
+def write_recipe(data: dict[str, Any], path: str | Path) -> Path:
+    """Write a recipe mapping as YAML (keys in the given order), after checking that it parses: a calibration must
+    never write a recipe that would not load. State files named by ``state:`` must already sit beside ``path``."""
+    path = Path(path)
+    parse_recipe(data, str(path), path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=110))
+    return path
+
+
 def _packaged_root() -> Path:
     return Path(str(importlib.resources.files("attnsurgery.recipes")))
 
@@ -142,12 +154,28 @@ def list_recipes() -> list[str]:
     return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
 
 
+def list_recipe_folders() -> list[str]:
+    """The shipped recipe folders (one per surgery): a local folder of the same name does not shadow them."""
+    return sorted(p.name for p in _packaged_root().iterdir() if p.is_dir() and not p.name.startswith("_"))
+
+
 def find_recipe(name: str | Path, model: str | None = None) -> Recipe:
     """A recipe from a YAML path or a shipped name (``temperature/sharpen`` or ``temperature``).
 
     For a bare folder name, picks the recipe made for ``model`` if there is one, else ``default.yaml``.
     """
     path = Path(name)
+    if path.is_dir() and not str(name).strip("/") in list_recipe_folders():
+        # a run folder written by `attnsurgery train` (or any folder holding a recipe.yaml)
+        if (path / "recipe.yaml").is_file():
+            return load_recipe_file(path / "recipe.yaml")
+        hint = (
+            " It holds a training checkpoint but no recipe.yaml: the run did not finish; continue it with "
+            "`attnsurgery train ... --resume`."
+            if (path / "checkpoint.pt").is_file()
+            else ""
+        )
+        raise RecipeError(f"recipe folder {path} holds no recipe.yaml.{hint}")
     if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise RecipeError(f"recipe file {path} does not exist.")

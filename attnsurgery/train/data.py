@@ -1,0 +1,207 @@
+"""Training text through ``datasets``: shipped offline corpora, local files or Hub ids, packed into windows.
+
+A source is one of
+
+* an offline task name (``gutenberg_ppl``, ``bb_general_knowledge`` ...): its *calibration* split only. The
+  test splits are what tables report; asking for one (``gutenberg_ppl:test``, or the test JSONL by path) is
+  refused, so a trained surgery is never scored on text it saw;
+* a local ``.jsonl`` / ``.json`` file (a ``text`` field, or multiple-choice ``query`` + ``choices`` + ``gold``)
+  or a ``.txt`` file (one document per blank-line-separated block);
+* a Hub dataset id (``wikitext:wikitext-2-raw-v1`` with an optional config after ``:``) for users with the Hub.
+
+Texts are joined with EOS and cut into fixed windows, each starting with the tokenizer's own prefix (BOS),
+as perplexity evaluation sees them. The validation slice is held back *by text* (whole documents), so no
+window straddles training and validation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import AttnSurgeryError, did_you_mean
+
+
+class DataError(AttnSurgeryError):
+    """Training data that is missing, empty, or a split tables report."""
+
+
+@dataclass
+class TrainingData:
+    """Packed windows for training and validation, and where they came from."""
+
+    train: torch.Tensor  # (N, seq_len) token ids
+    val: torch.Tensor  # (M, seq_len)
+    source: str
+    n_texts: int
+    n_val_texts: int
+
+    def describe(self) -> dict[str, Any]:
+        seq_len = int(self.train.shape[1])
+        return {
+            "source": self.source,
+            "seq_len": seq_len,
+            "texts": self.n_texts,
+            "val_texts": self.n_val_texts,
+            "train_windows": int(self.train.shape[0]),
+            "val_windows": int(self.val.shape[0]),
+            "train_tokens": int(self.train.numel()),
+        }
+
+
+def _record_text(record: dict[str, Any]) -> str | None:
+    if isinstance(record.get("text"), str):
+        return record["text"]
+    if isinstance(record.get("query"), str) and isinstance(record.get("choices"), list):
+        gold = record.get("gold", 0)
+        return record["query"] + record["choices"][gold]  # the question with its right answer
+    return None
+
+
+def _offline_tasks() -> list[str]:
+    from attnsurgery.tasks import offline_tasks
+
+    return offline_tasks()
+
+
+def _refuse_test_file(path: Path) -> None:
+    from attnsurgery.tasks import include_path
+
+    data_dir = (Path(include_path()) / "data").resolve()
+    if path.resolve().parent == data_dir and path.name.endswith(".test.jsonl"):
+        raise DataError(
+            f"{path} is the test split of an offline task: tables report it, so training on it is refused. "
+            f"Train on the calibration split instead: {path.name.replace('.test.jsonl', '')}."
+        )
+
+
+def load_texts(source: str) -> list[str]:
+    """The non-empty texts of a source (see the module docstring), loaded with ``datasets``."""
+    import datasets
+
+    name, _, option = str(source).partition(":")
+    path = Path(source)
+    if name in _offline_tasks():
+        if option and option != "calibration":
+            raise DataError(
+                f"{source!r}: only the calibration split of offline tasks can be trained on; the {option!r} split "
+                f"is what tables report. Use {name!r} (the calibration split)."
+            )
+        from attnsurgery.tasks import include_path
+
+        path = Path(include_path()) / "data" / f"{name}.calibration.jsonl"
+        kind, files = "json", str(path)
+    elif path.exists():
+        _refuse_test_file(path)
+        suffix = path.suffix.lower()
+        if suffix in (".jsonl", ".json"):
+            kind, files = "json", str(path)
+        elif suffix == ".txt":
+            kind, files = "text", str(path)
+        else:
+            raise DataError(f"{path}: training data must be a .jsonl, .json or .txt file.")
+    elif "/" in name or name in ("wikitext", "c4", "openwebtext"):
+        try:
+            ds = datasets.load_dataset(name, option or None, split="train")
+        except Exception as err:  # offline, unknown id, ...: say what was tried
+            raise DataError(
+                f"cannot load the Hub dataset {source!r} ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
+                "Without Hub access, use an offline task (gutenberg_ppl) or a local .jsonl/.txt file."
+            ) from None
+        return _texts_of(ds, source)
+    else:
+        raise DataError(
+            f"unknown training data {source!r}: not an offline task, a file, or a Hub dataset id."
+            f"{did_you_mean(name, _offline_tasks())} Offline tasks: {', '.join(_offline_tasks())}."
+        )
+    if kind == "text":
+        # one document per blank-line-separated block, so validation can hold back whole documents
+        ds = datasets.load_dataset("text", data_files=files, split="train", sample_by="paragraph")
+    else:
+        ds = datasets.load_dataset("json", data_files=files, split="train")
+    return _texts_of(ds, source)
+
+
+def _texts_of(ds: Any, source: str) -> list[str]:
+    texts = []
+    for record in ds:
+        text = _record_text(record)
+        if text is None:
+            raise DataError(
+                f"{source}: records need a 'text' field (or 'query' + 'choices' + 'gold'); got keys "
+                f"{sorted(record)}."
+            )
+        if text.strip():
+            texts.append(text)
+    if not texts:
+        raise DataError(f"{source}: no non-empty text to train on.")
+    return texts
+
+
+def special_prefix(tokenizer: Any) -> list[int]:
+    """The ids the tokenizer puts before any text (BOS for Llama-likes, nothing for GPT-2)."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return (
+        list(with_special[: len(with_special) - len(plain)]) if with_special[-len(plain) :] == plain else []
+    )
+
+
+def pack_windows(tokenizer: Any, texts: list[str], seq_len: int) -> torch.Tensor:
+    """(N, seq_len) windows: texts joined with EOS, cut into consecutive windows of ``seq_len`` tokens, each
+    starting with the tokenizer's prefix; the remainder is dropped (empty when the text is shorter)."""
+    prefix = special_prefix(tokenizer)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    stream: list[int] = []
+    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        stream += list(ids) + ([eos] if eos is not None else [])
+    body = seq_len - len(prefix)
+    n = len(stream) // body
+    if n == 0:
+        return torch.empty(0, seq_len, dtype=torch.long)
+    return torch.tensor([prefix + stream[i * body : (i + 1) * body] for i in range(n)], dtype=torch.long)
+
+
+def prepare_data(
+    tokenizer: Any,
+    source: str,
+    seq_len: int,
+    *,
+    val_fraction: float = 0.1,
+    max_val_windows: int = 32,
+    max_context: int | None = None,
+) -> TrainingData:
+    """Load, split by text into training / validation, and pack. Errors name the problem and the fix."""
+    if max_context is not None and seq_len > max_context:
+        raise DataError(
+            f"seq_len {seq_len} is longer than the model's context ({max_context} positions); use --seq-len "
+            f"{max_context} or less."
+        )
+    if seq_len < 8:
+        raise DataError(f"seq_len {seq_len} is too short to learn from; use at least 8 tokens.")
+    if not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction must lie in (0, 1), got {val_fraction}.")
+    texts = load_texts(source)
+    if len(texts) >= 2:
+        n_val = max(1, round(val_fraction * len(texts)))
+        train_texts, val_texts = texts[:-n_val], texts[-n_val:]
+        train, val = (
+            pack_windows(tokenizer, train_texts, seq_len),
+            pack_windows(tokenizer, val_texts, seq_len),
+        )
+    else:  # one document: hold back its last windows instead
+        train_texts, val_texts = texts, []
+        windows = pack_windows(tokenizer, texts, seq_len)
+        n_val = max(1, round(val_fraction * len(windows)))
+        train, val = windows[:-n_val], windows[-n_val:]
+    if len(val) == 0 and len(train) >= 2:  # validation texts too short for a window: take the last train ones
+        train, val = train[:-1], train[-1:]
+    if len(train) == 0 or len(val) == 0:
+        raise DataError(
+            f"{source}: the text gives {len(train)} training and {len(val)} validation windows of {seq_len} "
+            "tokens; give more text or a shorter --seq-len."
+        )
+    return TrainingData(train, val[:max_val_windows], str(source), len(train_texts), len(val_texts))

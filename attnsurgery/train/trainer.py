@@ -1,0 +1,623 @@
+"""One training loop for every trainable surgery (gates, temperatures, routers, feature maps) and LoRA.
+
+A surgery declares trainable state by holding ``nn.Parameter``s and, optionally, a :meth:`Surgery.regularizer`;
+LoRA is the ``lora`` surgery (peft). The trainer freezes every model weight, trains the surgeries' parameters
+(``lr``; LoRA's at ``lora_lr``) on an objective from :mod:`.objectives`, and writes a folder that is a recipe::
+
+    runs/x/recipe.yaml                 # surgeries, targets, data, objective, losses, validation scores
+    runs/x/state-0-gated_attention.safetensors
+    runs/x/adapter/                    # LoRA as a standard peft adapter (when LoRA trained)
+    runs/x/checkpoint.pt               # resumable state (--resume), kept after the run
+    runs/x/training.json               # the loss curve and validation history
+
+``patch(model, "runs/x")``, ``attnsurgery apply/eval --recipe runs/x`` and lm-eval's
+``--model attnsurgery --model_args ...,recipe=runs/x`` load it; ``handle.remove()`` restores the model exactly.
+
+accelerate handles devices, mixed precision and processes: ``accelerate launch -m attnsurgery train ...`` (DDP;
+on CPU ``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m attnsurgery train ...``). ``batch_size`` is the
+*global* batch per optimiser step, split over processes and accumulation steps, and every process draws the
+same seeded order, so N processes follow the 1-process loss curve.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..engine import Engine
+from ..errors import AttnSurgeryError
+from ..surgery import Surgery
+from .data import TrainingData
+from .objectives import parse_objective
+
+CHECKPOINT = "checkpoint.pt"
+RECIPE = "recipe.yaml"
+HISTORY = "training.json"
+
+
+class TrainingError(AttnSurgeryError):
+    """A run that cannot start or continue (bad settings, a checkpoint from another run, an existing folder)."""
+
+
+class TrainingDiverged(AttnSurgeryError):
+    """The loss became NaN/inf; the last good checkpoint is kept."""
+
+    exit_code = 8
+
+
+class TrainingInterrupted(AttnSurgeryError):
+    """Ctrl-C: a checkpoint was saved; ``--resume`` continues."""
+
+    exit_code = 130
+
+
+@dataclass
+class TrainConfig:
+    """How to train. ``batch_size`` is global (all processes x accumulation steps together)."""
+
+    objective: str = "lm"
+    steps: int = 100
+    lr: float = 1e-2  # surgery parameters (gates, temperatures, routers, feature maps)
+    lora_lr: float = 1e-4  # LoRA adapters (peft), as LoLCATs and most LoRA recipes
+    batch_size: int = 4
+    grad_accum: int = 1
+    seq_len: int = 256
+    warmup: float = 0.0  # fraction of steps with a linear warm-up
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    kd_temperature: float = 1.0
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (accelerate)
+    val_every: int = 25
+    save_every: int = 25
+    keep: str = "last"  # "last" | "best" (the state with the lowest validation objective, step 0 included)
+    patience: int | None = None  # stop after this many validations without improvement
+    seed: int = 0
+
+    def validate(self) -> None:
+        parse_objective(self.objective)
+        checks = [
+            ("steps", self.steps >= 1),
+            ("lr", self.lr > 0 and math.isfinite(self.lr)),
+            ("lora_lr", self.lora_lr > 0 and math.isfinite(self.lora_lr)),
+            ("batch_size", self.batch_size >= 1),
+            ("grad_accum", self.grad_accum >= 1),
+            ("seq_len", self.seq_len >= 8),
+            ("warmup", 0 <= self.warmup < 1),
+            ("val_every", self.val_every >= 1),
+            ("save_every", self.save_every >= 1),
+            ("kd_temperature", self.kd_temperature > 0),
+            ("mixed_precision", self.mixed_precision in ("no", "bf16", "fp16")),
+            ("keep", self.keep in ("last", "best")),
+            ("patience", self.patience is None or self.patience >= 1),
+        ]
+        for name, ok in checks:
+            if not ok:
+                raise TrainingError(f"train: {name}={getattr(self, name)!r} is out of range.")
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path | None
+    steps: int
+    train_loss: list[float]  # per optimiser step (the objective, regularisers included)
+    val_history: list[dict[str, float]]  # {"step", "objective", "lm"} per validation
+    best_step: int
+    seconds: float
+    tokens: int
+    parts: dict[str, list[float]] = field(default_factory=dict)  # per objective term, per step
+
+    @property
+    def final_val(self) -> dict[str, float]:
+        return self.val_history[-1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The module accelerate wraps: the model plus its surgeries, computing the whole objective in forward (so DDP
+# sees every parameter that receives a gradient)
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _Trainee(nn.Module):
+    def __init__(self, model: nn.Module, surgeries: list[Surgery], weights: dict[str, float], kd_t: float):
+        super().__init__()
+        self.model = model
+        self.surgeries = nn.ModuleList(surgeries)
+        self.weights = weights
+        self.kd_t = kd_t
+        engine = Engine.of(model, create=False)
+        if engine is None:
+            raise TrainingError("train: the model carries no surgery to train; patch it first.")
+        self._engine = [engine]  # a list: not a submodule
+        acting = {i for i in range(engine.info.num_layers) for s in surgeries if s.active_stages(i)}
+        self.transfer_layers = sorted(acting) or list(range(engine.info.num_layers))
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        engine, w = self._engine[0], self.weights
+        parts: dict[str, torch.Tensor] = {}
+        teacher_logits, records = None, {}
+        if "kd" in w or "transfer" in w:
+            with (
+                torch.no_grad(),
+                engine.disabled(),
+                _record_attention(engine, self.transfer_layers, "transfer" in w) as records,
+            ):
+                out = self.model(input_ids=input_ids, use_cache=False)
+                teacher_logits = out.logits if "kd" in w else None
+        if "lm" in w or "kd" in w:
+            out = self.model(input_ids=input_ids, labels=input_ids if "lm" in w else None, use_cache=False)
+            if "lm" in w:
+                parts["lm"] = out.loss
+            if "kd" in w:
+                t = self.kd_t
+                student = F.log_softmax(out.logits[:, :-1].float() / t, dim=-1)
+                teacher = F.log_softmax(teacher_logits[:, :-1].float() / t, dim=-1)
+                kl = (teacher.exp() * (teacher - student)).sum(-1)  # (B, T-1)
+                parts["kd"] = kl.mean() * t * t
+        if "transfer" in w:
+            mse = []
+            for idx in self.transfer_layers:
+                args, kwargs, target = records[idx]
+                got = engine.info.attention[idx](*args, **kwargs)[0]
+                mse.append(F.mse_loss(got.float(), target.float()))
+            parts["transfer"] = torch.stack(mse).mean()
+        total = sum(w[k] * v for k, v in parts.items())
+        reg = [r for s in self.surgeries if (r := s.regularizer()) is not None]
+        if reg:
+            parts["regularizer"] = sum(reg)
+            total = total + parts["regularizer"]
+        return total, parts
+
+
+class _record_attention:
+    """Record each listed attention module's inputs and output during the teacher pass (for ``transfer``)."""
+
+    def __init__(self, engine: Engine, layers: list[int], active: bool) -> None:
+        self.engine, self.layers, self.active = engine, layers, active
+        self.records: dict[int, tuple[tuple, dict, torch.Tensor]] = {}
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> dict[int, tuple[tuple, dict, torch.Tensor]]:
+        if not self.active:
+            return self.records
+        for idx in self.layers:
+            module = self.engine.info.attention[idx]
+
+            def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any, idx: int = idx) -> None:
+                self.records[idx] = (args, dict(kwargs), output[0].detach())
+
+            self.handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        return self.records
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _fingerprint(model: nn.Module, surgeries: list[Surgery], config: TrainConfig, data: TrainingData) -> dict:
+    cfg = model.config
+    return {
+        "model": {
+            "model_type": getattr(cfg, "model_type", None),
+            "num_layers": len(Engine.of(model).info.attention),
+            "hidden_size": getattr(cfg, "hidden_size", None),
+            "vocab_size": getattr(cfg, "vocab_size", None),
+            "name_or_path": str(getattr(cfg, "_name_or_path", "")),
+        },
+        "surgeries": [
+            {"surgery": s.name, "args": s.config.to_dict(), **s.targets.to_json()} for s in surgeries
+        ],
+        "config": {
+            k: getattr(config, k)
+            for k in (
+                "objective",
+                "lr",
+                "lora_lr",
+                "batch_size",
+                "seq_len",
+                "kd_temperature",
+                "seed",
+                "warmup",
+            )
+        },
+        "data": {"source": data.source, "train_windows": int(data.train.shape[0])},
+    }
+
+
+def _diff(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: checkpoint {a!r}, this run {b!r}")
+    return out
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _batch_indices(step: int, n: int, batch: int, seed: int) -> torch.Tensor:
+    """The global batch of optimiser step ``step`` (0-based): consecutive slices of seeded per-epoch
+    permutations, a pure function of the step so a resumed run and every process draw the same windows."""
+    start = step * batch
+    out = []
+    while len(out) < batch:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out += perm[offset : offset + batch - len(out)].tolist()
+    return torch.tensor(out)
+
+
+def _lr_factor(step: int, config: TrainConfig) -> float:
+    warm = int(config.warmup * config.steps)
+    return min(1.0, (step + 1) / warm) if warm else 1.0
+
+
+def train(
+    model: nn.Module,
+    handle: Any,
+    data: TrainingData,
+    config: TrainConfig | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    model_name: str | None = None,
+    progress: bool = True,
+    after_step: Callable[[list[Surgery]], None] | None = None,
+) -> TrainResult:
+    """Train the surgeries of ``handle`` (a :class:`SurgeryHandle` on ``model``) on ``data``.
+
+    Writes ``out_dir`` (see the module docstring) when given. ``after_step(surgeries)`` runs under ``no_grad``
+    after every optimiser step (e.g. a projection onto a constraint set).
+    """
+    from accelerate import Accelerator
+    from tqdm import tqdm
+
+    config = config or TrainConfig()
+    config.validate()
+    weights = parse_objective(config.objective)
+    surgeries = list(handle.surgeries)
+    params = [p for s in surgeries for p in s.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError(
+            f"train: {', '.join(s.name for s in surgeries)} hold no trainable parameters. Train a surgery with "
+            "parameters (gated_attention, head_scale trainable=true, temperature trainable=true ...) or add "
+            "LoRA (--lora-r)."
+        )
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and out.exists() and any(out.iterdir()) and not (resume or overwrite):
+        raise TrainingError(
+            f"{out} already exists; pass --resume to continue that run or --overwrite to replace it."
+        )
+    if resume and (out is None or not (out / CHECKPOINT).is_file()):
+        raise TrainingError(f"--resume: {out}/{CHECKPOINT} does not exist; start the run without --resume.")
+
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    world = accelerator.num_processes
+    per_micro, rest = divmod(config.batch_size, world * config.grad_accum)
+    if rest or per_micro == 0:
+        raise TrainingError(
+            f"train: batch_size {config.batch_size} must be a multiple of processes x grad_accum "
+            f"({world} x {config.grad_accum})."
+        )
+    fingerprint = _fingerprint(model, surgeries, config, data)
+    if out is not None and overwrite and not resume and out.exists() and accelerator.is_main_process:
+        shutil.rmtree(out)
+    if out is not None and accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+
+    surgery_params = {id(p) for s in surgeries if s.name != "lora" for p in s.parameters()}
+    groups = [
+        {"params": [p for p in params if id(p) in surgery_params], "lr": config.lr},
+        {"params": [p for p in params if id(p) not in surgery_params], "lr": config.lora_lr},
+    ]
+    groups = [g for g in groups if g["params"]]
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    trainable_ids = {id(p) for p in params}
+    was_training = model.training
+    trainee = _Trainee(model, surgeries, weights, config.kd_temperature)
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+
+    def trainable_state() -> dict[str, torch.Tensor]:
+        return {
+            f"{i}.{k}": v.detach().clone() for i, s in enumerate(surgeries) for k, v in s.state_dict().items()
+        }
+
+    def load_trainable(state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for i, s in enumerate(surgeries):
+                own = {k[len(f"{i}.") :]: v for k, v in state.items() if k.startswith(f"{i}.")}
+                s.load_state_dict(own)
+        Engine.of(model).refresh()
+
+    history: list[float] = []
+    parts_hist: dict[str, list[float]] = {}
+    val_history: list[dict[str, float]] = []
+    best = (math.inf, 0, None)  # (objective, step, state)
+    start_step, elapsed = 0, 0.0
+    if resume:
+        ckpt = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)
+        problems = _diff(ckpt["fingerprint"], fingerprint)
+        if problems:
+            raise TrainingError(
+                f"{out}/{CHECKPOINT} was made by another run, so it cannot be resumed here: "
+                + "; ".join(problems[:4])
+                + ". Use the same settings, or --overwrite to start afresh."
+            )
+        load_trainable(ckpt["state"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_step, history, val_history = ckpt["step"], ckpt["history"], ckpt["val_history"]
+        parts_hist, elapsed = ckpt["parts"], ckpt["seconds"]
+        best = (ckpt["best"][0], ckpt["best"][1], ckpt["best_state"])
+
+    def save_checkpoint(step: int) -> None:
+        if out is None or not accelerator.is_main_process:
+            return
+        _atomic_save(
+            {
+                "fingerprint": fingerprint,
+                "step": step,
+                "state": trainable_state(),
+                "optimizer": optimizer.state_dict(),
+                "history": history,
+                "parts": parts_hist,
+                "val_history": val_history,
+                "best": best[:2],
+                "best_state": best[2],
+                "seconds": elapsed + time.perf_counter() - started,
+            },
+            out / CHECKPOINT,
+        )
+
+    @torch.no_grad()
+    def validate(step: int) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        n = 0
+        for s in range(0, len(data.val), per_micro):
+            ids = data.val[s : s + per_micro].to(accelerator.device)
+            with accelerator.autocast():
+                total, parts = trainee(ids)
+                lm = parts["lm"] if "lm" in parts else model(input_ids=ids, labels=ids, use_cache=False).loss
+            k = ids.shape[0]
+            sums["objective"] = sums.get("objective", 0.0) + float(total) * k
+            sums["lm"] = sums.get("lm", 0.0) + float(lm) * k
+            n += k
+        row = {"step": step, **{k: v / n for k, v in sums.items()}}
+        row["ppl"] = math.exp(min(row["lm"], 50.0))
+        return row
+
+    started = time.perf_counter()
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in trainable_ids)
+        # eval mode: no dropout, so the loss the surgery parameters see is the one inference sees, the teacher
+        # and student passes differ only by the surgeries, and N processes follow the 1-process curve
+        model.eval()
+        wrapped, optimizer = accelerator.prepare(trainee, optimizer)
+        if not val_history:
+            val_history.append(validate(0))
+            best = (val_history[0]["objective"], 0, trainable_state())
+        bar = tqdm(
+            total=config.steps,
+            initial=start_step,
+            disable=not (progress and accelerator.is_main_process),
+            desc="train",
+            unit="step",
+        )
+        tokens_per_step = config.batch_size * data.train.shape[1]
+        stale, step = 0, start_step
+        t_last = time.perf_counter()
+        while step < config.steps:
+            idx = _batch_indices(step, len(data.train), config.batch_size, config.seed)
+            mine = idx.view(world, config.grad_accum, per_micro)[accelerator.process_index]
+            step_parts: dict[str, float] = {}
+            step_loss = 0.0
+            for g in optimizer.param_groups:
+                g["lr"] = g["initial_lr"] * _lr_factor(step, config)
+            for micro in range(config.grad_accum):
+                ids = data.train[mine[micro]].to(accelerator.device)
+                sync = micro == config.grad_accum - 1
+                ctx = accelerator.no_sync(wrapped) if not sync and world > 1 else _null()
+                with ctx, accelerator.autocast():
+                    total, parts = wrapped(ids)
+                    accelerator.backward(total / config.grad_accum)
+                step_loss += float(total.detach()) / config.grad_accum
+                for k, v in parts.items():
+                    step_parts[k] = step_parts.get(k, 0.0) + float(v.detach()) / config.grad_accum
+            loss_t = torch.tensor([step_loss], device=accelerator.device)
+            loss_t = accelerator.reduce(loss_t, reduction="mean")
+            loss_value = float(loss_t)
+            if not math.isfinite(loss_value):
+                optimizer.zero_grad(set_to_none=True)
+                where = (
+                    f"the last good checkpoint (step {_checkpoint_step(out)}) is kept in {out / CHECKPOINT}"
+                    if out is not None and (out / CHECKPOINT).is_file()
+                    else "no checkpoint was written yet"
+                )
+                raise TrainingDiverged(
+                    f"train: the loss became {loss_value} at step {step + 1}; stopped without applying that step, "
+                    f"{where}. Lower --lr (now {config.lr}) or --lora-lr, or use --mixed-precision no."
+                )
+            if config.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if after_step is not None:
+                with torch.no_grad():
+                    after_step(surgeries)
+            step += 1
+            history.append(loss_value)
+            for k, v in step_parts.items():
+                parts_hist.setdefault(k, []).append(v)
+            now = time.perf_counter()
+            bar.set_postfix(
+                loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_step / max(now - t_last, 1e-9):.0f}"
+            )
+            t_last = now
+            bar.update(1)
+            if step % config.val_every == 0 or step == config.steps:
+                row = validate(step)
+                val_history.append(row)
+                if row["objective"] < best[0]:
+                    best, stale = (row["objective"], step, trainable_state()), 0
+                else:
+                    stale += 1
+                bar.write(f"step {step}: validation objective {row['objective']:.5f}, lm {row['lm']:.5f}")
+                if config.patience is not None and stale >= config.patience:
+                    bar.write(f"no improvement in {stale} validations: stopping early")
+                    save_checkpoint(step)
+                    break
+            if step % config.save_every == 0 or step == config.steps:
+                save_checkpoint(step)
+        bar.close()
+    except KeyboardInterrupt:
+        save_checkpoint(len(history))
+        raise TrainingInterrupted(
+            f"interrupted after {len(history)} steps; a checkpoint is in {out}. Continue with --resume."
+            if out is not None
+            else f"interrupted after {len(history)} steps (no --out, nothing saved)."
+        ) from None
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+        model.train(was_training)
+    if config.keep == "best" and best[2] is not None:
+        load_trainable(best[2])
+    result = TrainResult(
+        out_dir=out,
+        steps=len(history),
+        train_loss=history,
+        val_history=val_history,
+        best_step=best[1],
+        seconds=elapsed + time.perf_counter() - started,
+        tokens=len(history) * config.batch_size * int(data.train.shape[1]),
+        parts=parts_hist,
+    )
+    if out is not None and accelerator.is_main_process:
+        write_run(out, model, handle, result, config, data, model_name)
+    accelerator.wait_for_everyone()
+    return result
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _checkpoint_step(out: Path | None) -> int | None:
+    try:
+        return int(torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)["step"])
+    except Exception:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The output folder: a recipe
+# ----------------------------------------------------------------------------------------------------------
+
+
+def write_run(
+    out: Path,
+    model: nn.Module,
+    handle: Any,
+    result: TrainResult,
+    config: TrainConfig,
+    data: TrainingData,
+    model_name: str | None,
+) -> Path:
+    """Write the trained surgeries as a recipe folder (temporary names first, then renamed: never half-written)."""
+    import yaml
+    from safetensors.torch import save_file
+
+    entries = []
+    staged: list[tuple[Path, Path]] = []
+    for i, surgery in enumerate(handle.surgeries):
+        name = f"state-{i}-{surgery.name}.safetensors"
+        tensors = {k: v.detach().cpu().contiguous() for k, v in surgery.state_dict().items()}
+        entry = {"surgery": surgery.name, "args": surgery.config.to_dict(), **surgery.targets.to_json()}
+        if tensors:
+            tmp = out / (name + ".tmp")
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+            staged.append((tmp, out / name))
+            entry["state"] = name
+        entries.append(entry)
+        if surgery.name == "lora":
+            from attnsurgery.patches.lora.surgery import export_peft_adapter
+
+            tmp_dir = out / "adapter.tmp"
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            export_peft_adapter(surgery, model, tmp_dir)
+            staged.append((tmp_dir, out / "adapter"))
+    first, last = result.val_history[0], result.val_history[-1]
+    best = next((r for r in result.val_history if r["step"] == result.best_step), last)
+    recipe = {
+        "name": out.name,
+        "description": (
+            f"Trained with `attnsurgery train` on {data.source}: {config.objective}, {result.steps} steps. "
+            f"Validation lm loss {first['lm']:.4f} -> {best['lm']:.4f} (held-back calibration text)."
+        ),
+        "model": model_name,
+        "surgeries": entries,
+        "training": {
+            "objective": config.objective,
+            "steps": result.steps,
+            "tokens": result.tokens,
+            "seconds": round(result.seconds, 1),
+            "kept": f"{config.keep} (step {result.best_step if config.keep == 'best' else result.steps})",
+            "config": dataclasses.asdict(config),
+            "data": data.describe(),
+            "final_train_loss": result.train_loss[-1] if result.train_loss else None,
+            "validation": {
+                "before": dict(first),
+                "kept": dict(best if config.keep == "best" else last),
+                "last": dict(last),
+            },
+            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        },
+    }
+    tmp_recipe = out / (RECIPE + ".tmp")
+    tmp_recipe.write_text(yaml.safe_dump(recipe, sort_keys=False, width=110))
+    tmp_hist = out / (HISTORY + ".tmp")
+    tmp_hist.write_text(
+        json.dumps({"train_loss": result.train_loss, "parts": result.parts, "validation": result.val_history})
+        + "\n"
+    )
+    for tmp, final in staged:
+        if final.is_dir():
+            shutil.rmtree(final)
+        tmp.replace(final)
+    tmp_hist.replace(out / HISTORY)
+    tmp_recipe.replace(out / RECIPE)  # last: a folder with recipe.yaml is a finished run
+    return out / RECIPE

@@ -1,0 +1,301 @@
+"""The shared trainer: what trains, objectives, the output folder as a recipe, resume, interrupts, data rules,
+and N processes == 1 process. Tiny random-weight models, a few steps each."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tiny import random_ids, tiny_model, tiny_tokenizer
+
+from attnsurgery import patch
+from attnsurgery.api import SurgeryHandle
+from attnsurgery.engine import Engine
+from attnsurgery.train import (
+    DataError,
+    ObjectiveError,
+    TrainConfig,
+    TrainingDiverged,
+    TrainingError,
+    TrainingInterrupted,
+    load_texts,
+    parse_objective,
+    prepare_data,
+    train,
+)
+
+SEQ = 32
+
+
+@pytest.fixture(scope="module")
+def data():
+    return prepare_data(tiny_tokenizer(), "gutenberg_ppl", SEQ, max_val_windows=4)
+
+
+def cfg(**kw):
+    base = dict(steps=4, batch_size=2, seq_len=SEQ, lr=0.05, lora_lr=0.01, val_every=2, save_every=1)
+    return TrainConfig(**{**base, **kw})
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def scale_and_lora(model):
+    a = patch(model, "head_scale", trainable=True)
+    b = patch(model, "lora", r=2, targets="q_proj,v_proj")
+    return SurgeryHandle(model, a.surgeries + b.surgeries)
+
+
+def test_only_surgery_parameters_train_and_the_run_folder_is_a_recipe(data, tmp_path):
+    model = tiny_model("llama")
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    handle = scale_and_lora(model)
+    result = train(model, handle, data, cfg(), out_dir=tmp_path / "run", progress=False)
+    assert result.steps == 4 and len(result.val_history) == 3
+    # base weights untouched (the LoRA-wrapped ones included), flags restored; the surgeries did move
+    for name, value in model.state_dict().items():
+        key = name.replace(".base_layer", "")
+        if key in base:
+            assert torch.equal(value, base[key]), name
+    now = {
+        n.replace(".base_layer", ""): p.requires_grad for n, p in model.named_parameters() if "lora_" not in n
+    }
+    assert now == flags
+    assert not torch.equal(handle.surgeries[0].scale, torch.ones_like(handle.surgeries[0].scale))
+    ids = random_ids(2, 12)
+    trained = logits(model, ids)
+    handle.remove()
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
+    # the folder: recipe + states + peft adapter + history; patch(model, folder) reproduces the trained model
+    run = tmp_path / "run"
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert [s["surgery"] for s in recipe["surgeries"]] == ["head_scale", "lora"]
+    assert recipe["training"]["steps"] == 4 and recipe["training"]["data"]["source"] == "gutenberg_ppl"
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    fresh = tiny_model("llama")
+    with patch(fresh, str(run)):
+        torch.testing.assert_close(logits(fresh, ids), trained, atol=0, rtol=0)
+    assert torch.equal(logits(fresh, ids), logits(tiny_model("llama"), ids))
+
+
+def test_kd_teacher_is_the_unpatched_model(data):
+    from attnsurgery.train.trainer import _Trainee
+
+    model = tiny_model("llama")
+    ids = data.train[:2]
+    with torch.no_grad():
+        plain = torch.log_softmax(model(ids).logits[:, :-1], -1)
+    handle = patch(model, "head_scale", trainable=True)
+    trainee = _Trainee(model, handle.surgeries, {"kd": 1.0}, 1.0)
+    with torch.no_grad():
+        at_identity, _ = trainee(ids)
+        handle.surgeries[0].scale.mul_(0.5)
+        total, _ = trainee(ids)
+        student = torch.log_softmax(model(ids).logits[:, :-1], -1)
+    assert float(at_identity) == pytest.approx(0.0, abs=1e-7)
+    want = (plain.exp() * (plain - student)).sum(-1).mean()
+    torch.testing.assert_close(total, want, atol=1e-6, rtol=1e-5)
+
+
+def test_transfer_matches_per_layer_mse_on_teacher_inputs(data):
+    from attnsurgery.train.trainer import _Trainee
+
+    model = tiny_model("llama")
+    ids = data.train[:2]
+    info = Engine.of(model).info
+    outs, hook_handles = {}, []
+    for i, m in enumerate(info.attention):
+        hook_handles.append(
+            m.register_forward_hook(lambda mod, a, o, i=i: outs.__setitem__(i, o[0].detach()))
+        )
+    with torch.no_grad():
+        model(ids)
+    for h in hook_handles:
+        h.remove()
+    handle = patch(model, "head_scale", trainable=True, layers="1:")
+    with torch.no_grad():
+        handle.surgeries[0].scale.mul_(0.5)
+    trainee = _Trainee(model, handle.surgeries, {"transfer": 1.0}, 1.0)
+    assert trainee.transfer_layers == [1, 2]
+    with torch.no_grad():
+        total, _ = trainee(ids)
+    # o_proj is linear: scaling every head by 0.5 halves the attention output (minus the bias: none in Llama)
+    want = torch.stack([((outs[i] * 0.5 - outs[i]) ** 2).mean() for i in (1, 2)]).mean()
+    torch.testing.assert_close(total, want, atol=1e-7, rtol=1e-4)
+
+
+def test_resume_continues_exactly(data, tmp_path):
+    full_model = tiny_model("llama")
+    full = scale_and_lora(full_model)
+    train(full_model, full, data, cfg(), out_dir=tmp_path / "a", progress=False)
+    model = tiny_model("llama")
+    handle = scale_and_lora(model)
+    train(model, handle, data, cfg(steps=2), out_dir=tmp_path / "b", progress=False)
+    handle.remove()
+    model = tiny_model("llama")
+    handle = scale_and_lora(model)
+    result = train(model, handle, data, cfg(), out_dir=tmp_path / "b", resume=True, progress=False)
+    assert result.steps == 4
+    for a, b in zip(full.surgeries, handle.surgeries):
+        for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+            torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_resume_refuses_another_run(data, tmp_path):
+    model = tiny_model("llama")
+    train(
+        model,
+        patch(model, "head_scale", trainable=True),
+        data,
+        cfg(steps=1),
+        out_dir=tmp_path / "r",
+        progress=False,
+    )
+    other = tiny_model("llama")
+    with pytest.raises(TrainingError, match="another run.*lr: checkpoint 0.05, this run 0.1"):
+        train(
+            other,
+            patch(other, "head_scale", trainable=True),
+            data,
+            cfg(lr=0.1),
+            out_dir=tmp_path / "r",
+            resume=True,
+        )
+
+
+def test_existing_folder_refused_and_nothing_written(data, tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "mine.txt").write_text("keep me")
+    model = tiny_model("llama")
+    handle = patch(model, "head_scale", trainable=True)
+    with pytest.raises(TrainingError, match="--resume.*--overwrite"):
+        train(model, handle, data, cfg(), out_dir=tmp_path / "r")
+    assert os.listdir(tmp_path / "r") == ["mine.txt"]
+    with pytest.raises(TrainingError, match="hold no trainable parameters"):
+        train(model, patch(model, "temperature", tau=0.9), data, cfg(), out_dir=tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
+def _fail_at(surgery, step, exc):
+    calls = {"n": 0}
+
+    def regularizer():
+        calls["n"] += 1
+        if calls["n"] == 1 + step:  # the first call is the step-0 validation pass (one batch here)
+            if exc == "nan":
+                return torch.tensor(float("nan"))
+            raise KeyboardInterrupt
+        return None
+
+    surgery.regularizer = regularizer
+
+
+def test_nan_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    model = tiny_model("llama")
+    handle = patch(model, "head_scale", trainable=True)
+    data_small = type(data)(data.train, data.val[:2], data.source, data.n_texts, data.n_val_texts)
+    _fail_at(handle.surgeries[0], 3, "nan")
+    with pytest.raises(TrainingDiverged, match=r"nan at step 3.*last good checkpoint \(step 2\)"):
+        train(model, handle, data_small, cfg(val_every=100), out_dir=tmp_path / "r", progress=False)
+    ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 2 and torch.isfinite(ckpt["state"]["0.scale"]).all()
+    assert not (tmp_path / "r" / "recipe.yaml").exists()
+
+
+def test_ctrl_c_saves_and_resume_finishes(data, tmp_path):
+    model = tiny_model("llama")
+    handle = patch(model, "head_scale", trainable=True)
+    data_small = type(data)(data.train, data.val[:2], data.source, data.n_texts, data.n_val_texts)
+    _fail_at(handle.surgeries[0], 3, "interrupt")
+    with pytest.raises(TrainingInterrupted, match="after 2 steps.*--resume") as err:
+        train(model, handle, data_small, cfg(val_every=100), out_dir=tmp_path / "r", progress=False)
+    assert err.value.exit_code == 130
+    from attnsurgery.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="did not finish.*--resume"):
+        patch(tiny_model("llama"), str(tmp_path / "r"))
+    model = tiny_model("llama")
+    handle = patch(model, "head_scale", trainable=True)
+    result = train(
+        model, handle, data_small, cfg(val_every=100), out_dir=tmp_path / "r", resume=True, progress=False
+    )
+    assert result.steps == 4 and (tmp_path / "r" / "recipe.yaml").is_file()
+
+
+def test_objective_parsing():
+    assert parse_objective("0.5*lm+kd") == {"lm": 0.5, "kd": 1.0}
+    assert parse_objective("1000*transfer") == {"transfer": 1000.0}
+    with pytest.raises(ObjectiveError, match="'transfr'.*Did you mean 'transfer'"):
+        parse_objective("lm+transfr")
+    with pytest.raises(ObjectiveError, match="cannot parse"):
+        parse_objective("lm*2")
+
+
+def test_data_rules(tmp_path):
+    from attnsurgery.tasks import load_split
+
+    with pytest.raises(DataError, match="test.*tables report"):
+        load_texts("gutenberg_ppl:test")
+    from attnsurgery.tasks import include_path
+
+    with pytest.raises(DataError, match="test split"):
+        load_texts(str(Path(include_path()) / "data" / "gutenberg_ppl.test.jsonl"))
+    with pytest.raises(DataError, match="Did you mean 'gutenberg_ppl'"):
+        load_texts("gutenberg_pl")
+    (tmp_path / "empty.jsonl").write_text('{"text": "  "}\n')
+    with pytest.raises(DataError, match="no non-empty text"):
+        load_texts(str(tmp_path / "empty.jsonl"))
+    (tmp_path / "doc.txt").write_text("first paragraph here.\n\nsecond one.\n")
+    assert len(load_texts(str(tmp_path / "doc.txt"))) == 2
+    with pytest.raises(DataError, match="longer than the model's context"):
+        prepare_data(tiny_tokenizer(), "gutenberg_ppl", 512, max_context=256)
+    # the calibration split shares no text with the test split that tables report
+    train_texts = set(load_texts("gutenberg_ppl"))
+    assert not train_texts & {r["text"] for r in load_split("gutenberg_ppl", "test")}
+    mc = load_texts("bb_general_knowledge")
+    assert mc[0].startswith("\nQ:") and len(mc) == len(load_split("bb_general_knowledge", "calibration"))
+
+
+def test_two_processes_follow_the_one_process_curve(tmp_path):
+    """Same global batch on 1 and 2 CPU processes (gloo DDP through accelerate): the same loss curve and the same
+    trained parameters, to float-reduction noise (stated tolerance 1e-5)."""
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(__file__).parent),
+    }
+    curves = {}
+    for n in (1, 2):
+        out = tmp_path / f"{n}.json"
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(n),
+            "--master_port",
+            str(29500 + n),
+            str(Path(__file__).parent / "_ddp_train.py"),
+            str(out),
+        ]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        curves[n] = json.loads(out.read_text())
+    assert curves[1]["world"] == 1 and curves[2]["world"] == 2  # really data parallel
+    torch.testing.assert_close(
+        torch.tensor(curves[2]["loss"]), torch.tensor(curves[1]["loss"]), atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(
+        torch.tensor(curves[2]["scale"]), torch.tensor(curves[1]["scale"]), atol=1e-5, rtol=0
+    )
+    assert curves[1]["loss"][0] != curves[1]["loss"][-1]
