@@ -1,4 +1,4 @@
-"""``attnsurgery`` command line: list, apply, inspect, eval, reproduce, lm-eval.
+"""``attnsurgery`` command line: list, apply, inspect, eval, reproduce, calibrate, lm-eval.
 
 Heavy imports (torch, transformers) happen inside the commands, so ``attnsurgery --help`` is instant.
 Exit codes: 0 success, 1 unexpected error, 2 bad input in general, 3 unknown surgery, 4 bad surgery argument,
@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -262,7 +264,7 @@ def _arm_progress(model: str, arm: str, status: str) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import check_tasks, evaluate_arms, make_arms, task_manager, write_report
+    from .eval.text import check_tasks, evaluate_arms, make_arms, task_manager, write_report
 
     tasks = check_tasks([t for item in args.tasks for t in item.split(",") if t], task_manager())
     arms = make_arms(args.recipe or [], model=args.model)  # bad recipes fail before the model loads
@@ -284,11 +286,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from .evaluate import load_table, reproduce
-    from .vlm_eval import is_vlm_table
+    from .eval.text_tables import load_table, reproduce
+    from .eval.vision_tables import is_vlm_table
 
     if is_vlm_table(args.table):  # POPE / CHAIR tables of the VLM surgeries: their own runner, one model
-        from .vlm_eval import load_vlm_table, run_vlm_table
+        from .eval.vision import run_vlm_table
+        from .eval.vision_tables import load_vlm_table
 
         vlm = load_vlm_table(args.table)
         if vlm.requires:
@@ -308,108 +311,6 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0 if all(a.valid for r in reports for a in r.arms) else 1
 
 
-def _add_act_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``attnsurgery calibrate act`` (model and --data are the caller's)."""
-    parser.add_argument(
-        "--beta", type=float, default=0.4, help="ACT beta (default 0.4, the reference code's)"
-    )
-    parser.add_argument("--threshold", type=float, default=None, help="absolute sink threshold (default 0.1)")
-    parser.add_argument("--alpha", type=float, default=None, help="sink threshold as alpha / N instead")
-    parser.add_argument("--layers", default=None, help="layers to sweep, e.g. 2:-1 (default all)")
-    parser.add_argument("--heads", default=None, help="heads to sweep, e.g. '[0, 3]' or '{10: [0, 3]}'")
-    parser.add_argument("--slow", action="store_true", help="full forward per head (the reference procedure)")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default 16)")
-    parser.add_argument(
-        "--head-batch", type=int, default=None, help="heads stacked per forward (default all)"
-    )
-    parser.add_argument("--max-length", type=int, default=None, help="truncate sequences from the left")
-    parser.add_argument(
-        "--metric",
-        choices=("choice_logprob", "acc", "margin"),
-        default="choice_logprob",
-        help="per-record score",
-    )
-    parser.add_argument(
-        "--min-delta", type=float, default=0.0, help="keep heads whose mean delta exceeds this"
-    )
-    parser.add_argument(
-        "--confidence",
-        type=float,
-        default=0.95,
-        help="bootstrap P(delta > 0) needed to keep (--rule fdr: false discovery rate 1 - confidence)",
-    )
-    parser.add_argument(
-        "--rule",
-        choices=("bootstrap", "fdr"),
-        default="bootstrap",
-        help="per-head bootstrap test, or Benjamini-Hochberg over all swept heads (default bootstrap)",
-    )
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N calibration records")
-    parser.add_argument("--state", default=None, help="JSON-lines state file: resume an interrupted sweep")
-    parser.add_argument("--out", default=None, help="write the recipe YAML here")
-    parser.add_argument("--plot", default=None, help="save a layer x head heatmap of the deltas (PNG) here")
-
-
-def _act_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """``calibrate_act_heads`` keyword arguments from :func:`_add_act_arguments` options."""
-    import yaml
-
-    return {
-        "beta": args.beta,
-        "threshold": args.threshold,
-        "alpha": args.alpha,
-        "layers": args.layers,
-        "heads": yaml.safe_load(args.heads) if args.heads else None,
-        "fast": not args.slow,
-        "batch_size": args.batch_size,
-        "head_batch": args.head_batch,
-        "max_length": args.max_length,
-        "metric": args.metric,
-        "min_delta": args.min_delta,
-        "confidence": args.confidence,
-        "rule": args.rule,
-        "state_path": args.state,
-    }
-
-
-def _add_temperature_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``attnsurgery calibrate temperature`` (model and --data are the caller's)."""
-    parser.add_argument(
-        "--per", choices=("layer", "head"), default="layer", help="one c per layer or per head"
-    )
-    parser.add_argument("--steps", type=int, default=200, help="maximum optimiser steps (default 200)")
-    parser.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default 0.01)")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per training window (default 256)")
-    parser.add_argument("--batch-size", type=int, default=1, help="windows per step (default 1)")
-    parser.add_argument("--layers", default=None, help="layers to fit, e.g. 2: (default all)")
-    parser.add_argument("--eval-every", type=int, default=25, help="validation every N steps (default 25)")
-    parser.add_argument("--patience", type=int, default=3, help="stop after N validations without gain")
-    parser.add_argument(
-        "--min-c", type=float, default=0.0, help="lower bound of c (default 0, the paper's range)"
-    )
-    parser.add_argument("--heldout-fraction", type=float, default=0.2, help="texts held out for perplexity")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N texts")
-    parser.add_argument("--save", default=None, metavar="DIR", help="save_surgery the fitted table to DIR")
-    parser.add_argument("--out", default=None, help="write the recipe YAML (+ .safetensors state) here")
-
-
-def _temperature_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """``fit_temperature`` keyword arguments from :func:`_add_temperature_arguments` options."""
-    return {
-        "per": args.per,
-        "steps": args.steps,
-        "lr": args.lr,
-        "seq_len": args.seq_len,
-        "batch_size": args.batch_size,
-        "layers": args.layers,
-        "eval_every": args.eval_every,
-        "patience": args.patience,
-        "heldout_fraction": args.heldout_fraction,
-        "min_c": args.min_c,
-    }
-
-
-# argparse lives here, not in calibrate.py: importing that module loads torch, and --help must stay instant
 def _calibration_records(data: list[str], limit: int | None, kind: str) -> tuple[list[dict], str]:
     """Calibration splits of offline tasks (or JSON-lines files): never the test split a table reports on."""
     import itertools
@@ -449,53 +350,71 @@ def _calibration_records(data: list[str], limit: int | None, kind: str) -> tuple
     return records, ",".join(f"{n}:calibration" if not n.endswith(".jsonl") else n for n in names)
 
 
+# --------------------------------------------------------------------------------------------- calibrate
+# A surgery gets `attnsurgery calibrate <name>` by holding patches/<name>/calibrate.py with
+#   - a module docstring whose first line is the subcommand's help,
+#   - add_arguments(parser): its options (MODEL, --dtype and --device-map are added here),
+#   - run(args, tools: CalibrateTools) -> int: the exit code.
+# The file is read (not imported) to list the subcommands, and imported only when its subcommand is parsed:
+# importing a surgery loads torch, and `attnsurgery --help` must stay instant.
+
+
+@dataclass
+class CalibrateTools:
+    """What ``attnsurgery calibrate <surgery>`` hands the surgery's ``calibrate.run(args, tools)``."""
+
+    console: Any  # rich Console: print results here (progress goes to stderr)
+    load: Callable[
+        [str], tuple[Any, Any]
+    ]  # model name -> (model, tokenizer), honouring --dtype / --device-map
+    records: Callable[[list[str] | None, int | None, str], tuple[list[dict], str]]  # see _calibration_records
+
+    def wrote_recipe(self, path: Path, model: str) -> None:
+        """Say where a calibrated recipe went and how to apply it."""
+        self.console.print(f"wrote {path} (use: attnsurgery apply --recipe {path} {model})")
+
+
+def _calibrate_commands() -> dict[str, str]:
+    """``{surgery: help line}`` for every surgery folder with a ``calibrate.py``."""
+    import ast
+    import importlib.resources
+
+    out = {}
+    for entry in sorted(importlib.resources.files("attnsurgery.patches").iterdir(), key=lambda e: e.name):
+        source = entry / "calibrate.py"
+        if entry.is_dir() and not entry.name.startswith("_") and source.is_file():
+            doc = ast.get_docstring(ast.parse(source.read_text())) or ""
+            out[entry.name] = doc.strip().split("\n")[0].rstrip(".")
+    return out
+
+
+class _CalibrateParser(argparse.ArgumentParser):
+    """The parser of ``calibrate <surgery>``: its options come from the surgery's ``calibrate.add_arguments``,
+    imported the first time this subcommand is parsed."""
+
+    def __init__(
+        self, *args: Any, surgery: str, common: Callable[[argparse.ArgumentParser], None], **kwargs: Any
+    ):
+        super().__init__(*args, **kwargs)
+        self.surgery, self.common, self.module = surgery, common, None
+        self.add_argument("model")
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None):
+        if self.module is None:
+            import importlib
+
+            self.module = importlib.import_module(f"attnsurgery.patches.{self.surgery}.calibrate")
+            self.module.add_arguments(self)
+            self.common(self)
+            self.set_defaults(func=cmd_calibrate, calibrate=self.module)
+        return super().parse_known_args(args, namespace)
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from . import calibrate
-
-    console = _console()
-    if args.method == "var":
-        from .patches.var.calibrate import select_sink_dims, sink_dim_scores
-
-        prompts = args.prompt or [
-            "The capital of France is Paris, and the capital of Italy is Rome.",
-            "Describe the picture in one sentence.",
-            "A quick brown fox jumps over the lazy dog.",
-        ]
-        model, tokenizer = _load(args.model, args)
-        scores = sink_dim_scores(model, tokenizer, prompts, tau=args.tau)
-        top = scores.argsort(descending=True)[:8].tolist()
-        console.print("channels by hit fraction: " + ", ".join(f"{d}: {scores[d]:.0%}" for d in top))
-        dims = select_sink_dims(scores, tau=args.tau, min_fraction=args.min_fraction, max_dims=args.max_dims)
-        console.print(f"sink_dims: {dims}")
-        return 0
-    if args.method == "act":
-        records, data = _calibration_records(args.data, args.limit, "multiple_choice")
-        kwargs = _act_kwargs(args)
-        model, tokenizer = _load(args.model, args)
-        result = calibrate.calibrate_act_heads(model, tokenizer, records, data=data, **kwargs)
-        if result.heads:  # one more pass: do the kept heads help together, not just one at a time?
-            result.score_selection(
-                model, tokenizer, records, batch_size=args.batch_size, max_length=args.max_length
-            )
-        console.print(result.summary())
-        if args.plot:
-            from .plotting import plot_head_sweep
-
-            console.print(f"saved {plot_head_sweep(result, args.plot, label=args.model)}")
-        if args.out:
-            path = calibrate.write_act_recipe(result, args.out, args.model, data=data)
-            console.print(f"wrote {path} (use: attnsurgery apply --recipe {path} {args.model})")
-        return 0
-    records, data = _calibration_records(args.data, args.limit, "perplexity")
-    model, tokenizer = _load(args.model, args)
-    result = calibrate.fit_temperature(model, tokenizer, records, data=data, **_temperature_kwargs(args))
-    console.print(result.summary())
-    if args.save:
-        console.print(f"saved to {result.save(model, args.save)}")
-    if args.out:
-        path = calibrate.write_temperature_recipe(result, args.out, args.model, data=data)
-        console.print(f"wrote {path} (use: attnsurgery apply --recipe {path} {args.model})")
-    return 0
+    tools = CalibrateTools(
+        console=_console(), load=lambda name: _load(name, args), records=_calibration_records
+    )
+    return args.calibrate.run(args, tools)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -584,32 +503,16 @@ def build_parser() -> argparse.ArgumentParser:
     eval_options(p)
     p.set_defaults(func=cmd_reproduce)
 
+    commands = _calibrate_commands()
     p = sub.add_parser(
         "calibrate",
-        help="ACT head selection, temperature fitting, VAR sink dimensions",
-        description="attnsurgery calibrate act smollm2-135m --data bb_general_knowledge --out act.yaml\n"
-        "attnsurgery calibrate temperature smollm2-135m --data gutenberg_ppl --out temp.yaml\n"
-        "attnsurgery calibrate var llava-1.5-7b",
+        help="calibrate a surgery on calibration data: " + ", ".join(commands),
+        description="attnsurgery calibrate SURGERY MODEL [options]: one subcommand per surgery folder with a "
+        "calibrate.py (e.g. attnsurgery calibrate act smollm2-135m --data bb_general_knowledge --out act.yaml)",
     )
-    methods = p.add_subparsers(dest="method", required=True)
-    for name, add, help_text in (
-        ("act", _add_act_arguments, "the paper's single-head sweep on multiple-choice calibration data"),
-        ("temperature", _add_temperature_arguments, "fit Selective-Attention position temperatures on text"),
-    ):
-        m = methods.add_parser(name, help=help_text)
-        m.add_argument("model")
-        m.add_argument("--data", action="append", help="offline task(s) (their calibration split) or .jsonl")
-        add(m)
-        model_options(m)
-        m.set_defaults(func=cmd_calibrate)
-    m = methods.add_parser("var", help="find a backbone's sink dimensions (massive activations)")
-    m.add_argument("model")
-    m.add_argument("--prompt", action="append", help="prompt (repeatable; a few defaults otherwise)")
-    m.add_argument("--tau", type=float, default=20.0, help="|x/RMS(x)| threshold (VAR's tau)")
-    m.add_argument("--min-fraction", type=float, default=0.5)
-    m.add_argument("--max-dims", type=int, default=4)
-    model_options(m)
-    m.set_defaults(func=cmd_calibrate)
+    methods = p.add_subparsers(dest="method", required=True, parser_class=_CalibrateParser)
+    for name, help_text in commands.items():
+        methods.add_parser(name, help=help_text, surgery=name, common=model_options)
 
     sub.add_parser(
         "lm-eval",
@@ -628,7 +531,7 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["lm-eval"]:  # everything after it belongs to lm-eval's own parser
-        from .lmeval import harness_main
+        from .eval.lmeval import harness_main
 
         return harness_main(argv[1:])
     parser = build_parser()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -50,51 +49,5 @@ def plot_attention_grid(
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
-def plot_head_sweep(result: Any, out: str | Path, label: str = "") -> Path:
-    """Heatmap of an ACT head sweep: each swept (layer, head)'s mean delta, kept heads boxed, unswept blank.
-
-    ``result`` is a :class:`attnsurgery.calibrate.CalibrationResult`. The colour scale is symmetric around 0
-    (red helps, blue hurts), so noise looks like a speckle of both colours and a real effect stands out.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
-    rows = result.table()
-    if not rows:
-        raise ValueError("the sweep has no scored heads to plot.")
-    layers = sorted({r.layer for r in rows})
-    grid = torch.full((len(layers), result.num_heads), float("nan"))
-    for r in rows:
-        grid[layers.index(r.layer), r.head] = r.delta
-    limit = float(grid.nan_to_num(0).abs().max()) or 1.0
-    fig, ax = plt.subplots(figsize=(max(4.8, 1.6 + 0.45 * result.num_heads), 1.6 + 0.28 * len(layers)))
-    image = ax.imshow(grid.numpy(), cmap="coolwarm", vmin=-limit, vmax=limit, aspect="auto")
-    for r in rows:
-        if r.kept:
-            ax.add_patch(
-                Rectangle((r.head - 0.5, layers.index(r.layer) - 0.5), 1, 1, fill=False, lw=1.8, ec="black")
-            )
-    ax.set_xticks(range(result.num_heads))
-    ax.set_yticks(range(len(layers)), [str(i) for i in layers])
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    fig.colorbar(image, ax=ax, label=f"mean delta {result.metric}")
-    kept = sum(r.kept for r in rows)
-    ax.set_title(
-        f"{label + ': ' if label else ''}ACT head sweep on {result.n_records} records\n"
-        f"{kept}/{len(rows)} heads kept (boxed; rule {result.rule})",
-        fontsize=9,
-    )
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
     plt.close(fig)
     return out

@@ -22,6 +22,7 @@ and install with the package; refer to them as ``<surgery>/<file>`` or just ``<s
 from __future__ import annotations
 
 import importlib.resources
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,32 @@ def write_recipe(data: dict[str, Any], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=110))
     return path
+
+
+def write_calibrated_recipe(
+    path: str | Path,
+    model_alias: str,
+    surgery: dict[str, Any],
+    calibration: dict[str, Any],
+    *,
+    name: str | None,
+    description: str,
+    notes: str,
+    eval_tasks: Sequence[str] | None = None,
+) -> Path:
+    """:func:`write_recipe` of what a calibration produced: one ``surgeries:`` entry made for ``model_alias`` and
+    the ``calibration:`` record of how; ``name`` defaults to ``<surgery>/<model_alias>``."""
+    recipe: dict[str, Any] = {
+        "name": name or f"{surgery['surgery']}/{model_alias}",
+        "description": description,
+        "model": model_alias,
+        "surgeries": [surgery],
+        "calibration": calibration,
+    }
+    if eval_tasks:
+        recipe["eval"] = {"tasks": list(eval_tasks)}
+    recipe["notes"] = notes
+    return write_recipe(recipe, path)
 
 
 def _packaged_root() -> Path:

@@ -8,6 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from attnsurgery.patches.act.calibrate import calibrate_act_heads, write_act_recipe
+from attnsurgery.patches.temperature.calibrate import fit_temperature, write_temperature_recipe
 from tiny import VOCAB, random_ids, tiny_model
 
 from attnsurgery import (
@@ -17,17 +19,7 @@ from attnsurgery import (
     load_surgery,
     patch,
 )
-from attnsurgery.calibrate import (
-    ChoiceScorer,
-    calibrate_act_heads,
-    encode_pair,
-    fit_temperature,
-    record_scores,
-    score_choices,
-    text_windows,
-    write_act_recipe,
-    write_temperature_recipe,
-)
+from attnsurgery.eval.scoring import ChoiceScorer, encode_pair, record_scores, score_choices, text_windows
 
 
 class CharTokenizer:
@@ -280,14 +272,16 @@ def test_selection_and_recipe_round_trip(tmp_path):
 
 
 def test_benjamini_hochberg_and_ztest():
-    from attnsurgery.calibrate import _bh_pass, _ztest_p
+    from attnsurgery.patches.act.selection import _bh_pass, _ztest_p
 
     # m=5, q=0.05: thresholds 0.01 .. 0.05; sorted p 0.001 0.012 0.03 0.045 0.2 -> largest k with p_(k) <= q k / m is 3
     p = torch.tensor([0.045, 0.001, 0.012, 0.2, 0.03], dtype=torch.float64)
     assert _bh_pass(p, 0.05).tolist() == [False, True, True, False, True]
     assert _bh_pass(p, 0.06).tolist() == [True, True, True, False, True]  # 0.045 <= 0.048 now
     assert not _bh_pass(torch.tensor([0.5, 0.9], dtype=torch.float64), 0.05).any()
-    d = torch.tensor([[1.0, 1.2, 0.8, 1.1], [-1.0, -0.9, -1.1, -1.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    d = torch.tensor(
+        [[1.0, 1.2, 0.8, 1.1], [-1.0, -0.9, -1.1, -1.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64
+    )
     z = _ztest_p(d)
     assert z[0] < 1e-3 and z[1] > 0.999 and z[2] == 1.0  # no spread and no mean: never a discovery
 
@@ -297,11 +291,13 @@ def test_fdr_rule_and_kept_heads_scored_together(tmp_path):
     tok = CharTokenizer()
     records = mc_records(8)
     result = calibrate_act_heads(model, tok, records, threshold=0.08, progress=False, rule="fdr")
-    from attnsurgery.calibrate import _bh_pass, _ztest_p
+    from attnsurgery.patches.act.selection import _bh_pass, _ztest_p
 
     base = record_scores(result.baseline_ll, result.golds, "choice_logprob")
     keys = sorted(result.head_ll)
-    deltas = torch.stack([record_scores(result.head_ll[k], result.golds, "choice_logprob") for k in keys]) - base
+    deltas = (
+        torch.stack([record_scores(result.head_ll[k], result.golds, "choice_logprob") for k in keys]) - base
+    )
     want = _bh_pass(_ztest_p(deltas), 0.05) & (deltas.mean(-1) > 0)
     assert [r.kept for r in result.table()] == want.tolist()
     # a lax FDR keeps a superset of a strict one (BH is monotone in q)

@@ -17,20 +17,18 @@ import yaml
 from tiny import tiny_model, tiny_tokenizer
 
 from attnsurgery import patch
-from attnsurgery.evaluate import (
+from attnsurgery.eval.lmeval import SurgeryLM, degenerate_fraction
+from attnsurgery.eval.text import (
     Arm,
     EvalError,
     check_tasks,
     evaluate_arms,
-    load_table,
     make_arms,
     paired_delta,
-    parse_table,
     render_markdown,
-    reproduce,
     write_report,
 )
-from attnsurgery.lmeval import SurgeryLM, degenerate_fraction
+from attnsurgery.eval.text_tables import load_table, parse_table, reproduce
 from attnsurgery.recipe import parse_recipe
 
 SHARPEN = {"name": "sharpen", "surgeries": [{"surgery": "temperature", "args": {"tau": 0.5}}]}
@@ -146,7 +144,7 @@ def test_arms_are_cached_and_rerun_skips_them(include, loaded, tmp_path, monkeyp
     def no_run(*a, **k):
         raise AssertionError("a cached arm ran again")
 
-    monkeypatch.setattr("attnsurgery.evaluate.run_arm", no_run)
+    monkeypatch.setattr("attnsurgery.eval.text.run_arm", no_run)
     report = evaluate_arms(
         "tiny", _arms(SHARPEN), ["t_mc"], cache_dir=tmp_path, limit=4, on_arm=lambda a, s: seen.append(s)
     )
@@ -322,7 +320,7 @@ def test_cli_eval_unknown_task_exits_before_loading(include, capsys):
 
 def test_surgery_args_parsing():
     from attnsurgery.errors import AttnSurgeryError
-    from attnsurgery.lmeval import _parse_surgery_args
+    from attnsurgery.eval.lmeval import _parse_surgery_args
 
     assert _parse_surgery_args("beta:0.4;threshold:0.1") == {"beta": 0.4, "threshold": 0.1}
     with pytest.raises(AttnSurgeryError, match="name:value"):

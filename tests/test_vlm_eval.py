@@ -1,4 +1,4 @@
-"""POPE / CHAIR evaluator (attnsurgery.vlm_eval): metrics on hand-made predictions, table parsing and errors, and
+"""POPE / CHAIR evaluator (attnsurgery.eval.vision): metrics on hand-made predictions, table parsing and errors, and
 a whole table (baseline vs VAR) run on a tiny random-weight LLaVA with a real LlavaProcessor built offline."""
 
 from __future__ import annotations
@@ -12,22 +12,20 @@ import yaml
 from vlm_tiny import IMAGE_TOKEN, tiny_vlm
 
 from attnsurgery import AttnSurgeryError
-from attnsurgery.vlm_eval import (
+from attnsurgery.eval.vision import run_vlm_table
+from attnsurgery.eval.vision_metrics import (
     CHAIR_SYNONYMS,
     VLMEvalError,
     caption_objects,
     chair_metrics,
     chair_record,
-    is_vlm_table,
     load_coco_objects,
-    load_vlm_table,
     paired_bootstrap,
-    parse_vlm_table,
     pope_metrics,
     pope_parse,
-    run_vlm_table,
     summarize,
 )
+from attnsurgery.eval.vision_tables import is_vlm_table, load_vlm_table, parse_vlm_table
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "yes no not there is a dog cat man table the in image cup pizza bear car , .".split()

@@ -1,6 +1,9 @@
-"""Find a backbone's sink dimensions D_sink: the residual-stream channels in which sink tokens (BOS, a few image
-tokens) carry massive activations. VAR needs them per language backbone; the paper notes they are inherited
-from the base LLM, so text prompts are enough, and image prompts work too.
+"""VAR sink dimensions: find a backbone's sink dimensions (massive activations).
+
+D_sink are the residual-stream channels in which sink tokens (BOS, a few image tokens) carry massive
+activations. VAR needs them per language backbone; the paper notes they are inherited from the base LLM, so text
+prompts are enough, and image prompts work too. ``attnsurgery calibrate var`` is :func:`add_arguments` +
+:func:`run`.
 
 >>> from attnsurgery.patches.var.calibrate import find_sink_dims
 >>> dims = find_sink_dims(model, processor, ["Describe the image.", "What is shown?"], images=[img, img])
@@ -9,13 +12,24 @@ from the base LLM, so text prompts are enough, and image prompts work too.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from attnsurgery.errors import SurgeryConfigError
 from attnsurgery.targeting import parse_layers
+
+if TYPE_CHECKING:
+    from attnsurgery.cli import CalibrateTools
+
+#: what ``attnsurgery calibrate var`` scores when no --prompt is given
+DEFAULT_PROMPTS = (
+    "The capital of France is Paris, and the capital of Italy is Rome.",
+    "Describe the picture in one sentence.",
+    "A quick brown fox jumps over the lazy dog.",
+)
 
 
 def _encode(processor: Any, prompt: Any, image: Any, device: torch.device) -> dict[str, torch.Tensor]:
@@ -110,3 +124,27 @@ def select_sink_dims(
             "massive activations at that threshold: lower tau or min_fraction, or check the prompts."
         )
     return dims
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ``attnsurgery calibrate var``
+# ----------------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``attnsurgery calibrate var`` (the CLI adds MODEL, --dtype and --device-map)."""
+    parser.add_argument("--prompt", action="append", help="prompt (repeatable; a few defaults otherwise)")
+    parser.add_argument("--tau", type=float, default=20.0, help="|x/RMS(x)| threshold (VAR's tau)")
+    parser.add_argument("--min-fraction", type=float, default=0.5)
+    parser.add_argument("--max-dims", type=int, default=4)
+
+
+def run(args: argparse.Namespace, tools: CalibrateTools) -> int:
+    """Print the channels' hit fractions and the chosen ``sink_dims``."""
+    model, tokenizer = tools.load(args.model)
+    scores = sink_dim_scores(model, tokenizer, args.prompt or list(DEFAULT_PROMPTS), tau=args.tau)
+    top = scores.argsort(descending=True)[:8].tolist()
+    tools.console.print("channels by hit fraction: " + ", ".join(f"{d}: {scores[d]:.0%}" for d in top))
+    dims = select_sink_dims(scores, tau=args.tau, min_fraction=args.min_fraction, max_dims=args.max_dims)
+    tools.console.print(f"sink_dims: {dims}")
+    return 0

@@ -1,0 +1,14 @@
+"""Measuring a (patched) model: built on the core, never imported by it.
+
+* :mod:`.lmeval` -- the lm-evaluation-harness bridge (``--model attnsurgery``, ``attnsurgery lm-eval``).
+* :mod:`.text` / :mod:`.text_tables` -- baseline vs patched through lm-eval, paired deltas, table definitions
+  (``attnsurgery eval`` / ``reproduce``).
+* :mod:`.vision` / :mod:`.vision_tables` / :mod:`.vision_metrics` -- POPE and CHAIR for vision-language models
+  (``kind: vlm`` tables).
+* :mod:`.scoring` -- choice log-likelihoods and text-window loss, shared by the tables and by calibration.
+* :mod:`.report` -- the one renderer (markdown, JSON, PNG) of text and vision tables.
+* :mod:`.outliers`, :mod:`.quant` -- activation-outlier statistics and low-precision checks.
+
+Submodules are imported on use (``lm_eval`` and ``torch`` are heavy), e.g.
+``from attnsurgery.eval.text import evaluate_arms, make_arms``.
+"""

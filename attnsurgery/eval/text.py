@@ -1,0 +1,559 @@
+"""Baseline vs patched, scored by lm-evaluation-harness, side by side.
+
+:func:`evaluate_arms` runs one model under several *arms* (the unpatched baseline and one per recipe) on the
+same tasks and the same examples, and returns an :class:`EvalReport`: per metric the value and stderr of each
+arm, the delta against the baseline and a *paired* significance estimate (the arms saw identical docs, so the
+per-doc differences are what carries the signal; an unpaired comparison of two stderrs is far too cautious).
+
+Every finished arm is cached as JSON keyed by a fingerprint of everything that changes its numbers (model,
+recipe content and state file, tasks, shots, limit, dtype, library versions), so a re-run skips it. Results are
+checked for NaN/inf logits and degenerate choices (all log-likelihoods tied, which lm-eval silently scores as
+"first choice") and such arms are marked INVALID in every table.
+
+:func:`reproduce` runs a table definition (``evals/*.yaml``: models x arms x tasks, optional published numbers
+to print beside ours; :mod:`.text_tables`) and writes JSON, markdown and a PNG bar chart with error bars
+(:mod:`.report`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import AttnSurgeryError, RecipeError, did_you_mean
+from ..recipe import Recipe, find_recipe
+from .report import Panel, Table, p_label, plot_panels, write_files
+
+CACHE_FORMAT = 1
+# Per-doc values of these metrics are (log-likelihood, weight) pairs aggregated over the whole corpus.
+_WEIGHTED = {
+    "word_perplexity": lambda ll, w: math.exp(-ll / w),
+    "byte_perplexity": lambda ll, w: math.exp(-ll / w),
+    "bits_per_byte": lambda ll, w: -ll / w / math.log(2),
+}
+_LOWER_IS_BETTER = {"word_perplexity", "byte_perplexity", "bits_per_byte", "perplexity"}
+
+
+class EvalError(AttnSurgeryError):
+    """Bad evaluation input: unknown task or metric, malformed table definition, missing data."""
+
+
+# --------------------------------------------------------------------------------------------------- arms
+@dataclass
+class Arm:
+    """One column of a table: ``recipe=None`` is the unpatched baseline."""
+
+    name: str
+    recipe: Recipe | None = None
+
+    def fingerprint(self) -> Any:
+        if self.recipe is None:
+            return None
+        specs = []
+        for spec in self.recipe.surgeries:
+            state = None
+            if spec.state is not None:
+                state = hashlib.sha256(Path(spec.state).read_bytes()).hexdigest()
+            specs.append([spec.surgery, spec.args, _jsonable(spec.layers), _jsonable(spec.heads), state])
+        return specs
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def arm_mappings(arms: Any, fail: Callable[[str], Exception]) -> Iterator[dict[str, Any]]:
+    """Each entry of a table's ``arms:`` as a mapping with a ``name`` (the shorthands ``- baseline`` and
+    ``- <recipe>`` expanded), checked as it is reached; ``fail(problem)`` builds the error to raise."""
+    if not isinstance(arms, list) or not arms:
+        raise fail("`arms` must be a non-empty list; start with `- name: baseline`.")
+    for i, arm in enumerate(arms):
+        if isinstance(arm, str):
+            arm = {"name": arm} if arm == "baseline" else {"name": arm, "recipe": arm}
+        if not isinstance(arm, dict) or "name" not in arm:
+            raise fail(f"arm #{i + 1} must be a mapping with `name` (and `recipe` unless baseline).")
+        yield arm
+
+
+def make_arms(recipes: Sequence[str | Recipe], model: str | None = None, baseline: bool = True) -> list[Arm]:
+    """Arms for a baseline plus each recipe (names, YAML paths or :class:`Recipe`); names must be unique."""
+    arms = [Arm("baseline")] if baseline else []
+    for item in recipes:
+        recipe = item if isinstance(item, Recipe) else find_recipe(item, model=model)
+        arms.append(Arm(recipe.name, recipe))
+    names = [a.name for a in arms]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise RecipeError(f"two arms are both called {sorted(dupes)}: give each recipe its own `name:`.")
+    return arms
+
+
+# ------------------------------------------------------------------------------------------------ results
+@dataclass
+class ArmResult:
+    arm: str
+    metrics: dict[str, dict[str, float | None]]  # task -> {metric: value, metric_stderr: value}
+    per_doc: dict[str, dict[str, dict[str, Any]]]  # task -> doc_id -> {metric: value | [ll, weight]}
+    n_docs: dict[str, int]
+    valid: bool = True
+    problems: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    fingerprint: str = ""
+    lm_eval: dict[str, Any] = field(default_factory=dict)  # lm-eval's own results/configs/versions
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ArmResult:
+        return cls(**data)
+
+
+def _metric_items(task_results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """lm-eval's ``{"acc,none": .5, "acc_stderr,none": .1}`` -> ``{"acc": {"value": .5, "stderr": .1}}``."""
+    out: dict[str, dict[str, float | None]] = {}
+    for key, value in task_results.items():
+        if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
+            continue
+        metric, filt = key.split(",", 1)
+        name = metric if filt == "none" else f"{metric} ({filt})"
+        stderr = task_results.get(f"{metric}_stderr,{filt}")
+        out[name] = {
+            "value": float(value),
+            "stderr": float(stderr) if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None,
+        }
+    return out
+
+
+def _arm_from_lm_eval(arm: Arm, raw: dict[str, Any], lm: Any, seconds: float, fp: str) -> ArmResult:
+    from .lmeval import degenerate_fraction
+
+    metrics: dict[str, dict[str, float | None]] = {}
+    per_doc: dict[str, dict[str, dict[str, Any]]] = {}
+    n_docs: dict[str, int] = {}
+    problems: list[str] = []
+    for task, task_results in raw["results"].items():
+        items = _metric_items(task_results)
+        metrics[task] = {}
+        for name, item in items.items():
+            metrics[task][name] = item["value"]
+            metrics[task][f"{name}_stderr"] = item["stderr"]
+            if not math.isfinite(item["value"]):
+                problems.append(f"{task}: {name} is {item['value']}")
+        samples = raw.get("samples", {}).get(task, [])
+        n_docs[task] = len(samples)
+        docs: dict[str, dict[str, Any]] = {}
+        for sample in samples:
+            values = {}
+            for metric in items:
+                v = sample.get(metric.split(" (")[0])
+                if isinstance(v, (int, float, bool)):
+                    values[metric] = float(v)
+                elif isinstance(v, (list, tuple)) and len(v) == 2:
+                    values[metric] = [float(v[0]), float(v[1])]
+            resps = sample.get("filtered_resps") or []
+            if len(resps) > 1 and all(isinstance(r, (list, tuple)) and r for r in resps):
+                # the choices' log-likelihoods: what an arm actually changed, even when no argmax flipped
+                values["_choice_lls"] = [float(r[0]) for r in resps]
+            docs[str(sample["doc_id"])] = values
+        per_doc[task] = docs
+        frac = degenerate_fraction(samples)
+        if frac is not None and frac > 0.5:
+            problems.append(
+                f"{task}: {frac:.0%} of docs have all choice log-likelihoods tied or non-finite "
+                "(lm-eval scores those as the first choice)"
+            )
+    if not lm.outputs_finite:
+        problems.append(f"NaN/inf logits in {lm.nonfinite_batches} of {lm.forward_batches} forward batches")
+    keep = {k: raw[k] for k in ("results", "configs", "versions", "n-shot", "higher_is_better") if k in raw}
+    return ArmResult(
+        arm=arm.name,
+        metrics=metrics,
+        per_doc=per_doc,
+        n_docs=n_docs,
+        valid=not problems,
+        problems=problems,
+        seconds=seconds,
+        fingerprint=fp,
+        lm_eval=json.loads(json.dumps(keep, default=str)),
+    )
+
+
+# ------------------------------------------------------------------------------------------ paired stats
+def _aggregate(metric: str, values: list[Any]) -> float:
+    base = metric.split(" (")[0]
+    if values and isinstance(values[0], list):
+        ll = sum(v[0] for v in values)
+        w = sum(v[1] for v in values)
+        fn = _WEIGHTED.get(base)
+        if fn is None or w == 0:
+            return float("nan")
+        return fn(ll, w)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def paired_delta(
+    metric: str, base: dict[str, Any], other: dict[str, Any], iters: int = 2000
+) -> dict[str, Any]:
+    """Delta of ``other`` vs ``base`` over the docs both scored, with a paired standard error and p-value.
+
+    Per-doc metrics (accuracy, exact match): the mean of per-doc differences, its standard error and a
+    normal-approximation two-sided p-value. Corpus metrics (perplexities, bits per byte) are ratios of sums, so
+    their delta gets a paired bootstrap over docs (fixed seed; ``iters`` resamples).
+    """
+    import numpy as np
+
+    docs = sorted(set(base) & set(other), key=lambda d: (len(d), d))
+    a = [base[d] for d in docs if metric in base[d] and metric in other[d]]
+    b = [other[d] for d in docs if metric in base[d] and metric in other[d]]
+    a_vals = [x[metric] for x in a]
+    b_vals = [x[metric] for x in b]
+    n = len(a_vals)
+    if n == 0:
+        return {"delta": None, "delta_stderr": None, "p": None, "n": 0}
+    delta = _aggregate(metric, b_vals) - _aggregate(metric, a_vals)
+    if isinstance(a_vals[0], list):
+        rng = np.random.default_rng(0)
+        A = np.asarray(a_vals, dtype=np.float64)
+        B = np.asarray(b_vals, dtype=np.float64)
+        idx = rng.integers(0, n, size=(iters, n))
+        fn = _WEIGHTED[metric.split(" (")[0]]
+        deltas = np.array([fn(B[i, 0].sum(), B[i, 1].sum()) - fn(A[i, 0].sum(), A[i, 1].sum()) for i in idx])
+        se = float(deltas.std(ddof=1)) if n > 1 else None
+        # resolution of a bootstrap p-value is 1/iters: never report 0
+        p = float(min(1.0, max(2 * min((deltas <= 0).mean(), (deltas >= 0).mean()), 1.0 / iters)))
+        return {"delta": delta, "delta_stderr": se, "p": p, "n": n}
+    diffs = np.asarray(b_vals, dtype=np.float64) - np.asarray(a_vals, dtype=np.float64)
+    se = float(diffs.std(ddof=1) / math.sqrt(n)) if n > 1 else None
+    if not se:
+        p = 1.0 if abs(delta) < 1e-12 else 0.0
+    else:
+        p = math.erfc(abs(delta / se) / math.sqrt(2))
+    return {"delta": delta, "delta_stderr": se, "p": p, "n": n}
+
+
+# ---------------------------------------------------------------------------------------------- reports
+@dataclass
+class EvalReport:
+    model: str
+    tasks: list[str]
+    arms: list[ArmResult]
+    settings: dict[str, Any]
+
+    @property
+    def baseline(self) -> ArmResult:
+        return self.arms[0]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per (task, metric): each arm's value and stderr, and delta/p against the first arm."""
+        rows = []
+        base = self.baseline
+        for task in self.tasks:
+            names = [m for m in base.metrics.get(task, {}) if not m.endswith("_stderr")]
+            for metric in names:
+                row: dict[str, Any] = {"task": task, "metric": metric, "arms": {}}
+                for arm in self.arms:
+                    value = arm.metrics.get(task, {}).get(metric)
+                    entry = {"value": value, "stderr": arm.metrics.get(task, {}).get(f"{metric}_stderr")}
+                    if arm is not base:
+                        entry.update(
+                            paired_delta(metric, base.per_doc.get(task, {}), arm.per_doc.get(task, {}))
+                        )
+                    entry["valid"] = arm.valid
+                    row["arms"][arm.arm] = entry
+                rows.append(row)
+        return rows
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "tasks": self.tasks,
+            "settings": self.settings,
+            "table": self.rows(),
+            "arms": {
+                a.arm: {
+                    "valid": a.valid,
+                    "problems": a.problems,
+                    "seconds": a.seconds,
+                    "n_docs": a.n_docs,
+                    "fingerprint": a.fingerprint,
+                    "lm_eval": a.lm_eval,
+                }
+                for a in self.arms
+            },
+        }
+
+    def markdown(self, published: Sequence[dict[str, Any]] = ()) -> str:
+        return render_markdown([self], published)
+
+
+def render_markdown(reports: Sequence[EvalReport], published: Sequence[dict[str, Any]] = ()) -> str:
+    """A markdown table per model: value ± stderr per arm, then delta (paired stderr, p) per patched arm."""
+    out: list[str] = []
+    for report in reports:
+        pub = [p for p in published if p.get("model") == report.model]
+        rows = [
+            (
+                [row["task"], row["metric"]],
+                row["arms"],
+                [
+                    p
+                    for p in pub
+                    if p.get("task") == row["task"] and p.get("metric", row["metric"]) == row["metric"]
+                ],
+            )
+            for row in report.rows()
+        ]
+        out.append(f"### {report.model}\n")
+        out += Table([a.arm for a in report.arms], ["task", "metric"], rows, published=bool(pub)).lines()
+        n = {t: report.baseline.n_docs.get(t) for t in report.tasks}
+        secs = ", ".join(f"{a.arm} {a.seconds:.0f} s" for a in report.arms)
+        out.append("")
+        out.append(f"docs per task: {n}; wall time: {secs}.")
+        for arm in report.arms:
+            if not arm.valid:
+                out.append(f"\n**{arm.arm} is INVALID**: " + "; ".join(arm.problems))
+        out.append("")
+    return "\n".join(out)
+
+
+def plot_report(
+    reports: Sequence[EvalReport], out: str | Path, primary: dict[str, str] | None = None
+) -> Path:
+    """Bar chart with stderr error bars: one panel per (model, task), one bar per arm."""
+    panels = []
+    for report in reports:
+        for task in report.tasks:
+            metrics = [m for m in report.baseline.metrics.get(task, {}) if not m.endswith("_stderr")]
+            if not metrics:
+                continue
+            metric = (primary or {}).get(task) or metrics[0]
+            labels = []
+            for arm in report.arms:
+                label = arm.arm
+                if arm is not report.baseline:
+                    # the paired delta under the name: small effects (perplexity) are invisible in bar heights
+                    d = paired_delta(metric, report.baseline.per_doc.get(task, {}), arm.per_doc.get(task, {}))
+                    if d["delta"] is not None:
+                        label += f"\nΔ{d['delta']:+.3g} ({p_label(d['p'])})"
+                labels.append(label)
+            panels.append(
+                Panel(
+                    title=f"{report.model}\n{task}",
+                    ylabel=f"{metric} {'↓' if metric.split(' (')[0] in _LOWER_IS_BETTER else '↑'}",
+                    values=[a.metrics.get(task, {}).get(metric) or 0.0 for a in report.arms],
+                    errors=[a.metrics.get(task, {}).get(f"{metric}_stderr") or 0.0 for a in report.arms],
+                    valid=[a.valid for a in report.arms],
+                    labels=labels,
+                )
+            )
+    if not panels:
+        raise EvalError("nothing to plot: the reports have no metrics.")
+    most_arms = max(len(r.arms) for r in reports)
+    # panels widen with the arm count so each bar's two-line label (name, delta and p) stays readable
+    width = max(4.4, 1.45 * most_arms + 0.8)
+    return plot_panels(panels, out, panel_size=(width, 3.2), title_size=8, tick_style={"fontsize": 7})
+
+
+# --------------------------------------------------------------------------------------------- running
+def task_manager(extra: Sequence[str | Path] = ()):
+    """lm-eval's TaskManager with the offline suite, ``extra`` folders and ``$ATTNSURGERY_INCLUDE_PATH``
+    (``os.pathsep``-separated folders of your own task YAMLs)."""
+    from lm_eval.tasks import TaskManager
+
+    from .lmeval import include_path
+
+    paths = [str(p) for p in extra]
+    paths += [p for p in os.environ.get("ATTNSURGERY_INCLUDE_PATH", "").split(os.pathsep) if p]
+    if include_path():
+        paths.append(include_path())
+    for p in paths:
+        if not Path(p).is_dir():
+            raise EvalError(
+                f"task folder {p} does not exist (from --include-path / ATTNSURGERY_INCLUDE_PATH)."
+            )
+    key = tuple(paths)
+    if key not in _MANAGERS:  # indexing lm-eval's few thousand task YAMLs takes seconds: do it once
+        _MANAGERS[key] = TaskManager(include_path=paths or None)
+    return _MANAGERS[key]
+
+
+_MANAGERS: dict[tuple[str, ...], Any] = {}
+
+
+def load_tasks(names: list[str], manager: Any) -> dict[str, Any]:
+    """lm-eval task objects by name (for their configs and metrics)."""
+    if hasattr(manager, "load"):  # lm-eval >= 0.4.10
+        return manager.load(names)["tasks"]
+    from lm_eval.tasks import get_task_dict
+
+    return get_task_dict(names, manager)
+
+
+def check_tasks(tasks: Sequence[str], manager: Any = None) -> list[str]:
+    """Expand and validate task names before any model is loaded (unknown names get "did you mean")."""
+    if not tasks:
+        raise EvalError(
+            "no tasks given: pass --tasks (e.g. `--tasks offline` for the shipped offline suite)."
+        )
+    manager = manager or task_manager()
+    known = set(manager.all_tasks)
+    out: list[str] = []
+    for name in tasks:
+        if name == "offline":
+            from ..tasks import offline_tasks
+
+            out.extend(offline_tasks())
+            continue
+        if name not in known:
+            raise EvalError(
+                f"unknown lm-eval task {name!r}.{did_you_mean(name, sorted(known))} "
+                "Offline tasks shipped with attnsurgery: `attnsurgery lm-eval ls tasks`; standard lm-eval tasks "
+                "(hellaswag, arc_easy, mmlu, ...) need the Hugging Face Hub or a local datasets cache."
+            )
+        out.append(name)
+    return list(dict.fromkeys(out))
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    from .. import __version__
+
+    return {
+        "attnsurgery": __version__,
+        "lm_eval": version("lm_eval"),
+        "transformers": version("transformers"),
+    }
+
+
+def _fingerprint(model: str, arm: Arm, settings: dict[str, Any]) -> str:
+    key = {"format": CACHE_FORMAT, "model": model, "arm": arm.fingerprint(), **settings, **_versions()}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def slug(text: str) -> str:
+    """``text`` as a safe file name (cache entries, result folders)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:80]
+
+
+def evaluate_arms(
+    model: str,
+    arms: Sequence[Arm],
+    tasks: Sequence[str],
+    *,
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 16,
+    dtype: str = "float32",
+    cache_dir: str | Path | None = None,
+    force: bool = False,
+    loaded: tuple[Any, Any] | None = None,
+    on_arm: Callable[[str, str], None] | None = None,
+) -> EvalReport:
+    """Run every arm on the same docs; cached arms (same fingerprint under ``cache_dir``) are read back.
+
+    ``loaded`` passes an already loaded ``(model, tokenizer)`` (otherwise ``model`` is loaded with
+    :func:`attnsurgery.load_model` only if some arm is not cached). ``on_arm(arm_name, status)`` reports
+    progress ("cached", "running", "done").
+    """
+    if not arms or arms[0].recipe is not None:
+        raise EvalError("the first arm must be the unpatched baseline (make_arms() puts it there).")
+    manager = task_manager()
+    tasks = check_tasks(tasks, manager)
+    settings = {"tasks": tasks, "limit": limit, "num_fewshot": num_fewshot, "dtype": dtype}
+    cache = Path(cache_dir) / slug(model) if cache_dir else None
+    results: list[ArmResult] = []
+    for arm in arms:
+        fp = _fingerprint(model, arm, settings)
+        path = cache / f"{slug(arm.name)}-{fp}.json" if cache else None
+        if path is not None and path.is_file() and not force:
+            results.append(ArmResult.from_json(json.loads(path.read_text())))
+            if on_arm:
+                on_arm(arm.name, "cached")
+            continue
+        if loaded is None:
+            from ..models import load_model
+
+            loaded = load_model(model, dtype=dtype)
+        if on_arm:
+            on_arm(arm.name, "running")
+        result = run_arm(
+            loaded, arm, tasks, manager, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size
+        )
+        result.fingerprint = fp
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(result.to_json()))
+            os.replace(tmp, path)  # atomic: an interrupted run never leaves a half-written cache entry
+        results.append(result)
+        if on_arm:
+            on_arm(arm.name, "done")
+    return EvalReport(model=model, tasks=tasks, arms=results, settings=settings)
+
+
+def run_arm(
+    loaded: tuple[Any, Any],
+    arm: Arm,
+    tasks: Sequence[str],
+    manager: Any,
+    *,
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 16,
+) -> ArmResult:
+    """One lm-eval run of ``arm`` on the loaded model; the surgery is removed again afterwards."""
+    import lm_eval
+
+    from ..api import patch
+    from .lmeval import SurgeryLM
+
+    model, tokenizer = loaded
+    handle = patch(model, arm.recipe) if arm.recipe is not None else None
+    try:
+        lm = SurgeryLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        start = time.perf_counter()
+        raw = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            log_samples=True,
+            random_seed=0,
+            numpy_random_seed=1234,
+            torch_random_seed=1234,
+            fewshot_random_seed=1234,
+        )
+        seconds = time.perf_counter() - start
+    finally:
+        if handle is not None:
+            handle.remove()
+    return _arm_from_lm_eval(arm, raw, lm, seconds, "")
+
+
+def write_report(
+    reports: Sequence[EvalReport],
+    out_dir: str | Path,
+    published: Sequence[dict] = (),
+    primary: dict[str, str] | None = None,
+    name: str = "results",
+) -> dict[str, Path]:
+    """``<name>.json`` (our table plus lm-eval's results per arm), ``<name>.md`` and ``<name>.png``."""
+    payload = {"reports": [r.to_json() for r in reports], "published": list(published)}
+    markdown = render_markdown(reports, published)
+    return write_files(out_dir, name, payload, markdown, lambda png: plot_report(reports, png, primary))
