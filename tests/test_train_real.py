@@ -1,0 +1,64 @@
+"""The trainer on the real packaged SmolLM2-135M: gates + LoRA, a few steps through the CLI (slow, part of CI)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from attnsurgery import load_model, patch
+from attnsurgery.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_train_gates_and_lora_on_smollm2(tmp_path):
+    out = tmp_path / "run"
+    argv = [
+        "train",
+        "smollm2-135m",
+        "gated_attention",
+        "--arg",
+        "form=headwise",
+        "--layers",
+        "2:",
+        "--objective",
+        "lm+kd",
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "64",
+        "--val-every",
+        "3",
+        "--val-windows",
+        "2",
+        "--lr",
+        "0.05",
+        "--lora-r",
+        "4",
+        "--lora-targets",
+        "q_proj,v_proj",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    training = recipe["training"]
+    before, last = training["validation"]["before"], training["validation"]["last"]
+    # at init both surgeries are the identity: the kd term is 0 and the objective is the plain lm loss
+    assert before["objective"] == pytest.approx(before["lm"], abs=1e-5)
+    assert all(torch.isfinite(torch.tensor([last["lm"], last["objective"]])))
+    assert training["data"]["source"] == "gutenberg_ppl" and training["steps"] == 3
+    # the folder is a recipe: it applies to the real model, changes it, and removal restores it exactly
+    model, tokenizer = load_model("smollm2-135m")
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = model(ids).logits
+        with patch(model, str(out)) as handle:
+            assert [s.name for s in handle.surgeries] == ["gated_attention", "lora"]
+            assert (model(ids).logits - ref).abs().max() > 1e-4
+        assert torch.equal(model(ids).logits, ref)
+    # the same folder again without --resume/--overwrite is refused (exit 2), nothing touched
+    assert main(argv) == 2
