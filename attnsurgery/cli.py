@@ -418,8 +418,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
-    from .train.objectives import OBJECTIVES
-
     p.add_argument("model", help="model alias (smollm2-135m, gemma3-270m), hub id or local path")
     p.add_argument(
         "surgery", nargs="?", help="surgery to train (gated_attention, head_scale ...); or --recipe"
@@ -431,7 +429,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--data", default="gutenberg_ppl", help="offline task (calibration split), .jsonl/.txt file or Hub id"
     )
     p.add_argument(
-        "--objective", default="lm", help=f"{', '.join(OBJECTIVES)} or a weighted sum: 'lm+0.5*kd'"
+        "--objective",
+        default="lm",
+        help="lm, kd (KL to the unpatched model), transfer (attention-output MSE) or a weighted sum: 'lm+0.5*kd'",
     )
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=1e-2, help="learning rate of the surgery's own parameters")
