@@ -433,14 +433,18 @@ class LayerPlan:
         call.query, call.key, call.value, call.scaling = query, key, value, scaling
         kernel = self.kernel if record is None else self.replace
         weights = None
+        if (kernel is not None or self.tiled or record is not None) and (
+            kwargs.get("s_aux") is not None or kwargs.get("position_bias") is not None
+        ):
+            # attnsurgery's own kernels (tiled, fused ACT/VAR) score softcapped q.k plus the additive mask only
+            raise UnsupportedModelError(
+                f"layer {self.layer_idx}: attention sinks (s_aux) / position_bias are not supported by attnsurgery's "
+                "own kernels (the tiled path, fused ACT / VAR) yet; patch only query/head-output surgeries on this "
+                "model."
+            )
         if kernel is not None:
             attn_output = kernel.attention(query, key, value, scaling, call)
         elif self.tiled or record is not None:
-            if kwargs.get("s_aux") is not None or kwargs.get("position_bias") is not None:
-                raise UnsupportedModelError(
-                    f"layer {self.layer_idx}: attention sinks (s_aux) / position_bias are not supported on the "
-                    "tiled path yet; patch only query/head-output surgeries on this model."
-                )
             attn_output = tiled_attention(
                 query,
                 key,

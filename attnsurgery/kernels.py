@@ -49,6 +49,50 @@ def visible(
     return attention_mask > torch.finfo(attention_mask.dtype).min / 2
 
 
+def has_bias(attention_mask: torch.Tensor | None) -> bool:
+    """True for an additive float mask that carries values other than 0 (attend) and the dtype minimum (masked):
+    a bias (ALiBi-style, a caller's own 4D mask) that a boolean visibility mask would silently drop."""
+    if attention_mask is None or attention_mask.dtype == torch.bool:
+        return False
+    masked = attention_mask <= torch.finfo(attention_mask.dtype).min / 2
+    return bool((attention_mask.masked_fill(masked, 0) != 0).any())
+
+
+def softcapped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma-2-style logit softcapping ``tanh(s / cap) * cap`` (as transformers' eager functions apply it)."""
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
+
+
+def column_mask(
+    attention_mask: torch.Tensor | None,
+    is_causal: bool,
+    q_len: int,
+    idx: torch.Tensor,
+    s: int = 0,
+    e: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Visibility and additive bias of a few key columns for query rows ``[s, e)``, without an n x n tensor.
+
+    ``idx`` (B, H|1, m) are key indices per batch row (and head). Returns ``ok`` (B, H'|1, e - s, m) bool and
+    ``bias`` of the same shape in fp32 (the additive float mask's values, 0 where not visible) or None.
+    """
+    e = q_len if e is None else e
+    if attention_mask is None:
+        if is_causal and q_len > 1:  # plain causal prefill: query i sees keys 0..i
+            rows = torch.arange(s, e, device=idx.device)
+            return idx[:, :, None, :] <= rows[None, None, :, None], None
+        return torch.ones(*idx.shape[:2], e - s, idx.shape[-1], dtype=torch.bool, device=idx.device), None
+    rows = attention_mask[:, :, s:e] if attention_mask.shape[2] > 1 else attention_mask
+    bsz = max(rows.shape[0], idx.shape[0])
+    heads = max(rows.shape[1], idx.shape[1])
+    rows = rows.expand(bsz, heads, e - s, -1)
+    picked = rows.gather(-1, idx[:, :, None, :].expand(bsz, heads, e - s, -1).to(rows.device))
+    if picked.dtype == torch.bool:
+        return picked, None
+    ok = picked > torch.finfo(picked.dtype).min / 2
+    return ok, torch.where(ok, picked.float(), 0.0)
+
+
 def allowed_tile(
     mask: torch.Tensor | None, is_causal: bool, q_len: int, k_len: int, s: int, e: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor | None, int, int]:
@@ -133,6 +177,8 @@ def tiled_attention(
     record: list[torch.Tensor] | None = None,
     stats: AttentionStats | None = None,
     block_rows: int | None = None,
+    softcap: float | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Exact attention computed over blocks of query rows, with probability-level stages applied per block.
 
@@ -141,17 +187,23 @@ def tiled_attention(
     Memory is O(block x n): scores for at most ``TILE_BYTES`` at a time. Keys outside the block's visible range
     (above the causal diagonal, before a sliding window) are skipped. Scores and probabilities are fp32 as in
     transformers' eager path. Returns attn_output (B, Tq, H, Dv). ``call`` (when given) supplies ``is_causal``
-    and Gemma-2-style ``softcap``; ``stats`` asks for the softmax's lse and column sums from the same pass.
+    and Gemma-2-style ``softcap`` (or pass ``softcap`` without a call); ``stats`` asks for the softmax's lse and
+    column sums from the same pass. ``out_dtype=torch.float32`` keeps the value product and the output in fp32 for
+    low-precision inputs (callers that correct the output afterwards, where a rounded output would be amplified).
     """
     bsz, num_heads, q_len, head_dim = query.shape
     num_kv, k_len = key.shape[1], key.shape[2]
     groups = num_heads // num_kv
-    softcap = call.kwargs.get("softcap") if call is not None else None
-    is_causal = call.is_causal if call is not None else is_causal
+    if call is not None:
+        softcap = call.kwargs.get("softcap") if softcap is None else softcap
+        is_causal = call.is_causal
     # (B, Hkv, G, Tq, D): query heads grouped by the key/value head they share, so GQA never repeats K/V
     q = (query.float() * scaling).view(bsz, num_kv, groups, q_len, head_dim)
     k_t = key.float().transpose(-1, -2)  # (B, Hkv, D, Tk)
-    out = query.new_empty(bsz, q_len, num_heads, value.shape[-1])
+    out_dtype = query.dtype if out_dtype is None else out_dtype
+    out = query.new_empty(bsz, q_len, num_heads, value.shape[-1], dtype=out_dtype)
+    # the dtype of the value product: the model's, unless an fp32 output was asked for
+    product = torch.promote_types(value.dtype, out_dtype)
     if block_rows is None:
         block_rows = max(16, min(TILE_ROWS, TILE_BYTES // max(1, 4 * bsz * num_heads * k_len)))
     plain_softmax = (
@@ -171,8 +223,7 @@ def tiled_attention(
         tile = AttentionTile(call, s, e, k0, k1, allowed)
         qb = q[:, :, :, s:e].reshape(bsz, num_kv, groups * (e - s), head_dim)
         scores = torch.matmul(qb, k_t[..., k0:k1]).view(bsz, num_heads, e - s, k1 - k0)  # (B, H, bq, bk)
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
+        scores = softcapped(scores, softcap)
         if additive is not None:
             scores.add_(additive)
         for surgery in logit_stages:
@@ -189,8 +240,9 @@ def tiled_attention(
             total = weights.sum(dim=-1, keepdim=True)
             inv = total.reciprocal()
             stats.add(weights, (top + total.log()).squeeze(-1), s, e, k0, k1, row_scale=inv.squeeze(-1))
-            weights = weights.to(value.dtype).view(bsz, num_kv, groups * (e - s), k1 - k0)
-            block = torch.matmul(weights, value[:, :, k0:k1]).view(bsz, num_heads, e - s, -1) * inv
+            weights = weights.to(product).view(bsz, num_kv, groups * (e - s), k1 - k0)
+            block = torch.matmul(weights, value[:, :, k0:k1].to(product)).view(bsz, num_heads, e - s, -1)
+            block = block * inv
             out[:, s:e] = block.to(out.dtype).transpose(1, 2)
             continue
         probs = (
@@ -202,9 +254,9 @@ def tiled_attention(
             maps[:, :, s:e, k0:k1] = probs
         if dropout > 0.0:
             probs = nn.functional.dropout(probs, p=dropout, training=True)
-        probs = probs.to(value.dtype).view(bsz, num_kv, groups * (e - s), k1 - k0)
-        block = torch.matmul(probs, value[:, :, k0:k1])  # (B, Hkv, G*bq, Dv)
-        out[:, s:e] = block.view(bsz, num_heads, e - s, -1).transpose(1, 2)
+        probs = probs.to(product).view(bsz, num_kv, groups * (e - s), k1 - k0)
+        block = torch.matmul(probs, value[:, :, k0:k1].to(product))  # (B, Hkv, G*bq, Dv)
+        out[:, s:e] = block.view(bsz, num_heads, e - s, -1).transpose(1, 2).to(out_dtype)
     if record is not None:
         record.append(maps.cpu())
     return out
@@ -229,17 +281,38 @@ def sdpa_with_lse(
     attention_mask: torch.Tensor | None,
     scaling: float,
     is_causal: bool,
+    *,
+    softcap: float | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused attention returning ``(out (B, H, Tq, Dv), lse (B, H, Tq) fp32)``; same masking as transformers' SDPA.
+    """Fused attention returning ``(out (B, H, Tq, Dv), lse (B, H, Tq) fp32)``; same scores as transformers' eager
+    attention: logits softcapped when ``softcap`` is set, an additive float mask's biases added.
 
-    Rows with no visible key get ``out = 0`` (their lse is meaningless); callers ignore them.
+    Rows with no visible key get ``out = 0`` (their lse is meaningless); callers ignore them. ``out_dtype``:
+    as :func:`tiled_attention`'s (fp32 keeps a low-precision call's output unrounded for a later correction).
+    Softcapping and biased masks go to the exact tiled pass (the fused CPU kernel scores plain ``q.k``).
     """
     q_len, k_len = query.shape[2], key.shape[2]
     groups = query.shape[1] // key.shape[1]
-    if not _flash_cpu_ok(query):  # exact tiled fallback (O(block x n) memory)
+    if not _flash_cpu_ok(query) or softcap is not None or has_bias(attention_mask):
+        # exact tiled pass (O(block x n) memory)
         stats = AttentionStats()
-        out = tiled_attention(query, key, value, attention_mask, scaling, is_causal=is_causal, stats=stats)
+        out = tiled_attention(
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling,
+            is_causal=is_causal,
+            stats=stats,
+            softcap=softcap,
+            out_dtype=out_dtype,
+        )
         return out.transpose(1, 2), stats.lse
+    if (
+        out_dtype is not None and out_dtype != query.dtype
+    ):  # the fused kernel computes in the dtype it is given
+        query, key, value = query.to(out_dtype), key.to(out_dtype), value.to(out_dtype)
     k, v = repeat_kv(key, groups), repeat_kv(value, groups)
     mask, causal = None, False
     if attention_mask is None:

@@ -202,3 +202,138 @@ def test_future_tokens_can_move_earlier_outputs_but_never_the_mask():
         maps = attention_maps(model, ids)
     for probs in maps.values():
         assert torch.all(probs.triu(1) == 0)
+
+
+def _sink_call(dtype, decode=False, compute=None):
+    """An ACT call whose rows put ~99% of their attention on key 1 (key 0 is the unscaled first sink): at beta 0 the
+    correction divides by 1 - P ~ 0.01, so any rounding of the unedited output before it is amplified 100x.
+    Inputs are rounded to ``dtype`` and computed in ``compute`` (default ``dtype``)."""
+    from attnsurgery.engine import RequestState
+    from attnsurgery.surgery import AttentionCall
+
+    g = torch.Generator().manual_seed(0)
+    b, h, kv, t, d = 2, 4, 2, 10, 16
+    q = torch.randn(b, h, t, d, generator=g)
+    k = torch.randn(b, kv, t, d, generator=g)
+    v = torch.randn(b, kv, t, d, generator=g)
+    q[..., 0] = 5.0  # every query aligns with key 1's first channel: a logit ~7 above the others
+    k[..., 1:, 0] = k[..., 1:, 0].clamp(max=0.0)
+    k[..., 1, 0] = 5.5
+    q, k, v = (x.to(dtype).to(compute or dtype) for x in (q, k, v))
+    request = RequestState()
+    query = q
+    if decode:  # the last row as a cached decode step, with the prefill's sinks frozen
+        request.past_len, query = t - 1, q[:, :, -1:]
+    call = AttentionCall(None, 0, h, kv, query.shape[2], t, None, True, request, {})
+    call.query, call.key, call.value, call.scaling = query, k, v, 0.25
+    return call
+
+
+@pytest.mark.parametrize("decode", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_correction_is_not_amplified(dtype, decode):
+    """ACT's output in bf16 / fp16 against the same (rounded) inputs computed in fp32: within 2x of the stock kernel's
+    own error, even where the correction divides by 1 - P ~ 0.01 (output, lse, P and the correction stay in fp32).
+    (With unrounded fp32 inputs the edited rows are also more sensitive to q / k rounding than the sink-dominated
+    stock rows: a property of the edit, measured at model level in test_lowprec.py.)"""
+    from attnsurgery.patches.act.config import ActConfig
+    from attnsurgery.patches.act.surgery import ActSurgery
+
+    from attnsurgery.kernels import sdpa_with_lse
+
+    surgery = ActSurgery(ActConfig(beta=0.0, threshold=0.1), None)
+    surgery._heads = {0: torch.ones(4, dtype=torch.bool)}
+    results = {}
+    for dt in (dtype, torch.float32):  # the same (rounded) inputs: the arithmetic's error only
+        prefill = _sink_call(dtype, compute=dt)
+        out, lse, sinks = surgery.detect(prefill)
+        call = _sink_call(dtype, decode, compute=dt)
+        if decode:
+            call.request.extras[surgery._slot(call)] = sinks
+        act = surgery.attention(call.query, call.key, call.value, call.scaling, call)
+        stock, _ = sdpa_with_lse(call.query, call.key, call.value, None, call.scaling, True)
+        results[dt] = (act.float(), stock.float(), sinks, lse)
+    (act, stock, sinks, lse), (act32, stock32, sinks32, _) = results[dtype], results[torch.float32]
+    assert torch.equal(sinks, sinks32) and bool(sinks[..., 1].all())
+    ref = _sink_call(torch.float32)
+    scores = (ref.query @ ref.key.repeat_interleave(2, 1).mT) * 0.25
+    mass = torch.softmax(scores + torch.full((10, 10), float("-inf")).triu(1), -1)[..., 2:, 1]
+    assert float(mass.min()) > 0.95  # the rows are conditioned as described
+    err, err_stock = (act - act32).abs().max(), (stock - stock32).abs().max()
+    assert err <= 2 * err_stock, f"ACT {dtype} error {float(err):.3g} vs stock {float(err_stock):.3g}"
+
+
+def _fused_and_tiled(model, run):
+    """``run()`` with ACT on its fused kernel, then with the fused kernels off (the exact tiled path)."""
+    import attnsurgery.engine as engine_module
+
+    fused = run()
+    engine_module.FUSED_KERNELS = False
+    try:
+        Engine.of(model).refresh()
+        tiled = run()
+    finally:
+        engine_module.FUSED_KERNELS = True
+        Engine.of(model).refresh()
+    return fused, tiled
+
+
+def test_fused_equals_tiled_on_softcapped_gemma2_prefill_and_decode():
+    """Gemma-2 softcaps its logits: the fused correction scores the sink columns the same way, at prefill (tiled
+    detection pass + correction) and at frozen decode steps (the fused kernel hands softcapped calls to the tiled pass)."""
+    model = tiny_model("gemma2")
+    assert model.config.attn_logit_softcapping is not None
+    ids = random_ids(2, 16)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+
+    def run():
+        with torch.no_grad():
+            out = model(ids[:, :12], attention_mask=mask[:, :12], use_cache=True)
+            steps, cache = [out.logits], out.past_key_values
+            for t in range(12, 16):
+                out = model(
+                    ids[:, t : t + 1],
+                    attention_mask=mask[:, : t + 1],
+                    use_cache=True,
+                    **{cache_kwarg(model): cache},
+                )
+                steps.append(out.logits)
+                cache = out.past_key_values
+        return torch.cat(steps, 1)
+
+    with patch(model, "act", beta=0.0, threshold=0.08):
+        fused, tiled = _fused_and_tiled(model, run)
+    with torch.no_grad():
+        stock = model(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(fused[real], tiled[real], atol=1e-5, rtol=1e-4)
+    assert (fused[real] - stock[real]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_fused_equals_reference_with_additive_float_mask(arch):
+    """A caller's 4D float mask with biases (ALiBi-like, per head): ACT's fused path adds them to the sink logits as
+    the tiled path and the model's own kernel add them to every logit; the edit equals the reference."""
+    model = tiny_model(arch)
+    ids = random_ids(2, 20)
+    t, heads = ids.shape[1], model.config.num_attention_heads
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])[:heads, None, None]
+    distance = (torch.arange(t)[:, None] - torch.arange(t)[None, :]).float()
+    bias = -slopes * distance  # (H, T, T)
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    mask = (
+        (bias.masked_fill(~causal, torch.finfo(torch.float32).min))[None].expand(2, -1, -1, -1).contiguous()
+    )
+    plain = torch.zeros(2, 1, t, t).masked_fill(~causal, torch.finfo(torch.float32).min)
+    base, _ = maps_and_logits(model, ids, attention_mask=mask)
+    with patch(model, "act", beta=0.3, threshold=0.08, layers=[1]):
+        with torch.no_grad():
+            fused = model(ids, attention_mask=mask).logits
+            unbiased = model(ids, attention_mask=plain).logits
+        tiled_maps, tiled = maps_and_logits(model, ids, attention_mask=mask)
+    torch.testing.assert_close(fused, tiled, atol=1e-5, rtol=1e-4)
+    expected = act_reference(base[1], 0.3, 0.08).float()
+    torch.testing.assert_close(tiled_maps[1], expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(expected, base[1].float(), atol=1e-4)  # something was edited
+    assert (fused - unbiased).abs().max() > 1e-3  # the bias matters

@@ -9,6 +9,7 @@ import torch
 from tiny import random_ids, tiny_model
 
 from attnsurgery import attention_maps, patch
+from attnsurgery.engine import Engine
 
 
 def entropy(p):
@@ -177,15 +178,78 @@ def test_clipped_softmax_bf16_runs_and_is_close():
     torch.testing.assert_close(a, b, atol=0.1, rtol=0.05)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gemma2"])
 def test_fp16_identity_and_temperature(arch):
-    model = tiny_model(arch, dtype=torch.float16)
+    """Identity settings on the real code paths in fp16 (not short-circuited to the stock kernel): a trainable
+    temperature keeps every layer routed through its query stage, ACT at beta 1 runs its tiled pass and correction."""
+    ref32 = tiny_model(arch)
+    model = tiny_model(arch).half()
     ids = random_ids(1, 12)
     with torch.no_grad():
+        exact = ref32(ids).logits
         ref = model(ids).logits
-        with patch(model, "temperature"):
+        with patch(model, "temperature", trainable=True):
+            assert not any(m.attnsurgery_layer.idle for m in Engine.of(model).info.attention)
             same = model(ids).logits
+        with patch(model, "act", beta=1.0, threshold=0.05):
+            assert all(m.attnsurgery_layer.kernel is not None for m in Engine.of(model).info.attention)
+            act = model(ids).logits
         with patch(model, "temperature", tau=0.9):
             out = model(ids).logits
-    assert torch.equal(same, ref)
+    assert torch.equal(same, ref)  # the query stage multiplies by exactly 1
+    # the tiled pass + correction is as close to the fp32 model as the stock fp16 kernel is
+    stock_error = (ref.float() - exact).abs().max()
+    assert (act.float() - exact).abs().max() <= 2 * stock_error
     assert torch.isfinite(out).all()
+
+
+def test_var_fused_equals_tiled_with_additive_float_mask():
+    """VAR's fused correction scores its image / sink columns with the additive mask's biases, as the tiled path
+    and the model's own kernel score every column."""
+    from vlm_tiny import prompt, tiny_vlm, vlm_inputs
+
+    import attnsurgery.engine as engine_module
+
+    model = tiny_vlm("llava")
+    inputs = vlm_inputs(model, [prompt(model, 3, 10, seed=0)])
+    t = inputs["input_ids"].shape[1]
+    distance = (torch.arange(t)[:, None] - torch.arange(t)[None, :]).float()
+    bias = -torch.tensor([0.2, 0.1, 0.05, 0.02])[:, None, None] * distance
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    mask = bias.masked_fill(~causal, torch.finfo(torch.float32).min)[None]
+    plain = torch.zeros(1, 1, t, t).masked_fill(~causal, torch.finfo(torch.float32).min)
+    args = dict(p=0.0, tau=1.5, summ=0.05, rho=0.5, sink_dims=[0, 1])
+    with patch(model, "var", **args), torch.no_grad():
+        fused = model(**{**inputs, "attention_mask": mask}).logits
+        unbiased = model(**{**inputs, "attention_mask": plain}).logits
+        engine_module.FUSED_KERNELS = False
+        try:
+            Engine.of(model).refresh()
+            tiled = model(**{**inputs, "attention_mask": mask}).logits
+        finally:
+            engine_module.FUSED_KERNELS = True
+    torch.testing.assert_close(fused, tiled, atol=1e-5, rtol=1e-4)
+    assert (fused - unbiased).abs().max() > 1e-3
+
+
+def test_attention_sinks_are_refused_on_every_own_kernel():
+    """s_aux (gpt-oss attention sinks) / position_bias: refused on the tiled path and the fused ACT kernel alike,
+    never silently dropped; query / head-output stages leave them to the model's own kernel."""
+    from attnsurgery import UnsupportedModelError
+    from attnsurgery.engine import attnsurgery_attention
+
+    model = tiny_model("llama")
+    module = model.model.layers[1].self_attn
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 6, 16, generator=g)
+    k, v = torch.randn(1, 2, 6, 16, generator=g), torch.randn(1, 2, 6, 16, generator=g)
+    for name, args in [("act", dict(beta=0.3)), ("clipped_softmax", dict(gamma=-0.05))]:
+        with patch(model, name, **args):
+            for extra in (dict(s_aux=torch.zeros(4)), dict(position_bias=torch.zeros(1, 4, 6, 6))):
+                with pytest.raises(UnsupportedModelError, match="s_aux"):
+                    attnsurgery_attention(module, q, k, v, None, scaling=0.25, **extra)
+    with patch(model, "head_scale", scale=0.5):
+        out, _ = attnsurgery_attention(
+            module, q, k, v, None, scaling=0.25, position_bias=torch.zeros(1, 4, 6, 6)
+        )
+    assert out.shape == (1, 6, 4, 16)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
     Gemma3TextConfig,
     GPT2Config,
     LlamaConfig,
@@ -51,6 +52,22 @@ def _config(arch: str):
             query_pre_attn_scalar=16,
             **common,
         )
+    if arch == "gemma2":  # logit softcapping (small cap, so it bites), sliding + global layers, eager only
+        return Gemma2Config(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=256,
+            sliding_window=6,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            query_pre_attn_scalar=16,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=30.0,
+            **common,
+        )
     if arch == "gpt2":
         return GPT2Config(n_embd=64, n_layer=3, n_head=4, n_positions=256, **common)
     if arch == "opt":  # pre-scales q and passes scaling=1.0
@@ -66,12 +83,16 @@ def _config(arch: str):
     raise ValueError(arch)
 
 
-ARCHS = ["llama", "qwen2", "gemma3", "gpt2", "opt"]
+ARCHS = ["llama", "qwen2", "gemma3", "gemma2", "gpt2", "opt"]
+#: architectures transformers runs on eager attention only (Gemma-2: SDPA has no logit softcapping)
+EAGER_ONLY = {"gemma2"}
 
 
 def tiny_model(
     arch: str, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32, seed: int = 0
 ):
+    if arch in EAGER_ONLY:
+        attn_implementation = "eager"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(
         _config(arch), attn_implementation=attn_implementation, dtype=dtype

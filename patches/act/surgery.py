@@ -4,7 +4,15 @@ from typing import Any
 
 import torch
 
-from attnsurgery.kernels import AttentionStats, repeat_kv, sdpa_with_lse, tiled_attention, visible
+from attnsurgery.kernels import (
+    AttentionStats,
+    column_mask,
+    repeat_kv,
+    sdpa_with_lse,
+    softcapped,
+    tiled_attention,
+    visible,
+)
 from attnsurgery.surgery import AttentionCall, AttentionTile, Stage, Surgery
 
 from .config import ActConfig
@@ -31,7 +39,10 @@ class ActSurgery(Surgery):
     column sums detection needs (:class:`attnsurgery.kernels.AttentionStats`); then, for the sink set
     ``S``, ``P_i = sum_S A_is``, ``u_i = sum_S A_is v_s`` and the edited output is
     ``beta u_i + (1 - beta P_i) / (1 - P_i) (o_i - u_i)``, O(n |S|) extra work. Decode steps with a frozen sink set
-    use the fused SDPA kernel's output and lse directly. Paper: Yu et al., "Unveiling and Harnessing
+    use the fused SDPA kernel's output and lse directly. The sink logits are scored as the model scores them
+    (softcapped on Gemma-2, plus an additive float mask's biases). In bf16 / fp16 the output, lse, column sums,
+    ``P`` and the correction stay in fp32 until the end: ``o_i - u_i`` cancels when the sinks hold most of the
+    row, and a rounded ``o_i`` would be amplified by ``1 / (1 - P_i)``. Paper: Yu et al., "Unveiling and Harnessing
     Hidden Attention Sinks: Training-Free Attention Calibration", ICML 2024 (arXiv 2406.15765).
 
     Like the reference, detection uses every query of the input, so a later token can change the outputs at
@@ -58,13 +69,23 @@ class ActSurgery(Surgery):
         self._heads = {layer: self.targets.head_mask(layer) for layer in self.targets.layers}
 
     # -- detection --------------------------------------------------------------------------------------------
-    def detect(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One tiled pass over the call: unedited output (B, Tq, H, Dv), its lse (B, H, Tq) and the sink set
-        (B, H, Tk) bool, on targeted heads only. At prefill with ``decode="frozen"`` the set is stored for decode."""
+    def detect(
+        self, call: AttentionCall, out_dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One tiled pass over the call: unedited output (B, Tq, H, Dv) (in ``out_dtype``, default the call's),
+        its lse (B, H, Tq) and the sink set (B, H, Tk) bool, on targeted heads only. At prefill with
+        ``decode="frozen"`` the set is stored for decode."""
         valid_q, counts = self._viewers(call)
         stats = AttentionStats(query_valid=valid_q)
         out = tiled_attention(
-            call.query, call.key, call.value, call.attention_mask, call.scaling, call, stats=stats
+            call.query,
+            call.key,
+            call.value,
+            call.attention_mask,
+            call.scaling,
+            call,
+            stats=stats,
+            out_dtype=out_dtype,
         )
         score = torch.where(
             counts > 0, stats.column_sums / counts.clamp(min=1), 0.0
@@ -117,11 +138,21 @@ class ActSurgery(Surgery):
     def attention(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, call: AttentionCall
     ) -> torch.Tensor:
+        # fp32 output: the correction's o_i - u_i cancels where the sinks hold most of a row
         if self._uses_frozen(call):  # decode: the sinks are known, the fused kernel gives out and lse
-            out, lse = sdpa_with_lse(query, key, value, call.attention_mask, scaling, call.is_causal)
+            out, lse = sdpa_with_lse(
+                query,
+                key,
+                value,
+                call.attention_mask,
+                scaling,
+                call.is_causal,
+                softcap=call.kwargs.get("softcap"),
+                out_dtype=torch.float32,
+            )
             sinks = self._frozen_now(call.request.extras[self._slot(call)], call)
         else:  # one tiled pass gives out, lse and the column sums detection needs
-            out, lse, sinks = self.detect(call)
+            out, lse, sinks = self.detect(call, out_dtype=torch.float32)
             out = out.transpose(1, 2)
         return self.redistribute(out, lse, sinks, call).transpose(1, 2)  # (B, Tq, H, Dv)
 
@@ -137,10 +168,12 @@ class ActSurgery(Surgery):
     def redistribute(
         self, out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor, call: AttentionCall
     ) -> torch.Tensor:
-        """Apply the sink scaling to fused outputs through the O(n |S|) low-rank correction."""
+        """Apply the sink scaling to fused outputs (B, H, Tq, Dv) through the O(n |S|) low-rank correction, in fp32;
+        returns the call's dtype."""
+        dtype = call.value.dtype
         most = int(sinks.sum(-1).max()) if sinks.numel() else 0
         if most == 0:
-            return out
+            return out.to(dtype)
         groups = call.query.shape[1] // call.key.shape[1]
         idx = sinks.to(torch.int8).sort(dim=-1, descending=True, stable=True).indices[..., :most]  # (B, H, m)
         chosen = sinks.gather(-1, idx)  # (B, H, m): False where a row has fewer than m sinks
@@ -148,22 +181,21 @@ class ActSurgery(Surgery):
         v = repeat_kv(call.value, groups)
         k_s = k.gather(2, idx[..., None].expand(-1, -1, -1, k.shape[-1])).float()  # (B, H, m, D)
         v_s = v.gather(2, idx[..., None].expand(-1, -1, -1, v.shape[-1])).float()  # (B, H, m, Dv)
-        logits = (call.query.float() @ k_s.transpose(-1, -2)) * call.scaling  # (B, H, Tq, m)
-        if _plain_causal(call):
-            rows = torch.arange(call.query_len, device=idx.device)
-            ok = idx[:, :, None, :] <= rows[None, None, :, None]  # (B, H, Tq, m), no n x n mask
-        else:
-            allowed = visible(call.attention_mask, call.is_causal, call.query_len, call.key_len, out.device)
-            allowed = allowed.expand(idx.shape[0], idx.shape[1], -1, -1)
-            ok = allowed.gather(-1, idx[:, :, None, :].expand(-1, -1, call.query_len, -1))
+        # the sink logits as the model scores them (as the tiled pass that gave lse did)
+        logits = (call.query.float() * call.scaling) @ k_s.transpose(-1, -2)  # (B, H, Tq, m)
+        logits = softcapped(logits, call.kwargs.get("softcap"))
+        ok, bias = column_mask(call.attention_mask, call.is_causal, call.query_len, idx)  # no n x n mask
+        if bias is not None:
+            logits = logits + bias
         ok = ok & chosen[:, :, None, :]
-        probs = torch.exp(logits - lse[..., None]) * ok  # A_is, (B, H, Tq, m)
+        probs = torch.exp((logits - lse[..., None]).masked_fill(~ok, float("-inf")))  # A_is, (B, H, Tq, m)
         mass = probs.sum(-1, keepdim=True)  # P_i
         u = probs @ v_s  # u_i = sum_s A_is v_s
         beta = self.config.beta
         rest = 1.0 - mass
-        edited = beta * u + (1.0 - beta * mass) / rest.clamp(min=_EPS) * (out.float() - u)
-        return torch.where(rest > _EPS, edited, out.float()).to(out.dtype)
+        out = out.float()
+        edited = beta * u + (1.0 - beta * mass) / rest.clamp(min=_EPS) * (out - u)
+        return torch.where(rest > _EPS, edited, out).to(dtype)
 
     # -- the tiled path (composition with other probability-level surgeries, attention maps) -------------------
     def probs(self, probs: torch.Tensor, tile: AttentionTile) -> torch.Tensor:

@@ -65,4 +65,5 @@ class TemperatureSurgery(Surgery):
         if self.config.trainable or bool(coef.any()):
             log_n = torch.log1p(call.positions.to(query.device).float())  # (B, Tq): log(n_i), n_i = pos + 1
             factor = factor * (1 + coef[None, :, None] * log_n[:, None, :])  # (B, H, Tq)
-        return query * factor.unsqueeze(-1).to(query.dtype), scaling
+        # one rounding in bf16 / fp16 (of the product), not two (of the factor, then of the product)
+        return (query.float() * factor.unsqueeze(-1)).to(query.dtype), scaling

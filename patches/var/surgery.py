@@ -6,7 +6,7 @@ from typing import Any
 import torch
 
 from attnsurgery.errors import SurgeryConfigError, UnsupportedModelError
-from attnsurgery.kernels import sdpa_with_lse, tiled_attention, visible
+from attnsurgery.kernels import column_mask, sdpa_with_lse, softcapped, tiled_attention
 from attnsurgery.surgery import AttentionCall, AttentionTile, Stage, Surgery
 
 from .config import KNOWN_SINK_DIMS, VarConfig, lookup_sink_dims, near_sink_dims
@@ -193,7 +193,15 @@ class VarSurgery(Surgery):
             # decode steps: the correction would read nearly every key anyway (the image span), so one explicit
             # probability row per head is cheaper than the fused kernel plus a gather of the image's keys
             return tiled_attention(query, key, value, call.attention_mask, scaling, call, prob_stages=[self])
-        out, lse = sdpa_with_lse(query, key, value, call.attention_mask, scaling, call.is_causal)
+        out, lse = sdpa_with_lse(
+            query,
+            key,
+            value,
+            call.attention_mask,
+            scaling,
+            call.is_causal,
+            softcap=call.kwargs.get("softcap"),
+        )
         plan = self._plan(call)
         if plan is not None:
             out = self._correct(out, lse, plan, call)
@@ -217,24 +225,21 @@ class VarSurgery(Surgery):
         is_sink = sinks.gather(-1, idx) & chosen
         k_s = call.key.gather(2, idx[:, None, :, None].expand(-1, num_kv, -1, call.key.shape[-1])).float()
         v_s = call.value.gather(2, idx[:, None, :, None].expand(-1, num_kv, -1, call.value.shape[-1])).float()
-        if call.attention_mask is None and call.is_causal and q_len > 1:
-            allowed = None  # plain causal prefill: query i sees keys 0..i
-        else:
-            allowed = visible(call.attention_mask, call.is_causal, q_len, call.key_len, out.device)
-            allowed = allowed.expand(bsz, -1, -1, -1)[:, 0]  # (B, Tq, Tk)
+        softcap = call.kwargs.get("softcap")
         p, heads = self.config.p, self._heads[call.layer_idx].to(out.device)
         out = out.float().clone()
         step = max(1, _BLOCK_BYTES // max(1, 4 * bsz * num_heads * most))
         for s in range(q0, q_len, step):
             e = min(q_len, s + step)
             qb = call.query[:, :, s:e].float().reshape(bsz, num_kv, groups * (e - s), -1)
-            logits = (qb @ k_s.transpose(-1, -2)).view(bsz, num_heads, e - s, most) * call.scaling
-            if allowed is None:
-                ok = idx[:, None, :] <= torch.arange(s, e, device=idx.device)[None, :, None]  # (B, bq, M)
-            else:
-                ok = allowed[:, s:e].gather(-1, idx[:, None, :].expand(-1, e - s, -1))
-            ok = ok & chosen[:, None, :]
-            probs = torch.exp(logits - lse[:, :, s:e, None]) * ok[:, None]  # a_ij, (B, H, bq, M)
+            # scored as the model scores them: softcapped (Gemma-2), plus an additive float mask's biases
+            logits = ((qb * call.scaling) @ k_s.transpose(-1, -2)).view(bsz, num_heads, e - s, most)
+            logits = softcapped(logits, softcap)
+            ok, bias = column_mask(call.attention_mask, call.is_causal, q_len, idx[:, None, :], s, e)
+            if bias is not None:
+                logits = logits + bias
+            ok = ok & chosen[:, None, None, :]  # (B, H|1, bq, M)
+            probs = torch.exp((logits - lse[:, :, s:e, None]).masked_fill(~ok, float("-inf")))  # a_ij
             img, snk = is_image[:, None, None, :], is_sink[:, None, None, :]
             rest = img & ~snk
             p_vis = (probs * img).sum(-1)
