@@ -192,7 +192,7 @@ def find_recipe(name: str | Path, model: str | None = None) -> Recipe:
     For a bare folder name, picks the recipe made for ``model`` if there is one, else ``default.yaml``.
     """
     path = Path(name)
-    if path.is_dir() and not str(name).strip("/") in list_recipe_folders():
+    if path.is_dir() and str(name).strip("/") not in list_recipe_folders():
         # a run folder written by `attnsurgery train` (or any folder holding a recipe.yaml)
         if (path / "recipe.yaml").is_file():
             return load_recipe_file(path / "recipe.yaml")

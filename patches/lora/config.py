@@ -18,10 +18,10 @@ class LoraSurgeryConfig(SurgeryConfig):
         0.0, doc="Dropout on the adapter's input while training.", low=0.0, high=1.0, high_open=True
     )
     targets: Any = arg(
-        "q_proj,k_proj,v_proj,o_proj",
+        None,
         doc="Projection modules that get adapters, by their name inside a decoder layer (comma-separated or a "
         "list): q_proj,k_proj,v_proj,o_proj on Llama-likes, c_attn,c_proj on GPT-2, out_proj on OPT; MLP names "
-        "(gate_proj, up_proj, down_proj ...) work too.",
+        "(gate_proj, up_proj, down_proj ...) work too. Default: every projection of the attention module.",
     )
     init: str = arg(
         "identity",
@@ -30,6 +30,9 @@ class LoraSurgeryConfig(SurgeryConfig):
         choices=("identity", "random"),
     )
 
-    def target_names(self) -> list[str]:
+    def target_names(self) -> list[str] | None:
+        """The names asked for, or None for every projection of the attention module."""
+        if self.targets is None:
+            return None
         names = self.targets.split(",") if isinstance(self.targets, str) else list(self.targets)
         return [str(n).strip() for n in names if str(n).strip()]

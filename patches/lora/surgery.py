@@ -50,6 +50,15 @@ class LoraSurgery(Surgery):
                 "first (`model.merge_and_unload()`), or patch a plain model."
             )
         wanted = self.config.target_names()
+        if wanted is None:  # every projection of the attention module, whatever the architecture calls them
+            first = engine.info.attention[min(self.targets.layers)] if self.targets.layers else None
+            wanted = sorted(
+                {
+                    n.rsplit(".", 1)[-1]
+                    for n, m in (first.named_modules() if first else [])
+                    if n and _linear_like(m)
+                }
+            )
         if not wanted:
             raise SurgeryConfigError(
                 "lora: `targets` is empty; name at least one projection, e.g. q_proj,v_proj."
@@ -107,7 +116,7 @@ class LoraSurgery(Surgery):
             with torch.no_grad():
                 for pair in self.adapters.values():
                     w = pair["B"].weight
-                    w.copy_(torch.randn(w.shape, generator=g).to(w) * 0.5)
+                    w.copy_(torch.randn(w.shape, generator=g).to(w) * 0.1)
 
     def set_enabled(self, enabled: bool) -> None:
         for layer in self._lora:
