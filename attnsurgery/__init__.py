@@ -22,6 +22,7 @@ _EXPORTS = {
     "save_surgery": "api",
     "load_surgery": "api",
     "load_model": "models",
+    "outlier_stats": "eval.outliers",
     "AttnSurgeryError": "errors",
     "ModelNotFoundError": "errors",
     "RecipeError": "errors",
@@ -67,6 +68,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs  # noqa: F401
         UnknownSurgeryError,
         UnsupportedModelError,
     )
+    from .eval.outliers import outlier_stats
     from .models import load_model
     from .recipe import Recipe, find_recipe, list_recipes
     from .registry import get_surgery_class, list_surgeries, register_surgery

@@ -205,6 +205,91 @@ def _num_layers(model) -> int:
     return discover(model).num_layers
 
 
+def _outlier_comparison(stats: dict[str, Any]) -> str:
+    """Markdown: per layer, each metric of every labelled stats side by side (``base / patched``)."""
+    from .eval.outliers import _fmt
+
+    labels = list(stats)
+    cols = [
+        ("kurt attn", "attn_kurtosis", 2),
+        ("kurt mlp", "mlp_kurtosis", 2),
+        ("kurt resid", "residual_kurtosis", 2),
+        ("inf attn", "attn_inf_norm", 2),
+        ("inf mlp", "mlp_inf_norm", 2),
+        ("inf resid", "residual_inf_norm", 2),
+        ("sink share", "sink_share", 3),
+    ]
+    lines = [
+        f"**side by side** ({' / '.join(labels)})",
+        "",
+        "| layer | " + " | ".join(name for name, _, _ in cols) + " |",
+        "|---:|" + "---:|" * len(cols),
+    ]
+    for i, row in enumerate(stats[labels[0]].layers):
+        cells = [
+            " / ".join(_fmt(getattr(stats[label].layers[i], key), digits) for label in labels)
+            for _, key, digits in cols
+        ]
+        lines.append(f"| {row.layer} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _inspect_outliers(args: argparse.Namespace) -> int:
+    """``inspect --outliers``: per-layer outlier statistics on calibration windows, baseline (and patched)."""
+    import json
+
+    from rich.markdown import Markdown
+
+    from .api import patch
+    from .errors import AttnSurgeryError
+    from .eval.outliers import outlier_stats, plot_outliers, render_outlier_table
+    from .eval.text import calibration_windows
+
+    if args.windows < 1 or args.seq_len < 2:
+        raise AttnSurgeryError("--windows must be at least 1 and --seq-len at least 2.")
+    request = _surgery_request(args, args.model) if (args.recipe or args.surgery) else None
+    model, tokenizer = _load(args.model, args)
+    max_context = getattr(model.config, "max_position_embeddings", None)
+    if max_context is not None and args.seq_len > max_context:
+        raise AttnSurgeryError(
+            f"--seq-len {args.seq_len} is longer than the model's context ({max_context} positions)."
+        )
+    windows = calibration_windows(tokenizer, args.data, args.windows, args.seq_len)
+    batches = list(windows.split(args.batch_size))
+    err = _console(stderr=True)
+    stats = {}
+    with err.status(f"measuring the unpatched model on {len(windows)} windows ..."):
+        stats["baseline"] = outlier_stats(model, batches, label="baseline")
+    if request is not None:
+        what, kwargs = request
+        name = getattr(what, "name", None) or str(what)
+        with patch(model, what, **kwargs) as handle:
+            with err.status(f"measuring the model patched with {handle} ..."):
+                stats[name] = outlier_stats(model, batches, label=name)
+    out = Path(args.out or "outliers")
+    out.mkdir(parents=True, exist_ok=True)
+    data = args.data if ":" in args.data or Path(args.data).exists() else f"{args.data}:calibration"
+    title = f"{args.model}: {len(windows)} windows x {windows.shape[1]} tokens of {data}"
+    markdown = f"## outliers, {title}\n\n" + render_outlier_table(stats)
+    if len(stats) > 1:
+        markdown += "\n" + _outlier_comparison(stats)
+    payload = {
+        "model": args.model,
+        "data": data,
+        "windows": int(windows.shape[0]),
+        "seq_len": int(windows.shape[1]),
+        "stats": {label: s.to_dict() for label, s in stats.items()},
+    }
+    paths = {"json": out / "outliers.json", "md": out / "outliers.md", "png": out / "outliers.png"}
+    paths["json"].write_text(json.dumps(payload, indent=2) + "\n")
+    paths["md"].write_text(markdown)
+    plot_outliers(stats, paths["png"], title=title)
+    console = _console()
+    console.print(Markdown(markdown))
+    console.print(f"wrote {paths['json']}, {paths['md']} and {paths['png']}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     import json
 
@@ -213,6 +298,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .api import attention_maps, patch
     from .plotting import plot_attention_grid
 
+    if args.outliers:
+        return _inspect_outliers(args)
     model, tokenizer = _load(args.model, args)
     handle = None
     if args.recipe or args.surgery:
@@ -226,7 +313,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             show = sorted({round(i * (n - 1) / 5) for i in range(6)})
         maps = attention_maps(model, inputs, layers=show)
     tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
-    out = Path(args.out)
+    out = Path(args.out or "attention.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     title = f"{args.model}" + (f" + {handle}" if handle else " (unpatched)")
     plot_attention_grid(maps, tokens, out, heads=args.heads_shown, title=title)
@@ -268,6 +355,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     tasks = check_tasks([t for item in args.tasks for t in item.split(",") if t], task_manager())
     arms = make_arms(args.recipe or [], model=args.model)  # bad recipes fail before the model loads
+    if args.quant == "int8":
+        from .errors import AttnSurgeryError
+        from .eval.quant import int8_unavailable_reason
+
+        reason = int8_unavailable_reason()
+        if reason is not None:
+            raise AttnSurgeryError(f"--quant int8: {reason}")
     report = evaluate_arms(
         args.model,
         arms,
@@ -279,6 +373,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cache_dir=Path(args.out) / "cache",
         force=args.force,
         on_arm=lambda arm, status: _arm_progress(args.model, arm, status),
+        quant=args.quant,
     )
     paths = write_report([report], args.out)
     _print_report(paths["md"].read_text(), paths)
@@ -580,7 +675,13 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(p)
     p.set_defaults(func=cmd_apply)
 
-    p = sub.add_parser("inspect", help="attention maps (PNG heatmap grid) and per-layer sink statistics")
+    p = sub.add_parser(
+        "inspect",
+        help="attention maps (PNG heatmap grid) and per-layer sink statistics; --outliers: kurtosis, inf-norm, "
+        "sink share per layer",
+        description="attnsurgery inspect smollm2-135m --out maps.png\n"
+        "attnsurgery inspect smollm2-135m --outliers --recipe act --windows 8 --out outliers/",
+    )
     p.add_argument("model")
     p.add_argument("--surgery", help="inspect the model patched with this surgery")
     surgery_options(p)
@@ -588,7 +689,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-layers", default=None, help="layers to plot (default: six spread over the depth)")
     p.add_argument("--heads-shown", type=int, default=4, help="heads per layer in the plot")
     p.add_argument("--threshold", type=float, default=0.1, help="sink score threshold (ACT's 0.1)")
-    p.add_argument("--out", default="attention.png")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="PNG file (default attention.png); with --outliers a folder (default outliers)",
+    )
+    p.add_argument(
+        "--outliers",
+        action="store_true",
+        help="per layer kurtosis and inf-norm of attention output, FFN output and residual stream, first-token "
+        "share and the largest activation, on calibration windows (baseline, and patched with a surgery/recipe)",
+    )
+    p.add_argument(
+        "--data",
+        default="gutenberg_ppl",
+        help="--outliers text: an offline task (its calibration split) or a .jsonl/.txt file",
+    )
+    p.add_argument("--windows", type=int, default=8, help="--outliers: windows measured")
+    p.add_argument("--seq-len", type=int, default=256, help="--outliers: tokens per window")
+    p.add_argument("--batch-size", type=int, default=4, help="--outliers: windows per forward")
     model_options(p)
     p.set_defaults(func=cmd_inspect)
 
@@ -614,6 +733,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-fewshot", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default="attnsurgery-eval", help="output folder (results + per-arm cache)")
+    p.add_argument(
+        "--quant",
+        choices=("w8a8", "int8"),
+        default=None,
+        help="w8a8: simulated static per-tensor W8A8 in every arm after its surgery (calibrated on "
+        "gutenberg_ppl:calibration with the surgery active); int8: bitsandbytes LLM.int8 for all arms",
+    )
     eval_options(p)
     model_options(p)
     p.set_defaults(func=cmd_eval)

@@ -6,7 +6,9 @@ arm, the delta against the baseline and a *paired* significance estimate (the ar
 per-doc differences are what carries the signal; an unpaired comparison of two stderrs is far too cautious).
 
 Every finished arm is cached as JSON keyed by a fingerprint of everything that changes its numbers (model,
-recipe content and state file, tasks, shots, limit, dtype, library versions), so a re-run skips it. Results are
+recipe content and state file, tasks, shots, limit, dtype, quantisation, library versions), so a re-run skips it. ``quant="w8a8"`` scores every arm (the baseline too) under simulated static
+W8A8 (:func:`.quant.quantize_w8a8`), its activation ranges calibrated with the arm's surgery active;
+``quant="int8"`` loads the model through bitsandbytes LLM.int8 for all arms. Results are
 checked for NaN/inf logits and degenerate choices (all log-likelihoods tied, which lm-eval silently scores as
 "first choice") and such arms are marked INVALID in every table.
 
@@ -23,6 +25,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,13 @@ _WEIGHTED = {
     "bits_per_byte": lambda ll, w: -ll / w / math.log(2),
 }
 _LOWER_IS_BETTER = {"word_perplexity", "byte_perplexity", "bits_per_byte", "perplexity"}
+
+#: ``quant=`` values: simulated static W8A8 after each arm's surgery, or bitsandbytes LLM.int8 for every arm
+QUANT_CHOICES = ("w8a8", "int8")
+#: what ``quant="w8a8"`` calibrates its activation ranges on, per arm with the arm's surgery active: the first
+#: windows of an offline task's *calibration* split (never a split the tables report), in small batches
+W8A8_CALIBRATION = {"data": "gutenberg_ppl", "windows": 8, "seq_len": 256, "batch_size": 2}
+INT8_THRESHOLD = 6.0
 
 
 class EvalError(AttnSurgeryError):
@@ -113,6 +123,7 @@ class ArmResult:
     seconds: float = 0.0
     fingerprint: str = ""
     lm_eval: dict[str, Any] = field(default_factory=dict)  # lm-eval's own results/configs/versions
+    quant: dict[str, Any] = field(default_factory=dict)  # what quantisation this arm ran under ({}: none)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -323,6 +334,9 @@ def render_markdown(reports: Sequence[EvalReport], published: Sequence[dict[str,
         secs = ", ".join(f"{a.arm} {a.seconds:.0f} s" for a in report.arms)
         out.append("")
         out.append(f"docs per task: {n}; wall time: {secs}.")
+        quant = report.settings.get("quant")
+        if quant:
+            out.append(f"\nquantisation: {describe_quant(quant)}.")
         for arm in report.arms:
             if not arm.valid:
                 out.append(f"\n**{arm.arm} is INVALID**: " + "; ".join(arm.problems))
@@ -440,6 +454,67 @@ def _versions() -> dict[str, str]:
     }
 
 
+def quant_setting(quant: str | None) -> dict[str, Any] | None:
+    """The settings a ``quant=`` choice runs with (they enter the arm fingerprint: FP and quantised results, or
+    two quantisation setups, never share a cache entry); None for full precision."""
+    if quant is None:
+        return None
+    if quant == "w8a8":
+        import inspect
+
+        from .quant import quantize_w8a8
+
+        defaults = {
+            name: p.default
+            for name, p in inspect.signature(quantize_w8a8).parameters.items()
+            if p.kind is p.KEYWORD_ONLY
+        }
+        return {"scheme": "w8a8", "calibration": dict(W8A8_CALIBRATION), "setup": defaults}
+    if quant == "int8":
+        return {"scheme": "int8", "threshold": INT8_THRESHOLD}
+    raise EvalError(f"unknown quantisation {quant!r}; choose one of {', '.join(QUANT_CHOICES)}.")
+
+
+def describe_quant(setting: dict[str, Any]) -> str:
+    """One line for reports: which quantisation ran."""
+    if setting.get("scheme") == "w8a8":
+        cal = setting.get("calibration", {})
+        return (
+            "w8a8 -- simulated static per-tensor W8A8 (Bondarenko et al. 2023; LM head in full precision) in "
+            f"every arm after its surgery, activation ranges calibrated per arm on {cal.get('windows')} windows of "
+            f"{cal.get('seq_len')} tokens of {cal.get('data')}:calibration"
+        )
+    if setting.get("scheme") == "int8":
+        return f"int8 -- bitsandbytes LLM.int8 (threshold {setting.get('threshold')}) for every arm"
+    return str(setting)
+
+
+def calibration_windows(tokenizer: Any, source: str, windows: int, seq_len: int) -> Any:
+    """The first ``windows`` packed windows (``(N, seq_len)`` token ids) of ``source``'s texts: an offline task's
+    *calibration* split (test splits are refused by :func:`attnsurgery.train.data.load_texts`) or a local file.
+    Texts are tokenised only until enough windows are packed."""
+    from ..train.data import load_texts, pack_windows
+
+    texts = load_texts(source)
+    used = min(len(texts), 1)
+    packed = pack_windows(tokenizer, texts[:used], seq_len)
+    while used < len(texts) and len(packed) < windows:
+        used = min(len(texts), 2 * used)
+        packed = pack_windows(tokenizer, texts[:used], seq_len)
+    if len(packed) == 0:
+        raise EvalError(
+            f"{source}: its text gives no window of {seq_len} tokens; use a shorter sequence length."
+        )
+    return packed[:windows]
+
+
+def _w8a8_batches(model: Any, tokenizer: Any) -> list[Any]:
+    cal = W8A8_CALIBRATION
+    seq_len = min(cal["seq_len"], getattr(model.config, "max_position_embeddings", None) or cal["seq_len"])
+    windows = calibration_windows(tokenizer, cal["data"], cal["windows"], seq_len)
+    return list(windows.split(cal["batch_size"]))
+
+
 def _fingerprint(model: str, arm: Arm, settings: dict[str, Any]) -> str:
     key = {"format": CACHE_FORMAT, "model": model, "arm": arm.fingerprint(), **settings, **_versions()}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -463,18 +538,28 @@ def evaluate_arms(
     force: bool = False,
     loaded: tuple[Any, Any] | None = None,
     on_arm: Callable[[str, str], None] | None = None,
+    quant: str | None = None,
 ) -> EvalReport:
     """Run every arm on the same docs; cached arms (same fingerprint under ``cache_dir``) are read back.
 
     ``loaded`` passes an already loaded ``(model, tokenizer)`` (otherwise ``model`` is loaded with
     :func:`attnsurgery.load_model` only if some arm is not cached). ``on_arm(arm_name, status)`` reports
-    progress ("cached", "running", "done").
+    progress ("cached", "running", "done"). ``quant``: None (full precision), ``"w8a8"`` (simulated static
+    W8A8 in every arm after its surgery, calibrated with the surgery active; :data:`W8A8_CALIBRATION`) or
+    ``"int8"`` (the model loaded through bitsandbytes LLM.int8; a ``loaded`` model must already be).
     """
     if not arms or arms[0].recipe is not None:
         raise EvalError("the first arm must be the unpatched baseline (make_arms() puts it there).")
     manager = task_manager()
     tasks = check_tasks(tasks, manager)
-    settings = {"tasks": tasks, "limit": limit, "num_fewshot": num_fewshot, "dtype": dtype}
+    settings: dict[str, Any] = {"tasks": tasks, "limit": limit, "num_fewshot": num_fewshot, "dtype": dtype}
+    quant_set = quant_setting(quant)
+    if quant_set is not None:  # only when set, so full-precision fingerprints (and caches) stay as they were
+        settings["quant"] = quant_set
+    if quant == "int8" and loaded is not None and not getattr(loaded[0], "is_loaded_in_8bit", False):
+        raise EvalError(
+            "quant='int8' with a loaded model: load it with attnsurgery.eval.quant.load_int8 first."
+        )
     cache = Path(cache_dir) / slug(model) if cache_dir else None
     results: list[ArmResult] = []
     for arm in arms:
@@ -486,14 +571,28 @@ def evaluate_arms(
                 on_arm(arm.name, "cached")
             continue
         if loaded is None:
-            from ..models import load_model
+            if quant == "int8":
+                from .quant import load_int8
 
-            loaded = load_model(model, dtype=dtype)
+                loaded = load_int8(model, threshold=INT8_THRESHOLD, dtype=dtype)
+            else:
+                from ..models import load_model
+
+                loaded = load_model(model, dtype=dtype)
         if on_arm:
             on_arm(arm.name, "running")
         result = run_arm(
-            loaded, arm, tasks, manager, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size
+            loaded,
+            arm,
+            tasks,
+            manager,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            batch_size=batch_size,
+            quant=quant,
         )
+        if quant_set is not None:
+            result.quant = {**quant_set, **result.quant}
         result.fingerprint = fp
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -506,6 +605,24 @@ def evaluate_arms(
     return EvalReport(model=model, tasks=tasks, arms=results, settings=settings)
 
 
+@contextmanager
+def _quiet_int8_casts() -> Iterator[None]:
+    """bitsandbytes LLM.int8 logs a warning on every float32 matmul that it casts the inputs to float16 (expected
+    here): silence that one message while an arm runs."""
+    import logging
+
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "MatMul8bitLt" not in record.getMessage()
+
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)
+
+
 def run_arm(
     loaded: tuple[Any, Any],
     arm: Arm,
@@ -515,8 +632,10 @@ def run_arm(
     limit: int | float | None = None,
     num_fewshot: int | None = None,
     batch_size: int = 16,
+    quant: str | None = None,
 ) -> ArmResult:
-    """One lm-eval run of ``arm`` on the loaded model; the surgery is removed again afterwards."""
+    """One lm-eval run of ``arm`` on the loaded model; the surgery (and, with ``quant="w8a8"``, the simulated
+    W8A8 calibrated on top of it) is removed again afterwards."""
     import lm_eval
 
     from ..api import patch
@@ -524,26 +643,44 @@ def run_arm(
 
     model, tokenizer = loaded
     handle = patch(model, arm.recipe) if arm.recipe is not None else None
+    quantized = None
+    quant_info: dict[str, Any] = {}
     try:
+        if quant == "w8a8":  # after the surgery: it changes the activations the ranges are calibrated on
+            from .quant import quantize_w8a8
+
+            batches = _w8a8_batches(model, tokenizer)
+            quantized = quantize_w8a8(model, batches)
+            quant_info = {
+                "num_quantized_linears": len(quantized.weight_ranges),
+                "num_act_quantizers": len(quantized.act_quantizers),
+                "calibration_windows": int(sum(b.shape[0] for b in batches)),
+                "calibration_seq_len": int(batches[0].shape[1]),
+            }
         lm = SurgeryLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         start = time.perf_counter()
-        raw = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=list(tasks),
-            num_fewshot=num_fewshot,
-            limit=limit,
-            task_manager=manager,
-            log_samples=True,
-            random_seed=0,
-            numpy_random_seed=1234,
-            torch_random_seed=1234,
-            fewshot_random_seed=1234,
-        )
+        with _quiet_int8_casts():
+            raw = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=list(tasks),
+                num_fewshot=num_fewshot,
+                limit=limit,
+                task_manager=manager,
+                log_samples=True,
+                random_seed=0,
+                numpy_random_seed=1234,
+                torch_random_seed=1234,
+                fewshot_random_seed=1234,
+            )
         seconds = time.perf_counter() - start
     finally:
+        if quantized is not None:
+            quantized.remove()
         if handle is not None:
             handle.remove()
-    return _arm_from_lm_eval(arm, raw, lm, seconds, "")
+    result = _arm_from_lm_eval(arm, raw, lm, seconds, "")
+    result.quant = quant_info
+    return result
 
 
 def write_report(
