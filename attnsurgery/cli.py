@@ -76,6 +76,63 @@ def _load(model_name: str, args: argparse.Namespace):
     return model, tokenizer
 
 
+def _ensure_recipe(name: str, model_name: str, args: argparse.Namespace) -> tuple[Any, Any] | None:
+    """``--recipe FOLDER MODEL`` when FOLDER has no recipe made for MODEL: calibrate one, if the surgery can.
+
+    The one resolver behind ``apply`` (and ``eval``): a surgery whose ``calibrate.py`` offers ``auto_recipe`` (ACT)
+    gets a recipe calibrated on demand — the model is loaded first (a model that cannot be found fails here, exit 7,
+    before any calibration), the sweep says what it runs and how long it should take, and the recipe is cached
+    per model (``attnsurgery.recipe.cached_recipe_path``: ``$ATTNSURGERY_CACHE/recipes/<folder>/<model>.yaml``),
+    where ``find_recipe`` picks it up next time. ``--no-calibrate`` (``args.no_calibrate``) refuses instead.
+    Returns the loaded ``(model, tokenizer)`` when it calibrated (so the caller need not load it again), else None;
+    a cached recipe that is reused is announced.
+    """
+    import importlib
+
+    from .errors import RecipeError
+    from .recipe import NoRecipeForModelError, cached_recipe_path, find_recipe, user_recipe_root
+
+    err = _console(stderr=True)
+    try:
+        recipe = find_recipe(name, model=model_name)
+    except NoRecipeForModelError as error:
+        module_name = f"attnsurgery.patches.{error.folder}.calibrate"
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as missing:  # no such surgery package, or no calibrate.py in it
+            if not f"{module_name}.".startswith(f"{missing.name}."):
+                raise
+            module = None
+        if module is None or not hasattr(module, "auto_recipe"):
+            raise
+        alternatives = f"{error.folder}/all-heads" if f"{error.folder}/all-heads" in error.choices else None
+        if getattr(args, "no_calibrate", False):
+            raise RecipeError(
+                f"{error} Without --no-calibrate, `--recipe {error.folder} {model_name}` calibrates one for this "
+                f"model ({error.folder}'s head sweep on the shipped calibration splits; the time is estimated "
+                f"first) and caches it; or run `attnsurgery calibrate {error.folder} {model_name} --data ... "
+                f"--out FILE` yourself"
+                + (f"; `--recipe {alternatives}` is the uncalibrated form." if alternatives else ".")
+            ) from None
+        model, tokenizer = _load(model_name, args)
+        tools = CalibrateTools(
+            console=_console(), load=lambda n: _load(n, args), records=_calibration_records
+        )
+        path = module.auto_recipe(
+            model, tokenizer, model_name, cached_recipe_path(error.folder, model_name), tools
+        )
+        err.print(
+            f"cached the {error.folder} recipe calibrated for {model_name} at {path}; it is reused next time"
+        )
+        return model, tokenizer
+    if recipe.path is not None and user_recipe_root() in recipe.path.parents:
+        err.print(
+            f"using the {recipe.name} recipe calibrated for {model_name} earlier: {recipe.path} (delete it to "
+            "calibrate again)"
+        )
+    return None
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from rich.table import Table
 
@@ -149,8 +206,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
                 "temperature smollm2-135m --arg tau=0.8`."
             )
         args.surgery, model_name = positional
+    # no recipe made for this model: calibrate one (ACT), or refuse with --no-calibrate
+    loaded = _ensure_recipe(args.recipe, model_name, args) if args.recipe else None
     what, kwargs = _surgery_request(args, model_name)  # validate before the slow model load
-    model, tokenizer = _load(model_name, args)
+    model, tokenizer = loaded or _load(model_name, args)
     console = _console()
     rows = []
     if args.prompt is not None:
@@ -672,6 +731,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--save", metavar="DIR", help="save the surgery (config + state) to DIR")
+    p.add_argument(
+        "--no-calibrate",
+        action="store_true",
+        help="--recipe act MODEL with no recipe made for MODEL: refuse instead of calibrating one (ACT's head "
+        "sweep, cached per model under ~/.cache/attnsurgery/recipes, or $ATTNSURGERY_CACHE/recipes)",
+    )
     model_options(p)
     p.set_defaults(func=cmd_apply)
 

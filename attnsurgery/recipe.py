@@ -21,7 +21,10 @@ and install with the package; refer to them as ``<surgery>/<file>`` or just ``<s
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
+import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,10 +189,54 @@ def list_recipe_folders() -> list[str]:
     return sorted(p.name for p in _packaged_root().iterdir() if p.is_dir() and not p.name.startswith("_"))
 
 
+class NoRecipeForModelError(RecipeError):
+    """``find_recipe(folder, model)``: the folder has several recipes, no default, and none made for ``model``."""
+
+    def __init__(self, message: str, folder: str, model: str | None, choices: list[str]) -> None:
+        super().__init__(message)
+        self.folder, self.model, self.choices = folder, model, choices
+
+
+def user_recipe_root() -> Path:
+    """Where recipes calibrated on demand are cached: ``$ATTNSURGERY_CACHE/recipes``, else
+    ``~/.cache/attnsurgery/recipes`` (the model cache of :mod:`attnsurgery.models` sits beside it)."""
+    return Path(os.environ.get("ATTNSURGERY_CACHE", "~/.cache/attnsurgery")).expanduser() / "recipes"
+
+
+def model_slug(model: str) -> str:
+    """A file name for a model: a hub alias is named by its hub id (``llama-7b`` and ``huggyllama/llama-7b`` share
+    one slug, ``huggyllama--llama-7b``), a local path by its folder name plus a hash of its absolute path."""
+    path = Path(model).expanduser()
+    if path.exists():
+        key = str(path.resolve())
+        return f"{_slug(path.resolve().name)}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    try:
+        from .models import _ALIASES
+
+        spec = _ALIASES.get(model.strip().lower())
+        if spec is not None and spec.kind == "hub":
+            model = spec.target
+    except ImportError:  # pragma: no cover - models needs torch, which is always there at command time
+        pass
+    return _slug(model.strip().lower().replace("/", "--"))
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-.") or "model"
+
+
+def cached_recipe_path(folder: str, model: str) -> Path:
+    """``<user_recipe_root()>/<folder>/<model_slug(model)>.yaml``: the recipe ``--recipe <folder> MODEL`` calibrated
+    for a model without a shipped one (``attnsurgery apply --recipe act MODEL``); :func:`find_recipe` reuses it."""
+    return user_recipe_root() / folder / f"{model_slug(model)}.yaml"
+
+
 def find_recipe(name: str | Path, model: str | None = None) -> Recipe:
     """A recipe from a YAML path or a shipped name (``temperature/sharpen`` or ``temperature``).
 
-    For a bare folder name, picks the recipe made for ``model`` if there is one, else ``default.yaml``.
+    For a bare folder name, picks the recipe made for ``model`` if there is one, else one calibrated for ``model``
+    earlier and cached (:func:`cached_recipe_path`), else ``default.yaml``; with several recipes and none of
+    those, raises :class:`NoRecipeForModelError`.
     """
     path = Path(name)
     if path.is_dir() and str(name).strip("/") not in list_recipe_folders():
@@ -218,19 +265,27 @@ def find_recipe(name: str | Path, model: str | None = None) -> Recipe:
         if model is not None:
             # the file named after the model wins over variants made for it (act/gemma3-270m.yaml over
             # act/gemma3-270m-fdr.yaml, which sorts first)
-            if (folder / f"{model}.yaml").is_file():
+            if "/" not in model and (folder / f"{model}.yaml").is_file():
                 return load_recipe_file(folder / f"{model}.yaml")
-            for f in files:
-                recipe = load_recipe_file(f)
-                if recipe.model == model:
-                    return recipe
+            # else the shortest-named recipe made for it: the base set over its variants (act/mistral-7b-instruct
+            # over act/mistral-7b-instruct-mc, which sorts first)
+            made_for = [r for r in (load_recipe_file(f) for f in files) if r.model == model]
+            if made_for:
+                return min(made_for, key=lambda r: (len(r.path.stem), r.path.stem))
+            cached = cached_recipe_path(text, model)
+            if cached.is_file():
+                return load_recipe_file(cached)
         if (folder / "default.yaml").is_file():
             return load_recipe_file(folder / "default.yaml")
         if len(files) == 1:
             return load_recipe_file(files[0])
-        raise RecipeError(
+        choices = [f"{text}/{f.stem}" for f in files]
+        raise NoRecipeForModelError(
             f"recipe folder {text!r} has several recipes and none is made for {model!r}: pick one of "
-            f"{', '.join(f'{text}/{f.stem}' for f in files)}."
+            f"{', '.join(choices)}.",
+            text,
+            model,
+            choices,
         )
     known = list_recipes()
     raise RecipeError(

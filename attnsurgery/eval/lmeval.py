@@ -67,6 +67,19 @@ def _parse_surgery_args(text: Any) -> dict[str, Any]:
     return out
 
 
+#: HFLM's warnings about passing a loaded model object, which is how attnsurgery's own ``eval`` wires it in (one
+#: process, no accelerate launch): they concern our wiring, not the user's run, and came twice per arm.
+_WIRING_WARNINGS = (
+    "`pretrained` model kwarg is not of type `str`",
+    "Passed an already-initialized model through `pretrained`",
+)
+
+
+class _DropWiringWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_WIRING_WARNINGS)
+
+
 @register_model("attnsurgery")
 class SurgeryLM(HFLM):
     """lm-eval's ``HFLM`` on an attnsurgery-patched model (see the module docstring)."""
@@ -89,7 +102,13 @@ class SurgeryLM(HFLM):
         if isinstance(pretrained, str):
             pretrained = str(model_location(pretrained))
         kwargs.setdefault("device", "cpu" if not torch.cuda.is_available() else "cuda")
-        super().__init__(pretrained=pretrained, **kwargs)
+        # only while HFLM is built, only those two messages; the rest of lm-eval's logging is untouched
+        hf_log, quiet = logging.getLogger(HFLM.__module__), _DropWiringWarnings()
+        hf_log.addFilter(quiet)
+        try:
+            super().__init__(pretrained=pretrained, **kwargs)
+        finally:
+            hf_log.removeFilter(quiet)
         self.check_outputs = check_outputs
         self.nonfinite_batches = 0
         self.forward_batches = 0
