@@ -413,6 +413,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.text import check_tasks, evaluate_arms, make_arms, task_manager, write_report
 
     tasks = check_tasks([t for item in args.tasks for t in item.split(",") if t], task_manager())
+    for recipe in (
+        args.recipe or []
+    ):  # `--recipe act MODEL` without a recipe for MODEL: calibrate one (cached)
+        _ensure_recipe(recipe, args.model, args)
     arms = make_arms(args.recipe or [], model=args.model)  # bad recipes fail before the model loads
     if args.quant == "int8":
         from .errors import AttnSurgeryError
@@ -454,6 +458,17 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             args.table, out_dir=args.out, limit=int(args.limit) if args.limit else None, force=args.force
         )
         _print_report(paths["md"].read_text(), paths)
+        return 0
+    from .eval.training_table import is_training_table
+
+    if is_training_table(args.table):  # arms that train (gates, LoRA ...), scored on outliers and W8A8
+        from .eval.training_table import run_training_table
+
+        out = run_training_table(args.table, out_dir=args.out, models=args.model)
+        _print_report(
+            (out / "table.md").read_text(),
+            {"json": out / "table.json", "md": out / "table.md", "png": out / "outliers-<model>.png"},
+        )
         return 0
     table = load_table(args.table)
     if table.requires:
@@ -605,7 +620,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-r", type=int, default=0, help="add LoRA adapters of this rank (peft); 0: none")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 x r)")
     p.add_argument(
-        "--lora-targets", default="q_proj,k_proj,v_proj,o_proj", help="projections that get adapters"
+        "--lora-targets",
+        default=None,
+        help="projections that get adapters (default: every projection of the attention)",
     )
     p.add_argument("--lora-layers", default=None, help="layers that get adapters (default: the surgery's)")
     p.add_argument("--lora-lr", type=float, default=1e-4)
@@ -807,6 +824,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     eval_options(p)
     model_options(p)
+    p.add_argument(
+        "--no-calibrate",
+        action="store_true",
+        help="--recipe act MODEL with no recipe made for MODEL: refuse instead of calibrating one (as in apply)",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("reproduce", help="run a table definition (evals/*.yaml): models x arms x tasks")

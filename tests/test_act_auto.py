@@ -154,3 +154,40 @@ def test_model_specific_lookup_and_all_heads():
     (spec,) = recipe.surgeries
     assert recipe.model is None and spec.layers == "2:" and spec.heads is None
     assert "-0.15 to +0.12" in recipe.description
+
+
+def test_eval_goes_through_the_same_resolver(tiny_dir, small_sweep, capsys, tmp_path):
+    assert (
+        main(
+            [
+                "eval",
+                str(tiny_dir),
+                "--recipe",
+                "act",
+                "--tasks",
+                "bb_general_knowledge",
+                "--no-calibrate",
+                "--out",
+                str(tmp_path / "e"),
+            ]
+        )
+        == 5
+    )
+    assert "Without --no-calibrate" in _err(capsys)[1]
+    assert not small_sweep.exists()
+    code = main(
+        [
+            "eval",
+            str(tiny_dir),
+            "--recipe",
+            "act",
+            "--tasks",
+            "bb_general_knowledge",
+            "--limit",
+            "2",
+            "--out",
+            str(tmp_path / "e"),
+        ]
+    )
+    assert code in (0, 1)  # 1: an arm flagged INVALID (a random tiny model may tie its choices); it ran
+    assert cached_recipe_path("act", str(tiny_dir)).is_file()

@@ -299,3 +299,61 @@ def test_two_processes_follow_the_one_process_curve(tmp_path):
         torch.tensor(curves[2]["scale"]), torch.tensor(curves[1]["scale"]), atol=1e-5, rtol=0
     )
     assert curves[1]["loss"][0] != curves[1]["loss"][-1]
+
+
+def test_training_table_trains_scores_and_reuses(tmp_path):
+    """kind: training tables through `attnsurgery reproduce`: each arm trains on the calibration split, is scored
+    on the test split (FP / W8A8 perplexity, outliers), and a re-run reuses finished arms."""
+    from attnsurgery.cli import main
+
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    table = tmp_path / "t.yaml"
+    table.write_text(
+        yaml.safe_dump(
+            {
+                "name": "t",
+                "kind": "training",
+                "models": [str(model_dir)],
+                "seq_len": SEQ,
+                "eval": {"test_windows": 2, "calib_windows": 2, "outlier_windows": 1},
+                "arms": [
+                    {"name": "baseline"},
+                    {
+                        "name": "gates",
+                        "surgeries": [{"surgery": "gated_attention", "args": {"form": "headwise"}}],
+                        "train": {"steps": 2, "batch_size": 2, "lr": 0.05, "val_every": 2, "lora": {"r": 2}},
+                    },
+                ],
+            }
+        )
+    )
+    out = tmp_path / "out"
+    assert main(["reproduce", str(table), "--out", str(out)]) == 0
+    rows = json.loads((out / "table.json").read_text())["rows"]
+    assert [r["arm"] for r in rows] == ["baseline", "gates"]
+    assert rows[1]["train_steps"] == 2 and rows[0]["train_steps"] == 0
+    assert rows[1]["ppl_fp"] != rows[0]["ppl_fp"] and rows[0]["ppl_w8a8"] != rows[0]["ppl_fp"]
+    run = next((out / "runs").rglob("recipe.yaml"))
+    stamp = run.stat().st_mtime_ns
+    assert main(["reproduce", str(table), "--out", str(out)]) == 0
+    assert run.stat().st_mtime_ns == stamp  # reused, not retrained
+    assert len(json.loads((out / "table.json").read_text())["rows"]) == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        yaml.safe_dump({"kind": "training", "models": ["x"], "arms": [{"name": "a", "trian": {}}]})
+    )
+    assert main(["reproduce", str(bad)]) == 5
+
+
+def test_progress_false_writes_nothing(data, capsys):
+    """Library callers (the temperature fit's progress=False) get no validation or early-stopping lines."""
+    model = tiny_model("llama")
+    handle = patch(model, "head_scale", trainable=True)
+    result = train(model, handle, data, cfg(steps=4, val_every=1, patience=1, lr=5.0), progress=False)
+    handle.remove()
+    assert len(result.val_history) >= 2
+    captured = capsys.readouterr()
+    assert "validation objective" not in captured.out + captured.err
+    assert "stopping early" not in captured.out + captured.err

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,7 +207,7 @@ def run_training_table(
         calib = data.train[: table.eval["calib_windows"]]
         all_stats = []
         for arm in table.arms:
-            run_dir = out / "runs" / model_name / arm["name"]
+            run_dir = out / "runs" / _slug(model_name) / arm["name"]
             started = time.perf_counter()
             handle, training = None, None
             if arm.get("surgeries"):
@@ -239,8 +240,13 @@ def run_training_table(
             }
             results_path.write_text(json.dumps(results, indent=2) + "\n")
             (out / "table.md").write_text(render_training_table(results, table))
-        plot_outliers(all_stats, out / f"outliers-{model_name}.png")
+        plot_outliers(all_stats, out / f"outliers-{_slug(model_name)}.png")
     return out
+
+
+def _slug(name: str) -> str:
+    """A folder name for a model alias, hub id or path (a path must not escape the output folder)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "--", str(name).strip("/")) or "model"
 
 
 def _rel(value: float | None, base: float | None) -> str:
