@@ -452,3 +452,95 @@ def test_fit_temperature_errors():
     with pytest.raises(SurgeryConfigError, match="attention would invert"):
         fit_temperature(model, tok, PROSE, min_c=-1.01 / math.log(n))
     assert text_windows(tok, ["ab", "cd"], 64).shape == (1, 6)  # shorter than a window: one short window
+
+
+def _reference_temperature_fit(model, train, val, *, layers, steps, lr, eval_every, patience, min_c=0.0):
+    """The fit written out by hand: full-batch Adam on the per-layer-tied c, projected onto c >= min_c, validated
+    every eval_every steps, the best table (step 0's identity included) kept, early stop after patience."""
+    from attnsurgery.train.fit import frozen
+
+    with frozen(model), patch(model, "temperature", layers=layers, trainable=True) as handle:
+        surgery = handle.surgeries[0]
+        coef = surgery.coef
+        mask = torch.stack([surgery.targets.head_mask(i) for i in range(coef.shape[0])]).float()
+        opt = torch.optim.Adam([coef], lr=lr)
+
+        def val_loss() -> float:
+            with torch.no_grad():
+                return float(model(input_ids=val, labels=val, use_cache=False).loss)
+
+        history, losses = [(0, val_loss())], []
+        best, best_val, stale = coef.detach().clone(), history[0][1], 0
+        for step in range(1, steps + 1):
+            opt.zero_grad()
+            loss = model(input_ids=train, labels=train, use_cache=False).loss
+            loss.backward()
+            coef.grad = (coef.grad * mask).sum(-1, keepdim=True).expand_as(coef) * mask
+            opt.step()
+            with torch.no_grad():
+                coef.clamp_(min=min_c).mul_(mask)
+            losses.append(float(loss.detach()))
+            if step % eval_every == 0 or step == steps:
+                history.append((step, val_loss()))
+                if history[-1][1] < best_val:
+                    best, best_val, stale = coef.detach().clone(), history[-1][1], 0
+                else:
+                    stale += 1
+                if stale >= patience:
+                    break
+        return best, coef.detach().clone(), history, losses
+
+
+def test_fit_temperature_runs_on_the_shared_trainer(monkeypatch):
+    from attnsurgery.train import trainer as shared
+
+    calls = []
+    real_train = shared.train
+
+    def spy(model, handle, data, config, **kwargs):
+        calls.append((data, config, kwargs))
+        result = real_train(model, handle, data, config, **kwargs)
+        calls[-1] += (result,)
+        return result
+
+    monkeypatch.setattr(shared, "train", spy)
+    model = tiny_model("llama")
+    tok = CharTokenizer()
+    settings = dict(layers="1:", steps=12, lr=0.05, eval_every=4, patience=10)
+    result = fit_temperature(model, tok, PROSE, seq_len=48, batch_size=64, progress=False, **settings)
+
+    # one call of the shared trainer, with the fit's settings as TrainConfig-level behaviour
+    assert len(calls) == 1
+    data, config, kwargs, trained = calls[0]
+    assert (config.objective, config.keep, config.patience, config.val_every) == ("lm", "best", 10, 4)
+    assert config.max_grad_norm is None and config.lr == 0.05 and callable(kwargs["after_step"])
+    assert config.batch_size == len(data.train) == result.n_train_windows  # full batch
+    assert len(data.val) == result.n_val_windows
+    # the fit's curves are the trainer's
+    assert result.val_history == [(r["step"], r["lm"]) for r in trained.val_history]
+    assert result.train_loss == trained.train_loss and result.steps == trained.steps
+
+    # the same windows as before: training texts only (the held-out text never enters), validation = the last ones
+    windows = text_windows(tok, PROSE[:-1], 48)
+    n_val = result.n_val_windows
+    torch.testing.assert_close(data.train, windows[:-n_val], atol=0, rtol=0)
+    torch.testing.assert_close(data.val, windows[-n_val:], atol=0, rtol=0)
+
+    # and the result matches the hand-written fit (full batch: window order only changes the rounding)
+    best, final, history, losses = _reference_temperature_fit(
+        model, windows[:-n_val], windows[-n_val:], **settings
+    )
+    torch.testing.assert_close(result.fitted_coef, final, atol=1e-5, rtol=1e-4)
+    assert result.fitted_coef.abs().sum() > 0
+    torch.testing.assert_close(torch.tensor(result.train_loss), torch.tensor(losses), atol=1e-5, rtol=1e-5)
+    assert [s for s, _ in result.val_history] == [s for s, _ in history]
+    torch.testing.assert_close(
+        torch.tensor([v for _, v in result.val_history]),
+        torch.tensor([v for _, v in history]),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    expected = best if min(v for _, v in history) < history[0][1] else torch.zeros_like(best)
+    torch.testing.assert_close(result.coef, expected, atol=1e-5, rtol=1e-4)
+    # the model is left unpatched, with its weights trainable again
+    assert all(p.requires_grad for p in model.parameters())

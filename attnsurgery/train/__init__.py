@@ -1,9 +1,10 @@
 """Training a surgery's own parameters with the model frozen: built on the core, never imported by it.
 
-* :mod:`.fit` -- the temperature fit's loop, the seed of the shared trainer: Adam on one parameter tensor,
-  next-token loss over token windows, validation with early stopping, best parameters kept
-  (``from attnsurgery.train.fit import fit, frozen``).
-* :mod:`.trainer`, :mod:`.objectives`, :mod:`.data` -- the shared trainer of every trainable surgery and LoRA.
+* :mod:`.trainer`, :mod:`.objectives`, :mod:`.data` -- the one training loop, shared by every trainable surgery
+  and LoRA: ``attnsurgery train`` and the position-temperature fit (``calibrate temperature``, which passes its
+  own train/validation windows as :class:`TrainingData`, its head tying and ``c >= min_c`` bound as a gradient
+  hook and ``after_step``, and keeps the best table with ``keep="best"`` and ``patience``).
+* :mod:`.fit` -- :func:`~.fit.frozen`, the model frozen in eval mode (``from attnsurgery.train.fit import frozen``).
 
 A surgery's ``calibrate.py`` (``patches/<name>/calibrate.py``) may use these; core modules never do.
 """

@@ -491,9 +491,11 @@ def train(
                     best, stale = (row["objective"], step, trainable_state()), 0
                 else:
                     stale += 1
-                bar.write(f"step {step}: validation objective {row['objective']:.5f}, lm {row['lm']:.5f}")
+                if not bar.disable:  # progress=False: nothing written
+                    bar.write(f"step {step}: validation objective {row['objective']:.5f}, lm {row['lm']:.5f}")
                 if config.patience is not None and stale >= config.patience:
-                    bar.write(f"no improvement in {stale} validations: stopping early")
+                    if not bar.disable:
+                        bar.write(f"no improvement in {stale} validations: stopping early")
                     save_checkpoint(step)
                     break
             if step % config.save_every == 0 or step == config.steps:

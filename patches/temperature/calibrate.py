@@ -1,7 +1,8 @@
 """Position-temperature fit: Selective-Attention position temperatures fitted on calibration text.
 
 :func:`fit_temperature` fits the ``temperature`` surgery's position coefficients ``c`` (per layer or per head) by
-next-token loss on calibration text with every model weight frozen (the loop is :func:`attnsurgery.train.fit.fit`);
+next-token loss on calibration text with every model weight frozen (the loop is the shared trainer,
+:func:`attnsurgery.train.train`);
 :func:`write_temperature_recipe` ships the fitted table as a recipe with a ``state:`` file.
 ``attnsurgery calibrate temperature`` is :func:`add_arguments` + :func:`run`.
 
@@ -26,10 +27,12 @@ from torch import nn
 from attnsurgery.api import SurgeryHandle, patch, save_surgery
 from attnsurgery.engine import Engine, discover
 from attnsurgery.errors import AttnSurgeryError, SurgeryConfigError
-from attnsurgery.eval.scoring import input_device, mean_nll, text_windows, texts_of
+from attnsurgery.eval.scoring import mean_nll, text_windows, texts_of
 from attnsurgery.recipe import write_calibrated_recipe
 from attnsurgery.targeting import _compact
-from attnsurgery.train.fit import fit, frozen
+from attnsurgery.train import trainer
+from attnsurgery.train.data import TrainingData
+from attnsurgery.train.fit import frozen
 
 if TYPE_CHECKING:
     from attnsurgery.cli import CalibrateTools
@@ -228,7 +231,8 @@ def fit_temperature(
 
     Only ``c`` is trained (``per="layer"``: one scalar per layer shared by its heads, the reference code's
     choice; ``per="head"``: one per head); every model weight has ``requires_grad=False`` during the fit (flags
-    restored after). Adam on next-token loss over random ``seq_len`` windows of ``texts`` (joined with EOS), from
+    restored after). The shared trainer (:func:`attnsurgery.train.train`, objective ``lm``: Adam, no clipping)
+    on next-token loss over ``seq_len`` windows of ``texts`` (joined with EOS), from
     the identity ``c = 0`` (``batch_size`` windows per step in shuffled epochs; all of them when it is at least
     the number of training windows), projected onto ``c >= min_c`` (0: the paper's range, attention only sharpens with
     position; a negative bound lets it flatten, and must keep ``1 + c log n > 0`` up to the model's
@@ -303,37 +307,56 @@ def fit_temperature(
     targeted = torch.stack([surgery.targets.head_mask(i) for i in range(info.num_layers)]).to(coef.device)
 
     def tie_heads(grad: torch.Tensor) -> torch.Tensor:
-        grad = grad * targeted
-        if per == "layer":  # one scalar per layer: the heads' gradients sum, and the heads stay tied
-            grad = grad.sum(-1, keepdim=True).expand_as(grad) * targeted
+        # the gradient Adam sees: zero outside the targeted heads; per layer, the heads' gradients sum, so the
+        # heads of a layer stay tied (one scalar per layer)
+        mask = targeted.to(grad.device)
+        grad = grad * mask
+        if per == "layer":
+            grad = grad.sum(-1, keepdim=True).expand_as(grad) * mask
         return grad.contiguous()
 
-    def bound(c: torch.Tensor) -> None:
-        c.clamp_(min=min_c).mul_(targeted)
+    last: list[torch.Tensor] = []  # the table after the latest step (the trainer hands back the best one)
 
+    def bound(surgeries: list[Any]) -> None:  # after every optimiser step, under no_grad: c >= min_c
+        coef.clamp_(min=min_c).mul_(targeted.to(coef.device))
+        last[:] = [coef.detach().clone()]
+
+    # the shared trainer: Adam (AdamW with weight decay 0) on next-token loss with the model frozen, batches of
+    # consecutive slices of seeded per-epoch permutations (the whole training set every step when batch_size
+    # covers it), validation every eval_every steps, early stopping after `patience` validations without gain and
+    # the best table (the identity at step 0 included) kept; no gradient clipping or warm-up, as before
+    config = trainer.TrainConfig(
+        objective="lm",
+        steps=steps,
+        lr=lr,
+        batch_size=min(batch_size, len(train)),
+        seq_len=seq_len,
+        max_grad_norm=None,
+        val_every=eval_every,
+        keep="best",
+        patience=patience,
+        seed=seed,
+    )
+    windows_data = TrainingData(
+        train=train, val=val, source=data or "calibration texts", n_texts=len(train_texts), n_val_texts=0
+    )
+    hook = coef.register_hook(tie_heads)
     try:
         with frozen(model):
             before = mean_nll(model, heldout, batch_size)
-            log = fit(
-                model,
-                coef,
-                train,
-                lambda: mean_nll(model, val, batch_size),
-                steps=steps,
-                lr=lr,
-                batch_size=batch_size,
-                eval_every=eval_every,
-                patience=patience,
-                seed=seed,
-                device=input_device(model),
-                grad_hook=tie_heads,
-                project=bound,
-                progress=progress,
-                desc="temperature fit",
-            )
-            identity_val, best_val, best, final = log.start_val, log.best_val, log.best, log.final
-            final_heldout = mean_nll(model, heldout, batch_size) if final.any() else before
+            trained = trainer.train(model, handle, windows_data, config, progress=progress, after_step=bound)
+            history = [(int(row["step"]), float(row["lm"])) for row in trained.val_history]
+            best = coef.detach().clone()  # keep="best": the trainer loaded the best table
+            final = last[0] if last else best
+            identity_val = history[0][1]
+            best_val = min(v for _, v in history)
             improved = best_val < identity_val
+            if final.any():
+                with torch.no_grad():
+                    coef.copy_(final)
+                final_heldout = mean_nll(model, heldout, batch_size)
+            else:
+                final_heldout = before
             if improved and not torch.equal(best, final):
                 with torch.no_grad():
                     coef.copy_(best)
@@ -341,6 +364,7 @@ def fit_temperature(
             else:
                 after = final_heldout if improved else before
     finally:
+        hook.remove()
         handle.remove()
     return FitResult(
         coef=best.float().cpu() if improved else torch.zeros_like(best).float().cpu(),
@@ -348,10 +372,10 @@ def fit_temperature(
         per=per,
         layers=sorted(surgery.targets.layers),
         seq_len=seq_len,
-        steps=log.steps,
+        steps=trained.steps,
         lr=lr,
-        train_loss=log.losses,
-        val_history=log.history,
+        train_loss=trained.train_loss,
+        val_history=history,
         identity_val_loss=identity_val,
         best_val_loss=best_val,
         heldout_loss_before=before,
