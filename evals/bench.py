@@ -40,6 +40,13 @@ TARGETS = {
     ("clipped_softmax (tiled)", 8192): ("memory", 1.2),
     ("act beta=0.4 thr=0.1 (fused + correction)", 2048): ("time", 1.3),
     ("act beta=0.4 thr=0.1 (fused + correction)", 8192): ("memory", 1.2),
+    # gates stay on the fused kernel: headwise adds a (hidden -> heads) projection, elementwise (hidden -> H*D)
+    ("gated_attention headwise (head-output stage)", 512): ("time", 1.03),
+    ("gated_attention headwise (head-output stage)", 2048): ("time", 1.03),
+    ("gated_attention headwise (head-output stage)", 8192): ("time", 1.03),
+    ("gated_attention elementwise (head-output stage)", 512): ("time", 1.10),
+    ("gated_attention elementwise (head-output stage)", 2048): ("time", 1.10),
+    ("gated_attention elementwise (head-output stage)", 8192): ("time", 1.10),
 }
 
 
@@ -91,6 +98,13 @@ def _arms(eager: bool):
             model, "act", beta=0.4, threshold=0.1
         ),
         "act beta=0.4 thr=0.1 (tiled, no fused kernel)": _unfused_act,
+        # random (non-identity) gates: the cost of a trained gate, not of a short-circuit
+        "gated_attention headwise (head-output stage)": lambda model: patch(
+            model, "gated_attention", form="headwise", init_std=0.02
+        ),
+        "gated_attention elementwise (head-output stage)": lambda model: patch(
+            model, "gated_attention", form="elementwise", init_std=0.02
+        ),
     }
     if eager:
         arms["act (reference-style: materialised n x n)"] = _MaterialisedAct

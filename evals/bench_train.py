@@ -1,0 +1,126 @@
+"""Trainer throughput: tokens/s of `attnsurgery.train` steps vs a plain forward+backward of the same model.
+
+    python evals/bench_train.py --out docs/benchmarks-train.json     # rewrites docs/benchmarks-train.{json,md}
+
+Arms (SmolLM2-135M, fp32, objective lm): the plain step (forward, next-token loss, backward through every weight:
+what full fine-tuning pays, without the optimiser), and trainer steps that train gates only (headwise, every layer),
+LoRA only (r 8 on every attention projection), and both. The trainer's steps include its optimiser step, gradient
+clipping, and its two one-window validation passes (before the first step and after the last). Each arm runs ``--steps`` timed steps after one warm-up step, interleaved ``--repeats`` times;
+the best run counts. Ratios are against the plain step in the same run (machine noise hits all arms alike).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from attnsurgery import load_model, patch
+from attnsurgery.api import SurgeryHandle
+
+
+def _plain(model, windows, steps):
+    for p in model.parameters():
+        p.requires_grad_(True)
+    try:
+        start = time.perf_counter()
+        for i in range(steps):
+            ids = windows[i % len(windows)]
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            model.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+
+def _trainer(model, windows, steps, surgeries):
+    from attnsurgery.train import TrainConfig, TrainingData, train
+
+    handles = [patch(model, name, **args) for name, args in surgeries]
+    handle = SurgeryHandle(model, [s for h in handles for s in h.surgeries])
+    batch = windows[0].shape[0]
+    data = TrainingData(torch.cat(list(windows)), windows[0][:1], "bench", 0, 0)
+    config = TrainConfig(
+        steps=steps, batch_size=batch, seq_len=windows[0].shape[1], val_every=10**9, save_every=10**9
+    )
+    try:
+        start = time.perf_counter()
+        train(model, handle, data, config, progress=False)
+        return time.perf_counter() - start
+    finally:
+        handle.remove()
+
+
+ARMS = {
+    "plain forward+backward (all weights)": None,
+    "trainer: gates only (headwise)": [("gated_attention", {"form": "headwise"})],
+    "trainer: LoRA only (r 8)": [("lora", {"r": 8})],
+    "trainer: gates + LoRA": [("gated_attention", {"form": "headwise"}), ("lora", {"r": 8})],
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="write results JSON here (and a .md beside it)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model, dtype="float32")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    windows = [
+        torch.randint(100, tokenizer.vocab_size - 1, (args.batch, args.seq_len), generator=g)
+        for _ in range(2)
+    ]
+    best: dict[str, float] = {}
+    for surgeries in ARMS.values():  # warm-up
+        _plain(model, windows, 1) if surgeries is None else _trainer(model, windows, 1, surgeries)
+    for r in range(args.repeats):
+        for name, surgeries in ARMS.items():
+            t = (
+                _plain(model, windows, args.steps)
+                if surgeries is None
+                else _trainer(model, windows, args.steps, surgeries)
+            )
+            best[name] = min(best.get(name, float("inf")), t)
+            print(f"run {r + 1}/{args.repeats} {name:<40} {t:.2f}s", file=sys.stderr, flush=True)
+    tokens = args.steps * args.batch * args.seq_len
+    base = best["plain forward+backward (all weights)"]
+    rows = [
+        {"arm": n, "seconds": t, "tokens_per_s": tokens / t, "ratio_vs_plain": t / base}
+        for n, t in best.items()
+    ]
+    command = "python evals/bench_train.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    md = [
+        "# Trainer throughput",
+        "",
+        f"`{command}` — {args.model}, fp32, {args.threads} threads, batch {args.batch} x {args.seq_len} tokens, "
+        f"{args.steps} steps per arm, best of {args.repeats} interleaved runs ({platform.machine()}, torch "
+        f"{torch.__version__}). Ratio: time per step over the plain forward+backward's, same run.",
+        "",
+        "| arm | tokens/s | time vs plain fwd+bwd |",
+        "|---|---:|---:|",
+        *[f"| {r['arm']} | {r['tokens_per_s']:.0f} | {r['ratio_vs_plain']:.2f}x |" for r in rows],
+    ]
+    print("\n".join(md))
+    if args.out:
+        out = Path(args.out)
+        out.write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+        out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
