@@ -1,6 +1,6 @@
 """Moved: choice scoring to :mod:`attnsurgery.eval.scoring`, the ACT head sweep to
 :mod:`attnsurgery.patches.act.calibrate`, the temperature fit to :mod:`attnsurgery.patches.temperature.calibrate`
-(its loop to :mod:`attnsurgery.train.fit`). Old imports from here keep working."""
+(it runs on the shared trainer, :func:`attnsurgery.train.train`). Old imports from here keep working."""
 
 from ._moved import forward_to
 
