@@ -250,7 +250,10 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     failures = []
+    command = "python evals/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = [
+        f"Regenerate: `{command.strip()}` (rewrites this file and its JSON).",
+        "",
         f"Model {args.model}, fp32, {args.threads} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}; "
         f"best of {args.repeats} interleaved prefills (at most 2 at 8192), logits_to_keep=1; "
         "memory: one prefill per arm in a fresh process.",
@@ -277,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"results": results, "failures": failures}, indent=2))
+        out.write_text(
+            json.dumps({"command": command.strip(), "results": results, "failures": failures}, indent=2)
+        )
         out.with_suffix(".md").write_text(table + "\n")
     if failures:
         print("\nmissed targets:\n  " + "\n  ".join(failures), file=sys.stderr)
