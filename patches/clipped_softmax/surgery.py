@@ -36,9 +36,12 @@ class ClippedSoftmaxSurgery(Surgery):
         probs = torch.softmax(scores, dim=-1)  # fp32 scores from the engine
         heads = self.targets.heads_of(tile.call.layer_idx)
         stretch = self.config.zeta - self.config.gamma
-        if heads is None:  # in place: one pass, no extra block-sized buffer
+        if heads is None and not probs.requires_grad:  # in place: one pass, no extra block-sized buffer
             return probs.mul_(stretch).add_(self.config.gamma).clamp_(0.0, 1.0)
-        clipped = (stretch * probs + self.config.gamma).clamp_(0.0, 1.0)
+        # out of place under autograd (fine-tuning): softmax's backward needs its output unchanged
+        clipped = (stretch * probs + self.config.gamma).clamp(0.0, 1.0)
+        if heads is None:
+            return clipped
         # only the targeted heads are clipped; the others keep plain softmax
         mask = self.targets.head_mask(tile.call.layer_idx, probs.device)[None, :, None, None]
         return torch.where(mask, clipped, probs)
