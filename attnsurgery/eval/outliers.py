@@ -581,9 +581,16 @@ def plot_outliers(stats: Any, path: str | Path, title: str = "") -> Path:
     for ax in axes[:2]:
         ax.set_yscale("log")  # a value of 0 (e.g. a silenced block) is left off the log axis
     axes[2].set_ylim(0, 1)
-    axes[0].legend(fontsize=7, ncol=max(1, len(items)))
+    # line style = site (one small legend), colour = stats label (the sink-share panel's legend): with many
+    # labelled stats a legend entry per (label, site) would not fit the figure
+    from matplotlib.lines import Line2D
+
+    site_handles = [
+        Line2D([], [], color="0.3", linestyle=style, label=site) for site, style in styles.items()
+    ]
+    axes[0].legend(handles=site_handles, fontsize=7)
     if len(items) > 1:
-        axes[2].legend(fontsize=8)
+        axes[2].legend(fontsize=7, ncol=1 + len(items) // 8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
