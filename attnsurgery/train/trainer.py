@@ -21,6 +21,7 @@ same seeded order, so N processes follow the 1-process loss curve.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -379,9 +380,12 @@ def train(
         parts_hist, elapsed = ckpt["parts"], ckpt["seconds"]
         best = (ckpt["best"][0], ckpt["best"][1], ckpt["best_state"])
 
+    saved: list[int] = [start_step] if resume else []  # the step of the checkpoint on disk, if any
+
     def save_checkpoint(step: int) -> None:
         if out is None or not accelerator.is_main_process:
             return
+        saved[:] = [step]
         _atomic_save(
             {
                 "fingerprint": fingerprint,
@@ -446,7 +450,7 @@ def train(
             for micro in range(config.grad_accum):
                 ids = data.train[mine[micro]].to(accelerator.device)
                 sync = micro == config.grad_accum - 1
-                ctx = accelerator.no_sync(wrapped) if not sync and world > 1 else _null()
+                ctx = accelerator.no_sync(wrapped) if not sync and world > 1 else contextlib.nullcontext()
                 with ctx, accelerator.autocast():
                     total, parts = wrapped(ids)
                     accelerator.backward(total / config.grad_accum)
@@ -459,8 +463,8 @@ def train(
             if not math.isfinite(loss_value):
                 optimizer.zero_grad(set_to_none=True)
                 where = (
-                    f"the last good checkpoint (step {_checkpoint_step(out)}) is kept in {out / CHECKPOINT}"
-                    if out is not None and (out / CHECKPOINT).is_file()
+                    f"the last good checkpoint (step {saved[0]}) is kept in {out / CHECKPOINT}"
+                    if saved
                     else "no checkpoint was written yet"
                 )
                 raise TrainingDiverged(
@@ -528,21 +532,6 @@ def train(
         write_run(out, model, handle, result, config, data, model_name)
     accelerator.wait_for_everyone()
     return result
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-def _checkpoint_step(out: Path | None) -> int | None:
-    try:
-        return int(torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)["step"])
-    except Exception:
-        return None
 
 
 # ----------------------------------------------------------------------------------------------------------
