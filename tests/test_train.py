@@ -376,3 +376,72 @@ def test_gradients_flow_through_every_trainable_path(surgery):
         model(ids, labels=ids).loss.backward()
         grads = [pair["B"].weight.grad for pair in lora.surgeries[0].adapters.values()]
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_training_table_stages_training_free_arms_measure_and_tasks(tmp_path):
+    """The training-table arms a conversion needs: a training-free arm (patched as is), an arm trained `from` an
+    earlier one (its surgeries loaded and frozen, a LoRA stage on top; costs add up), `measure:` choosing the
+    scores, and `tasks:` scoring every arm's recipe on an offline lm-eval task with paired deltas."""
+    from safetensors.torch import load_file
+
+    from attnsurgery.eval.training_table import run_training_table
+
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    table = tmp_path / "t.yaml"
+    gates = [{"surgery": "gated_attention", "args": {"form": "headwise", "init_std": 0.3}}]
+    table.write_text(
+        yaml.safe_dump(
+            {
+                "name": "t",
+                "kind": "training",
+                "models": [str(model_dir)],
+                "seq_len": SEQ,
+                "measure": ["perplexity"],
+                "tasks": ["bb_emoji_movie"],
+                "limit": 3,
+                "eval": {"test_windows": 2, "calib_windows": 2},
+                "arms": [
+                    {"name": "baseline"},
+                    {"name": "free", "surgeries": gates},
+                    {"name": "stage1", "surgeries": gates, "train": {"steps": 2, "batch_size": 2, "lr": 0.05}},
+                    {"name": "stage2", "from": "stage1", "train": {"steps": 2, "batch_size": 2, "lora": {"r": 2}}},
+                ],
+            }
+        )
+    )
+    out = run_training_table(table, tmp_path / "out")
+    rows = {r["arm"]: r for r in json.loads((out / "table.json").read_text())["rows"]}
+    assert set(rows["baseline"]) >= {"ppl_fp"} and "ppl_w8a8" not in rows["baseline"]
+    assert "W8A8" not in (out / "table.md").read_text() and not list(out.glob("outliers-*.png"))
+    assert rows["free"]["train_steps"] == 0 and rows["free"]["ppl_fp"] != rows["baseline"]["ppl_fp"]
+    assert rows["stage2"]["train_steps"] == 4  # its own 2 steps plus stage 1's
+    runs = out / "runs" / next((out / "runs").iterdir()).name
+    stage1 = load_file(str(runs / "stage1" / "state-0-gated_attention.safetensors"))
+    stage2 = load_file(str(runs / "stage2" / "state-0-gated_attention.safetensors"))
+    assert stage1.keys() == stage2.keys() and all(torch.equal(stage1[k], stage2[k]) for k in stage1)  # frozen
+    surgeries = [s["surgery"] for s in yaml.safe_load((runs / "stage2" / "recipe.yaml").read_text())["surgeries"]]
+    assert surgeries == ["gated_attention", "lora"]
+    report = json.loads((out / "tasks.json").read_text())["reports"][0]
+    assert list(report["arms"]) == ["baseline", "free", "stage1", "stage2"]
+    assert {"delta", "p"} <= set(report["table"][0]["arms"]["stage2"])  # paired against the baseline
+    assert (out / "tasks.md").is_file()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        yaml.safe_dump(
+            {"kind": "training", "models": ["x"], "measure": ["perplexty"], "arms": [{"name": "baseline"}]}
+        )
+    )
+    from attnsurgery.errors import RecipeError
+    from attnsurgery.eval.training_table import load_training_table
+
+    with pytest.raises(RecipeError, match="Did you mean 'perplexity'"):
+        load_training_table(bad)
+    bad.write_text(
+        yaml.safe_dump(
+            {"kind": "training", "models": ["x"], "arms": [{"name": "a", "from": "b", "train": {"steps": 1}}]}
+        )
+    )
+    with pytest.raises(RecipeError, match="earlier arm"):
+        load_training_table(bad)

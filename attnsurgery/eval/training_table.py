@@ -1,4 +1,4 @@
-"""Training tables: train each arm's surgeries, then measure outliers, FP and W8A8 perplexity on the test split.
+"""Training tables: train each arm's surgeries, then score every arm on the test split.
 
 A table YAML with ``kind: training`` (``evals/outliers.yaml``) lists models and arms; each arm names the surgeries
 to patch (as in a recipe) plus trainer settings. ``attnsurgery reproduce evals/outliers.yaml`` (or
@@ -12,8 +12,17 @@ one resumes), and then scores it on the *test* split of the same corpus — whic
   layers >= 2, the largest activation;
 * the training cost: steps, tokens, minutes.
 
+``measure:`` picks among ``perplexity``, ``w8a8`` and ``outliers`` (default: all three), and ``tasks:`` adds
+offline lm-eval tasks, scored on every arm once all are trained (``tasks.md``/``.json``/``.png`` with paired
+deltas against the baseline, cached per arm under ``cache/``).
+
+Arms: ``surgeries`` without ``train`` is a training-free arm (patched as is); ``from: <arm>`` starts from another
+(earlier) arm's finished run — its surgeries loaded and frozen — and trains this arm's settings on top (e.g. a
+LoRA stage after a feature-map stage); ``surgeries`` then lists only what this arm adds (may be empty).
+
 Results: ``table.json`` (everything), ``table.md`` (the comparison with relative changes vs the baseline), one
-``outliers-<model>.png`` per model (per-layer curves of every arm), and ``runs/<model>/<arm>/`` (the recipes).
+``outliers-<model>.png`` per model (per-layer curves of every arm, when outliers are measured), and
+``runs/<model>/<arm>/`` (each arm's recipe folder: ``patch(model, folder)`` loads it).
 """
 
 from __future__ import annotations
@@ -30,8 +39,13 @@ import yaml
 
 from ..errors import RecipeError, did_you_mean
 
-_TABLE_KEYS = {"name", "description", "kind", "models", "dtype", "data", "seq_len", "eval", "arms", "goals"}
-_ARM_KEYS = {"name", "surgeries", "train", "note"}
+_TABLE_KEYS = {
+    "name", "description", "kind", "models", "dtype", "data", "seq_len", "eval", "arms", "goals",
+    "measure", "tasks", "batch_size", "limit",
+}  # fmt: skip
+_ARM_KEYS = {"name", "surgeries", "train", "note", "from"}
+#: what a training table can score on the test split (``measure:``)
+MEASURES = ("perplexity", "w8a8", "outliers")
 _EVAL_KEYS = {"test_windows", "calib_windows", "outlier_windows"}
 
 
@@ -48,6 +62,10 @@ class TrainingTable:
     )
     description: str = ""
     goals: dict[str, Any] = field(default_factory=dict)
+    measure: tuple[str, ...] = MEASURES
+    tasks: list[str] = field(default_factory=list)  # offline lm-eval tasks scored after training ([]: none)
+    batch_size: int = 4  # lm-eval batch size for ``tasks``
+    limit: int | None = None  # lm-eval docs per task (None: all)
 
 
 def _check(where: str, data: dict, allowed: set[str]) -> None:
@@ -87,15 +105,38 @@ def load_training_table(path: str | Path) -> TrainingTable:
         _check(f"{where}.train", arm.get("train") or {}, train_fields)
         if arm["name"] in names:
             raise RecipeError(f"{where}: duplicate arm name {arm['name']!r}.")
+        source = arm.get("from")
+        if source is not None:
+            if source not in names:
+                raise RecipeError(
+                    f"{where}: 'from: {source}' must name an earlier arm.{did_you_mean(str(source), names)}"
+                )
+            if not arm.get("train"):
+                raise RecipeError(f"{where}: an arm 'from' another trains on top of it; give it 'train'.")
         names.add(arm["name"])
         if arm.get("surgeries"):
             from ..recipe import parse_recipe
 
             parse_recipe({"surgeries": arm["surgeries"]}, where)  # names and arguments, before any training
-        elif arm.get("train"):
-            raise RecipeError(f"{where}: 'train' needs 'surgeries' to train.")
+        elif arm.get("train") and source is None and not (arm["train"] or {}).get("lora"):
+            raise RecipeError(f"{where}: 'train' needs 'surgeries' (or 'from', or 'lora') to train.")
     eval_cfg = {"test_windows": 24, "calib_windows": 4, "outlier_windows": 8, **(data.get("eval") or {})}
     _check(f"{path}: eval", eval_cfg, _EVAL_KEYS)
+    measure = data.get("measure", list(MEASURES))
+    if not isinstance(measure, list) or not measure:
+        raise RecipeError(f"{path}: 'measure' is a non-empty list of {', '.join(MEASURES)}.")
+    for m in measure:
+        if m not in MEASURES:
+            raise RecipeError(
+                f"{path}: unknown measure {m!r}.{did_you_mean(str(m), MEASURES)} Measures: {', '.join(MEASURES)}."
+            )
+    if "w8a8" in measure and "perplexity" not in measure:
+        raise RecipeError(f"{path}: 'w8a8' reports the gap to FP perplexity; add 'perplexity' to 'measure'.")
+    tasks = data.get("tasks") or []
+    if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+        raise RecipeError(f"{path}: 'tasks' is a list of lm-eval task names (see `attnsurgery list`).")
+    if tasks and arms[0].get("name") != "baseline":
+        raise RecipeError(f"{path}: with 'tasks', the first arm must be '- name: baseline' (paired deltas).")
     return TrainingTable(
         name=str(data.get("name") or path.stem),
         models=list(data.get("models") or []),
@@ -106,6 +147,10 @@ def load_training_table(path: str | Path) -> TrainingTable:
         eval=eval_cfg,
         description=str(data.get("description") or ""),
         goals=dict(data.get("goals") or {}),
+        measure=tuple(m for m in MEASURES if m in measure),
+        tasks=list(tasks),
+        batch_size=int(data.get("batch_size", 4)),
+        limit=data.get("limit"),
     )
 
 
@@ -120,64 +165,100 @@ def _test_windows(tokenizer: Any, source: str, seq_len: int, n: int) -> Any:
 
 
 def _train_arm(
-    model: Any, arm: dict, table: TrainingTable, data: Any, run_dir: Path, model_name: str
+    model: Any, arm: dict, table: TrainingTable, data: Any, run_dir: Path, model_name: str, runs: Path
 ) -> dict:
+    """Patch (and train) one arm; returns its handle and training summary (None for a training-free arm). A run
+    folder with ``recipe.yaml`` is finished and reused; one with only a checkpoint resumes."""
     from ..api import SurgeryHandle, patch
     from ..recipe import find_recipe, parse_recipe
     from ..train import TrainConfig, train
 
     if (run_dir / "recipe.yaml").is_file():  # finished before: reuse
         handle = patch(model, find_recipe(run_dir))
-        return {
-            "handle": handle,
-            "training": yaml.safe_load((run_dir / "recipe.yaml").read_text())["training"],
-        }
-    settings = dict(arm["train"])
-    lora = settings.pop("lora", None)
-    config = TrainConfig(seq_len=table.seq_len, **settings)
-    surgeries = list(patch(model, parse_recipe({"surgeries": arm["surgeries"]})).surgeries)
-    if lora:
-        surgeries += patch(model, "lora", **lora).surgeries
-    handle = SurgeryHandle(model, surgeries)
-    resume = (run_dir / "checkpoint.pt").is_file()
+        return {"handle": handle, "training": yaml.safe_load((run_dir / "recipe.yaml").read_text()).get("training")}
+    surgeries: list[Any] = []
     try:
+        if arm.get("from"):
+            base_dir = runs / arm["from"]
+            if not (base_dir / "recipe.yaml").is_file():
+                raise RecipeError(f"arm {arm['name']!r}: arm {arm['from']!r} it starts from has no finished run.")
+            surgeries += patch(model, find_recipe(base_dir)).surgeries
+            for surgery in surgeries:  # the earlier stage stays as trained
+                for p in surgery.parameters():
+                    p.requires_grad_(False)
+        if arm.get("surgeries"):
+            surgeries += patch(model, parse_recipe({"surgeries": arm["surgeries"]})).surgeries
+        settings = dict(arm.get("train") or {})
+        lora = settings.pop("lora", None)
+        if lora:
+            surgeries += patch(model, "lora", **lora).surgeries
+        handle = SurgeryHandle(model, surgeries)
+        if not arm.get("train"):
+            _write_untrained(run_dir, handle, arm, model_name)
+            return {"handle": handle, "training": None}
+        resume = (run_dir / "checkpoint.pt").is_file()
         train(
             model,
             handle,
             data,
-            config,
+            TrainConfig(seq_len=table.seq_len, **settings),
             out_dir=run_dir,
             resume=resume,
             overwrite=not resume,
             model_name=model_name,
         )
     except BaseException:
-        handle.remove()
+        SurgeryHandle(model, surgeries).remove()
         raise
     return {"handle": handle, "training": yaml.safe_load((run_dir / "recipe.yaml").read_text())["training"]}
 
 
-def _measure(model: Any, tokenizer: Any, table: TrainingTable, test: Any, calib: Any, label: str) -> dict:
+def _write_untrained(run_dir: Path, handle: Any, arm: dict, model_name: str) -> None:
+    """A training-free arm's recipe folder (so ``tasks`` and users load it like a trained one)."""
+    from safetensors.torch import save_file
+
+    from ..recipe import write_recipe
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i, surgery in enumerate(handle.surgeries):
+        entry = {"surgery": surgery.name, "args": surgery.config.to_dict(), **surgery.targets.to_json()}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in surgery.state_dict().items()}
+        if tensors:
+            entry["state"] = f"state-{i}-{surgery.name}.safetensors"
+            save_file(tensors, str(run_dir / entry["state"]), metadata={"format": "pt"})
+        entries.append(entry)
+    description = arm.get("note") or f"training-free arm {arm['name']!r}"
+    write_recipe(
+        {"name": arm["name"], "description": description, "model": model_name, "surgeries": entries},
+        run_dir / "recipe.yaml",
+    )
+
+
+def _measure(model: Any, table: TrainingTable, test: Any, calib: Any, label: str) -> dict:
     import torch
 
     from .outliers import outlier_stats
     from .quant import perplexity, quantize_w8a8
 
+    row: dict[str, Any] = {}
     with torch.no_grad():
-        fp = perplexity(model, test)
-        with quantize_w8a8(model, calib):
-            w8a8 = perplexity(model, test)
-        stats = outlier_stats(model, test[: table.eval["outlier_windows"]], label=label)
-    return {
-        "ppl_fp": fp,
-        "ppl_w8a8": w8a8,
-        "w8a8_gap": w8a8 - fp,
-        "max_kurtosis": stats.max_kurtosis,
-        "max_inf_norm": stats.max_inf_norm,
-        "sink_share": stats.mean_sink_share,
-        "max_activation": stats.max_activation.value if stats.max_activation else None,
-        "stats": stats,
-    }
+        if "perplexity" in table.measure:
+            row["ppl_fp"] = perplexity(model, test)
+        if "w8a8" in table.measure:
+            with quantize_w8a8(model, calib):
+                row["ppl_w8a8"] = perplexity(model, test)
+            row["w8a8_gap"] = row["ppl_w8a8"] - row["ppl_fp"]
+        if "outliers" in table.measure:
+            stats = outlier_stats(model, test[: table.eval["outlier_windows"]], label=label)
+            row.update(
+                max_kurtosis=stats.max_kurtosis,
+                max_inf_norm=stats.max_inf_norm,
+                sink_share=stats.mean_sink_share,
+                max_activation=stats.max_activation.value if stats.max_activation else None,
+                stats=stats,
+            )
+    return row
 
 
 def run_training_table(
@@ -195,6 +276,7 @@ def run_training_table(
     results_path = out / "table.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {"rows": []}
     done = {(r["model"], r["arm"]) for r in results["rows"]}
+    reports = []
     for model_name in models or table.models:
         model, tokenizer = load_model(model_name, dtype=table.dtype)
         data = prepare_data(
@@ -205,20 +287,22 @@ def run_training_table(
         )
         test = _test_windows(tokenizer, table.data, table.seq_len, table.eval["test_windows"])
         calib = data.train[: table.eval["calib_windows"]]
+        runs = out / "runs" / _slug(model_name)
         all_stats = []
         for arm in table.arms:
-            run_dir = out / "runs" / _slug(model_name) / arm["name"]
+            run_dir = runs / arm["name"]
             started = time.perf_counter()
             handle, training = None, None
-            if arm.get("surgeries"):
-                trained = _train_arm(model, arm, table, data, run_dir, model_name)
+            if arm.get("surgeries") or arm.get("from") or arm.get("train"):
+                trained = _train_arm(model, arm, table, data, run_dir, model_name, runs)
                 handle, training = trained["handle"], trained["training"]
             try:
-                row = _measure(model, tokenizer, table, test, calib, f"{arm['name']}")
+                row = _measure(model, table, test, calib, f"{arm['name']}")
             finally:
                 if handle is not None:
                     handle.remove()
-            all_stats.append(row.pop("stats"))
+            if "stats" in row:
+                all_stats.append(row.pop("stats"))
             if (model_name, arm["name"]) in done:
                 continue
             row.update(
@@ -231,17 +315,54 @@ def run_training_table(
                 measure_seconds=round(time.perf_counter() - started, 1),
                 test_windows=int(len(test)),
             )
+            if arm.get("from"):  # the cost of the stages before this one counts too
+                prior = next(r for r in results["rows"] if r["model"] == model_name and r["arm"] == arm["from"])
+                row.update(
+                    train_steps=row["train_steps"] + prior["train_steps"],
+                    train_tokens=row["train_tokens"] + prior["train_tokens"],
+                    train_minutes=round(row["train_minutes"] + prior["train_minutes"], 1),
+                )
             results["rows"].append(row)
             results["table"] = {
                 "name": table.name,
                 "data": table.data,
                 "seq_len": table.seq_len,
                 "eval": table.eval,
+                "measure": list(table.measure),
             }
             results_path.write_text(json.dumps(results, indent=2) + "\n")
             (out / "table.md").write_text(render_training_table(results, table))
-        plot_outliers(all_stats, out / f"outliers-{_slug(model_name)}.png")
+        if all_stats:
+            plot_outliers(all_stats, out / f"outliers-{_slug(model_name)}.png")
+        if table.tasks:
+            reports.append(_score_tasks(model_name, (model, tokenizer), table, runs, out))
+            from .text import write_report
+
+            write_report(reports, out, name="tasks")
+        del model
     return out
+
+
+def _score_tasks(model_name: str, loaded: tuple[Any, Any], table: TrainingTable, runs: Path, out: Path) -> Any:
+    """Every arm (the trained recipes in its run folder) on the table's offline lm-eval tasks, same docs, cached
+    per arm by the recipe's fingerprint (state files included: a retrained arm is scored again)."""
+    from ..recipe import find_recipe
+    from .text import Arm, evaluate_arms
+
+    arms = [Arm("baseline")] + [
+        Arm(arm["name"], find_recipe(runs / arm["name"])) for arm in table.arms if arm["name"] != "baseline"
+    ]
+    return evaluate_arms(
+        model_name,
+        arms,
+        table.tasks,
+        limit=table.limit,
+        batch_size=table.batch_size,
+        dtype=table.dtype,
+        cache_dir=out / "cache",
+        loaded=loaded,
+        on_arm=lambda arm, status: print(f"[tasks] {model_name} / {arm}: {status}", flush=True),
+    )
 
 
 def _slug(name: str) -> str:
@@ -255,30 +376,45 @@ def _rel(value: float | None, base: float | None) -> str:
     return f" ({(value - base) / abs(base) * 100:+.0f}%)"
 
 
+#: table columns: (header, row key, format, relative change vs baseline), shown when the row has the key
+_COLUMNS = (
+    ("FP ppl", "ppl_fp", "{:.3f}", True),
+    ("W8A8 ppl", "ppl_w8a8", "{:.1f}", False),
+    ("W8A8 gap", "w8a8_gap", "{:.1f}", True),
+    ("max kurtosis", "max_kurtosis", "{:.0f}", True),
+    ("max inf-norm", "max_inf_norm", "{:.0f}", True),
+    ("first-token share (L>=2)", "sink_share", "{:.3f}", True),
+)
+
+
 def render_training_table(results: dict, table: TrainingTable) -> str:
+    rows = results["rows"]
+    columns = [c for c in _COLUMNS if any(c[1] in r for r in rows)]
     lines = [
         f"# {table.name}",
         "",
         table.description.strip(),
         "",
-        f"Test split of `{table.data}` ({results['rows'][0]['test_windows'] if results['rows'] else 0} windows of "
+        f"Test split of `{table.data}` ({rows[0]['test_windows'] if rows else 0} windows of "
         f"{table.seq_len} tokens; no arm trains on it). Relative changes are against the model's baseline arm.",
         "",
-        "| model | arm | FP ppl | W8A8 ppl | W8A8 gap | max kurtosis | max inf-norm | first-token share (L>=2) | train steps / tokens / min |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | arm | " + " | ".join(c[0] for c in columns) + " | train steps / tokens / min |",
+        "|---|---|" + "---:|" * len(columns) + "---:|",
     ]
-    base = {r["model"]: r for r in results["rows"] if r["arm"] == "baseline"}
-    for r in results["rows"]:
+    base = {r["model"]: r for r in rows if r["arm"] == "baseline"}
+    for r in rows:
         b = base.get(r["model"], {})
-        share = r["sink_share"]
+        cells = []
+        for _, key, fmt, rel in columns:
+            value = r.get(key)
+            text = "" if value is None else fmt.format(value)
+            cells.append(text + (_rel(value, b.get(key)) if rel and value is not None else ""))
         lines.append(
-            f"| {r['model']} | {r['arm']} | {r['ppl_fp']:.3f}{_rel(r['ppl_fp'], b.get('ppl_fp'))} | "
-            f"{r['ppl_w8a8']:.1f} | {r['w8a8_gap']:.1f}{_rel(r['w8a8_gap'], b.get('w8a8_gap'))} | "
-            f"{r['max_kurtosis']:.0f}{_rel(r['max_kurtosis'], b.get('max_kurtosis'))} | "
-            f"{r['max_inf_norm']:.0f}{_rel(r['max_inf_norm'], b.get('max_inf_norm'))} | "
-            f"{'' if share is None else f'{share:.3f}'}{_rel(share, b.get('sink_share'))} | "
+            f"| {r['model']} | {r['arm']} | " + " | ".join(cells) + " | "
             f"{r['train_steps']} / {r['train_tokens']:,} / {r['train_minutes']} |"
         )
+    if table.tasks:
+        lines += ["", f"Offline tasks ({', '.join(table.tasks)}), every arm on the same documents: `tasks.md`."]
     if table.goals:
         lines += ["", "Goals: " + "; ".join(f"{k}: {v}" for k, v in table.goals.items())]
     return "\n".join(lines) + "\n"
