@@ -405,8 +405,16 @@ def test_training_table_stages_training_free_arms_measure_and_tasks(tmp_path):
                 "arms": [
                     {"name": "baseline"},
                     {"name": "free", "surgeries": gates},
-                    {"name": "stage1", "surgeries": gates, "train": {"steps": 2, "batch_size": 2, "lr": 0.05}},
-                    {"name": "stage2", "from": "stage1", "train": {"steps": 2, "batch_size": 2, "lora": {"r": 2}}},
+                    {
+                        "name": "stage1",
+                        "surgeries": gates,
+                        "train": {"steps": 2, "batch_size": 2, "lr": 0.05},
+                    },
+                    {
+                        "name": "stage2",
+                        "from": "stage1",
+                        "train": {"steps": 2, "batch_size": 2, "lora": {"r": 2}},
+                    },
                 ],
             }
         )
@@ -421,7 +429,9 @@ def test_training_table_stages_training_free_arms_measure_and_tasks(tmp_path):
     stage1 = load_file(str(runs / "stage1" / "state-0-gated_attention.safetensors"))
     stage2 = load_file(str(runs / "stage2" / "state-0-gated_attention.safetensors"))
     assert stage1.keys() == stage2.keys() and all(torch.equal(stage1[k], stage2[k]) for k in stage1)  # frozen
-    surgeries = [s["surgery"] for s in yaml.safe_load((runs / "stage2" / "recipe.yaml").read_text())["surgeries"]]
+    surgeries = [
+        s["surgery"] for s in yaml.safe_load((runs / "stage2" / "recipe.yaml").read_text())["surgeries"]
+    ]
     assert surgeries == ["gated_attention", "lora"]
     report = json.loads((out / "tasks.json").read_text())["reports"][0]
     assert list(report["arms"]) == ["baseline", "free", "stage1", "stage2"]

@@ -175,13 +175,18 @@ def _train_arm(
 
     if (run_dir / "recipe.yaml").is_file():  # finished before: reuse
         handle = patch(model, find_recipe(run_dir))
-        return {"handle": handle, "training": yaml.safe_load((run_dir / "recipe.yaml").read_text()).get("training")}
+        return {
+            "handle": handle,
+            "training": yaml.safe_load((run_dir / "recipe.yaml").read_text()).get("training"),
+        }
     surgeries: list[Any] = []
     try:
         if arm.get("from"):
             base_dir = runs / arm["from"]
             if not (base_dir / "recipe.yaml").is_file():
-                raise RecipeError(f"arm {arm['name']!r}: arm {arm['from']!r} it starts from has no finished run.")
+                raise RecipeError(
+                    f"arm {arm['name']!r}: arm {arm['from']!r} it starts from has no finished run."
+                )
             surgeries += patch(model, find_recipe(base_dir)).surgeries
             for surgery in surgeries:  # the earlier stage stays as trained
                 for p in surgery.parameters():
@@ -316,7 +321,9 @@ def run_training_table(
                 test_windows=int(len(test)),
             )
             if arm.get("from"):  # the cost of the stages before this one counts too
-                prior = next(r for r in results["rows"] if r["model"] == model_name and r["arm"] == arm["from"])
+                prior = next(
+                    r for r in results["rows"] if r["model"] == model_name and r["arm"] == arm["from"]
+                )
                 row.update(
                     train_steps=row["train_steps"] + prior["train_steps"],
                     train_tokens=row["train_tokens"] + prior["train_tokens"],
@@ -343,7 +350,9 @@ def run_training_table(
     return out
 
 
-def _score_tasks(model_name: str, loaded: tuple[Any, Any], table: TrainingTable, runs: Path, out: Path) -> Any:
+def _score_tasks(
+    model_name: str, loaded: tuple[Any, Any], table: TrainingTable, runs: Path, out: Path
+) -> Any:
     """Every arm (the trained recipes in its run folder) on the table's offline lm-eval tasks, same docs, cached
     per arm by the recipe's fingerprint (state files included: a retrained arm is scored again)."""
     from ..recipe import find_recipe
@@ -414,7 +423,10 @@ def render_training_table(results: dict, table: TrainingTable) -> str:
             f"{r['train_steps']} / {r['train_tokens']:,} / {r['train_minutes']} |"
         )
     if table.tasks:
-        lines += ["", f"Offline tasks ({', '.join(table.tasks)}), every arm on the same documents: `tasks.md`."]
+        lines += [
+            "",
+            f"Offline tasks ({', '.join(table.tasks)}), every arm on the same documents: `tasks.md`.",
+        ]
     if table.goals:
         lines += ["", "Goals: " + "; ".join(f"{k}: {v}" for k, v in table.goals.items())]
     return "\n".join(lines) + "\n"
