@@ -46,7 +46,7 @@ from .selection import NOTHING_KEPT, SELECTION_RULES, CalibrationResult, check_s
 from .sweep import sweep_fast, sweep_slow
 
 if TYPE_CHECKING:
-    from attnsurgery.cli import CalibrateTools
+    from attnsurgery.commands._common import CalibrateTools
 
 STATE_VERSION = 1
 

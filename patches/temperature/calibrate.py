@@ -35,7 +35,7 @@ from attnsurgery.train.data import TrainingData
 from attnsurgery.train.fit import frozen
 
 if TYPE_CHECKING:
-    from attnsurgery.cli import CalibrateTools
+    from attnsurgery.commands._common import CalibrateTools
 
 
 @dataclass

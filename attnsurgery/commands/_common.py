@@ -1,0 +1,214 @@
+"""What the commands share: console, model loading, surgery options, the recipe resolver, calibration data.
+
+Nothing here imports torch at module level: ``attnsurgery --help`` builds every parser without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+def model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto (default float32)")
+    p.add_argument("--device-map", default=None, help="accelerate device map, e.g. auto")
+
+
+def surgery_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", help="shipped recipe (temperature, temperature/sharpen) or a YAML path")
+    p.add_argument("--arg", action="append", metavar="NAME=VALUE", help="surgery argument (repeatable)")
+    p.add_argument("--layers", help="layers to act on, e.g. 2:30, -14:, 1,18:32")
+    p.add_argument("--heads", help="heads, e.g. '[0, 3]' or '{10: [0, 3]}'")
+
+
+def eval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--limit", type=float, default=None, help="docs per task (a quick look; same docs per arm)"
+    )
+    p.add_argument("--force", action="store_true", help="re-run arms even if their results are cached")
+
+
+def make_console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def parse_kv(pairs: list[str] | None) -> dict[str, Any]:
+    """``["tau=0.8", "heads={10: [0, 3]}"]`` -> dict, values parsed as YAML (numbers, lists, mappings)."""
+    import yaml
+
+    from ..errors import AttnSurgeryError
+
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise AttnSurgeryError(f"--arg {pair!r}: write arguments as name=value, e.g. --arg tau=0.8.")
+        key, value = pair.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise AttnSurgeryError(f"--arg {pair!r}: the value is not valid YAML.") from None
+    return out
+
+
+def surgery_request(args: argparse.Namespace, model_name: str):
+    """(recipe-or-name, kwargs) from --recipe / SURGERY plus --arg/--layers/--heads."""
+    import yaml
+
+    from ..recipe import find_recipe
+
+    kwargs = parse_kv(args.arg)
+    if args.layers is not None:
+        kwargs["layers"] = args.layers
+    if args.heads is not None:
+        kwargs["heads"] = yaml.safe_load(args.heads)
+    if args.recipe:
+        return find_recipe(args.recipe, model=model_name), kwargs
+    from ..registry import get_surgery_class
+
+    cls = get_surgery_class(args.surgery)  # fail before the slow model load
+    cls.config_class.from_kwargs(cls.name, {k: v for k, v in kwargs.items() if k not in ("layers", "heads")})
+    return args.surgery, kwargs
+
+
+def load(model_name: str, args: argparse.Namespace):
+    from ..models import load_model
+
+    err = make_console(stderr=True)
+    start = time.perf_counter()
+    with err.status(f"loading {model_name} ..."):
+        model, tokenizer = load_model(model_name, dtype=args.dtype, device_map=args.device_map)
+    err.print(
+        f"[dim]loaded {model_name} ({type(model).__name__}, {model.config._attn_implementation}) "
+        f"in {time.perf_counter() - start:.1f}s[/dim]"
+    )
+    return model, tokenizer
+
+
+def ensure_recipe(name: str, model_name: str, args: argparse.Namespace) -> tuple[Any, Any] | None:
+    """``--recipe FOLDER MODEL`` when FOLDER has no recipe made for MODEL: calibrate one, if the surgery can.
+
+    The one resolver behind ``apply`` (and ``eval``): a surgery whose ``calibrate.py`` offers ``auto_recipe`` (ACT)
+    gets a recipe calibrated on demand — the model is loaded first (a model that cannot be found fails here, exit 7,
+    before any calibration), the sweep says what it runs and how long it should take, and the recipe is cached
+    per model (``attnsurgery.recipe.cached_recipe_path``: ``$ATTNSURGERY_CACHE/recipes/<folder>/<model>.yaml``),
+    where ``find_recipe`` picks it up next time. ``--no-calibrate`` (``args.no_calibrate``) refuses instead.
+    Returns the loaded ``(model, tokenizer)`` when it calibrated (so the caller need not load it again), else None;
+    a cached recipe that is reused is announced.
+    """
+    import importlib
+
+    from ..errors import RecipeError
+    from ..recipe import NoRecipeForModelError, cached_recipe_path, find_recipe, user_recipe_root
+
+    err = make_console(stderr=True)
+    try:
+        recipe = find_recipe(name, model=model_name)
+    except NoRecipeForModelError as error:
+        module_name = f"attnsurgery.patches.{error.folder}.calibrate"
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as missing:  # no such surgery package, or no calibrate.py in it
+            if not f"{module_name}.".startswith(f"{missing.name}."):
+                raise
+            module = None
+        if module is None or not hasattr(module, "auto_recipe"):
+            raise
+        alternatives = f"{error.folder}/all-heads" if f"{error.folder}/all-heads" in error.choices else None
+        if getattr(args, "no_calibrate", False):
+            raise RecipeError(
+                f"{error} Without --no-calibrate, `--recipe {error.folder} {model_name}` calibrates one for this "
+                f"model ({error.folder}'s head sweep on the shipped calibration splits; the time is estimated "
+                f"first) and caches it; or run `attnsurgery calibrate {error.folder} {model_name} --data ... "
+                f"--out FILE` yourself"
+                + (f"; `--recipe {alternatives}` is the uncalibrated form." if alternatives else ".")
+            ) from None
+        model, tokenizer = load(model_name, args)
+        tools = CalibrateTools(
+            console=make_console(), load=lambda n: load(n, args), records=calibration_records
+        )
+        path = module.auto_recipe(
+            model, tokenizer, model_name, cached_recipe_path(error.folder, model_name), tools
+        )
+        err.print(
+            f"cached the {error.folder} recipe calibrated for {model_name} at {path}; it is reused next time"
+        )
+        return model, tokenizer
+    if recipe.path is not None and user_recipe_root() in recipe.path.parents:
+        err.print(
+            f"using the {recipe.name} recipe calibrated for {model_name} earlier: {recipe.path} (delete it to "
+            "calibrate again)"
+        )
+    return None
+
+
+def print_report(markdown: str, paths: dict[str, Path]) -> None:
+    from rich.markdown import Markdown
+
+    console = make_console()
+    console.print(Markdown(markdown))
+    console.print(f"wrote {paths['json']}, {paths['md']} and {paths['png']}")
+
+
+def arm_progress(model: str, arm: str, status: str) -> None:
+    style = {"cached": "dim", "running": "bold", "done": "green"}.get(status, "")
+    make_console(stderr=True).print(f"[{style}]{model} · {arm}: {status}[/{style}]")
+
+
+def calibration_records(data: list[str], limit: int | None, kind: str) -> tuple[list[dict], str]:
+    """Calibration splits of offline tasks (or JSON-lines files): never the test split a table reports on."""
+    import itertools
+    import json
+
+    from ..errors import AttnSurgeryError
+
+    names = [d for item in data or [] for d in item.split(",") if d]
+    if not names:
+        raise AttnSurgeryError(
+            "calibration data missing: pass --data TASK (an offline task's calibration split, e.g. "
+            f"{'bb_general_knowledge' if kind == 'multiple_choice' else 'gutenberg_ppl'}) or a .jsonl file."
+        )
+    per_source: list[list[dict]] = []
+    for name in names:
+        path = Path(name)
+        if path.suffix == ".jsonl":
+            if not path.is_file():
+                raise AttnSurgeryError(f"calibration data file {path} does not exist.")
+            per_source.append([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+            continue
+        from ..tasks import load_split, task_info
+
+        try:
+            info = task_info(name)
+        except ValueError as err:
+            raise AttnSurgeryError(str(err)) from None
+        if info["kind"] != kind:
+            raise AttnSurgeryError(
+                f"--data {name} is a {info['kind']} task; this calibration needs {kind} data."
+            )
+        per_source.append(load_split(name, "calibration"))
+    # round-robin over the sources, so --limit keeps a balanced mix of tasks
+    records = [r for group in itertools.zip_longest(*per_source) for r in group if r is not None]
+    if limit:
+        records = records[:limit]
+    return records, ",".join(f"{n}:calibration" if not n.endswith(".jsonl") else n for n in names)
+
+
+@dataclass
+class CalibrateTools:
+    """What ``attnsurgery calibrate <surgery>`` hands the surgery's ``calibrate.run(args, tools)``."""
+
+    console: Any  # rich Console: print results here (progress goes to stderr)
+    load: Callable[
+        [str], tuple[Any, Any]
+    ]  # model name -> (model, tokenizer), honouring --dtype / --device-map
+    records: Callable[[list[str] | None, int | None, str], tuple[list[dict], str]]  # see calibration_records
+
+    def wrote_recipe(self, path: Path, model: str) -> None:
+        """Say where a calibrated recipe went and how to apply it."""
+        self.console.print(f"wrote {path} (use: attnsurgery apply --recipe {path} {model})")

@@ -1,0 +1,145 @@
+"""``attnsurgery train``: train a surgery's parameters and/or LoRA with the shared trainer; the run folder is a recipe."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ._common import load, make_console, model_options, surgery_options, surgery_request
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a surgery's parameters and/or LoRA (model frozen); the output folder is a recipe",
+        description="attnsurgery train smollm2-135m gated_attention --arg form=headwise --objective kd "
+        "--steps 200 --out runs/gates   (multi-process: accelerate launch -m attnsurgery train ...)",
+    )
+    add_train_arguments(p)
+    surgery_options(p)
+    model_options(p)
+    p.set_defaults(func=run)
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model alias (smollm2-135m, gemma3-270m), hub id or local path")
+    p.add_argument(
+        "surgery", nargs="?", help="surgery to train (gated_attention, head_scale ...); or --recipe"
+    )
+    p.add_argument(
+        "--out", required=True, help="run folder (a recipe once finished: patch(model, DIR), --recipe DIR)"
+    )
+    p.add_argument(
+        "--data", default="gutenberg_ppl", help="offline task (calibration split), .jsonl/.txt file or Hub id"
+    )
+    p.add_argument(
+        "--objective",
+        default="lm",
+        help="lm, kd (KL to the unpatched model), transfer (attention-output MSE) or a weighted sum: 'lm+0.5*kd'",
+    )
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=1e-2, help="learning rate of the surgery's own parameters")
+    p.add_argument("--batch-size", type=int, default=4, help="global windows per optimiser step")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--warmup", type=float, default=0.0, help="fraction of steps with a linear warm-up")
+    p.add_argument("--val-every", type=int, default=25)
+    p.add_argument("--val-windows", type=int, default=32, help="held-back windows scored at each validation")
+    p.add_argument("--save-every", type=int, default=25)
+    p.add_argument(
+        "--keep", choices=("last", "best"), default="last", help="ship the last or the best-validation state"
+    )
+    p.add_argument("--patience", type=int, default=None, help="stop after N validations without improvement")
+    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora-r", type=int, default=0, help="add LoRA adapters of this rank (peft); 0: none")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 x r)")
+    p.add_argument(
+        "--lora-targets",
+        default=None,
+        help="projections that get adapters (default: every projection of the attention)",
+    )
+    p.add_argument("--lora-layers", default=None, help="layers that get adapters (default: the surgery's)")
+    p.add_argument("--lora-lr", type=float, default=1e-4)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..api import SurgeryHandle, patch
+    from ..errors import AttnSurgeryError
+    from ..train import TrainConfig, prepare_data, train
+
+    if not args.surgery and not args.recipe and not args.lora_r:
+        raise AttnSurgeryError("train: name a SURGERY, a --recipe, or --lora-r N (LoRA alone).")
+    config = TrainConfig(
+        objective=args.objective,
+        steps=args.steps,
+        lr=args.lr,
+        lora_lr=args.lora_lr,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        seq_len=args.seq_len,
+        warmup=args.warmup,
+        val_every=args.val_every,
+        save_every=args.save_every,
+        keep=args.keep,
+        patience=args.patience,
+        mixed_precision=args.mixed_precision,
+        seed=args.seed,
+    )
+    config.validate()  # bad settings fail before the slow model load, and nothing is written
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not (args.resume or args.overwrite):
+        raise AttnSurgeryError(
+            f"{out} already exists; pass --resume to continue that run or --overwrite to replace it."
+        )
+    lora_args = None
+    if args.lora_r:
+        from ..registry import get_surgery_class
+
+        lora_args = {
+            "r": args.lora_r,
+            "alpha": args.lora_alpha or 2.0 * args.lora_r,
+            "targets": args.lora_targets,
+        }
+        cls = get_surgery_class("lora")
+        cls.config_class.from_kwargs("lora", lora_args)
+    request = surgery_request(args, args.model) if (args.surgery or args.recipe) else None
+    model, tokenizer = load(args.model, args)
+    max_context = getattr(model.config, "max_position_embeddings", None)
+    data = prepare_data(
+        tokenizer, args.data, args.seq_len, max_context=max_context, max_val_windows=args.val_windows
+    )
+    surgeries = []
+    if request is not None:
+        what, kwargs = request
+        surgeries += patch(model, what, **kwargs).surgeries
+    if lora_args is not None:
+        layers = args.lora_layers if args.lora_layers is not None else args.layers
+        surgeries += patch(model, "lora", layers=layers, **lora_args).surgeries
+    handle = SurgeryHandle(model, surgeries)
+    console = make_console(stderr=True)
+    d = data.describe()
+    console.print(
+        f"training {', '.join(s.name for s in surgeries)} on {d['source']} ({d['train_windows']} windows of "
+        f"{d['seq_len']} tokens, {d['val_windows']} held back for validation), objective {config.objective}, "
+        f"{config.steps} steps -> {out}"
+    )
+    result = train(
+        model,
+        handle,
+        data,
+        config,
+        out_dir=out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        model_name=args.model,
+    )
+    first, last = result.val_history[0], result.final_val
+    console.print(
+        f"done: {result.steps} steps, {result.tokens:,} tokens, {result.seconds / 60:.1f} min; validation lm loss "
+        f"{first['lm']:.4f} -> {last['lm']:.4f} (ppl {first['ppl']:.2f} -> {last['ppl']:.2f}); "
+        f"recipe: {out / 'recipe.yaml'}"
+    )
+    return 0
