@@ -161,7 +161,13 @@ def _load_state(surgery: Surgery, tensors: dict[str, torch.Tensor], engine: Engi
                 f"{surgery.name}: saved tensor {key!r} has shape {tuple(value.shape)}, this model needs "
                 f"{tuple(own[key].shape)}; it was saved for a different model."
             )
+    before = {k: v.clone() for k, v in own.items()}
     surgery.load_state_dict(tensors)
+    try:
+        surgery.check_state()  # a state file is no way around the arguments' ranges
+    except BaseException:
+        surgery.load_state_dict(before)
+        raise
     engine.refresh()  # loaded state can switch layers on or off
 
 

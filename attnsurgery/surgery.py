@@ -286,6 +286,17 @@ class Surgery(nn.Module):
         """Switch module-level effects (LoRA adapters) off and on again for :meth:`Engine.disabled` (the trainer's
         teacher pass); the attention stages are switched by the engine itself."""
 
+    def check_state(self) -> None:
+        """Called after a saved state (a recipe's ``state:`` file, :func:`load_surgery`) is loaded: refuse values the
+        arguments could not have produced, with a :class:`SurgeryConfigError` naming the tensor and the range. A
+        state file must not be a back door around argument validation. The default refuses non-finite floats;
+        surgeries whose state mirrors a ranged argument check that range too."""
+        for key, value in self.state_dict().items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise SurgeryConfigError(
+                    f"{self.name}: saved tensor {key!r} holds non-finite values (NaN or inf); it cannot be loaded."
+                )
+
     def active_stages(self, layer_idx: int) -> frozenset[Stage]:
         """Stages this surgery runs on a layer; empty means the layer is untouched by it."""
         return self.stages if layer_idx in self.targets.layers else frozenset()

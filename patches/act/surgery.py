@@ -46,9 +46,10 @@ class ActSurgery(Surgery):
     Hidden Attention Sinks: Training-Free Attention Calibration", ICML 2024 (arXiv 2406.15765).
 
     Like the reference, detection uses every query of the input, so a later token can change the outputs at
-    earlier positions (the attention mask itself is always respected). For log-likelihood scoring of a
-    continuation, detect on the context only (the eval bridge's job), or the continuation can influence its own
-    score. Decode (KV cache): ``decode="frozen"`` (default) keeps the sink set found at prefill, so every generated token
+    earlier positions (the attention mask itself is always respected). Under log-likelihood scoring the eval
+    bridge (:mod:`attnsurgery.eval.lmeval`) does what the paper's code does: context and continuation go through
+    one forward, so detection sees both and a choice's own tokens can nudge its score; detecting on the context
+    alone would mean a prefill of the context and a cached pass over the continuation. Decode (KV cache): ``decode="frozen"`` (default) keeps the sink set found at prefill, so every generated token
     sees the same calibrated prompt; ``"recompute"`` detects again from the current queries only. Either way each
     row sums to 1 (the reference code's ``A[0, 0] = 1`` line makes decode rows sum above 1; it is not kept).
 

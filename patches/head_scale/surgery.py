@@ -5,6 +5,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from attnsurgery.errors import SurgeryConfigError
 from attnsurgery.surgery import AttentionCall, Stage, Surgery
 from attnsurgery.targeting import per_layer_head
 
@@ -36,6 +37,13 @@ class HeadScaleSurgery(Surgery):
             self.scale = nn.Parameter(scale)
         else:
             self.register_buffer("scale", scale)
+
+    def check_state(self) -> None:
+        super().check_state()
+        if bool((self.scale < 0).any()):
+            raise SurgeryConfigError(
+                f"head_scale: saved scales must be >= 0 like the scale argument; got {float(self.scale.detach().min())}."
+            )
 
     def active_stages(self, layer_idx: int) -> frozenset[Stage]:
         if layer_idx in self.targets.layers and (

@@ -66,6 +66,7 @@ class FitResult:
     n_heldout_windows: int
     seconds: float
     data: str | None = None
+    min_c: float = 0.0  # the bound c was fitted under (the recipe carries it when below 0)
 
     @property
     def improved(self) -> bool:
@@ -171,7 +172,12 @@ def write_temperature_recipe(
     return write_calibrated_recipe(
         path,
         model_alias,
-        {"surgery": "temperature", "layers": list(result.layers), "state": state.name},
+        {
+            "surgery": "temperature",
+            **({"args": {"min_c": result.min_c}} if result.min_c < 0 else {}),
+            "layers": list(result.layers),
+            "state": state.name,
+        },
         {
             "data": data or result.data or "unspecified",
             "per": result.per,
@@ -301,7 +307,7 @@ def fit_temperature(
             f"fit_temperature: min_c={min_c} lets 1 + c log(n) reach 0 within the model's {max_pos} positions "
             f"(attention would invert); use min_c > {-1 / math.log(max_pos):.4f}."
         )
-    handle = patch(model, "temperature", layers=layers, trainable=True)
+    handle = patch(model, "temperature", layers=layers, trainable=True, min_c=min_c)
     surgery = handle.surgeries[0]
     coef: nn.Parameter = surgery.coef
     targeted = torch.stack([surgery.targets.head_mask(i) for i in range(info.num_layers)]).to(coef.device)
@@ -367,6 +373,7 @@ def fit_temperature(
         hook.remove()
         handle.remove()
     return FitResult(
+        min_c=min_c,
         coef=best.float().cpu() if improved else torch.zeros_like(best).float().cpu(),
         fitted_coef=final.float().cpu(),
         per=per,

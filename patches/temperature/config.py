@@ -4,7 +4,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from attnsurgery.errors import SurgeryConfigError
-from attnsurgery.surgery import SurgeryConfig, arg
+from attnsurgery.surgery import SurgeryConfig, _numbers, arg
 
 
 @dataclass
@@ -21,8 +21,14 @@ class TemperatureConfig(SurgeryConfig):
     c: Any = arg(
         0.0,
         doc="Selective Attention position coefficient: logits_i *= 1 + c * log(n_i), n_i = real tokens visible "
-        "to query i (absolute under a KV cache). A number, per-head list, or {layer: ...}.",
-        low=0.0,
+        "to query i (absolute under a KV cache). A number, per-head list, or {layer: ...}. At least min_c.",
+    )
+    min_c: float = arg(
+        0.0,
+        doc="Lowest c allowed (0: the paper's range, attention only sharpens with position). Below 0 attention may "
+        "flatten with position; 1 + c log n must stay positive over the model's context, which is checked when "
+        "the surgery is installed. Fitted tables carry the bound they were fitted under.",
+        high=0.0,
     )
     beta: float | None = arg(
         None,
@@ -37,5 +43,11 @@ class TemperatureConfig(SurgeryConfig):
 
     def validate(self) -> None:
         super().validate()
+        low = [x for x in _numbers(self.c) if x < self.min_c]
+        if low:
+            raise SurgeryConfigError(
+                f"argument c={low[0]!r} is below min_c={self.min_c} (default 0, the paper's range: attention only "
+                "sharpens with position); pass min_c < 0 to let attention flatten with position."
+            )
         if self.beta is not None and self.c not in (0, 0.0):
             raise SurgeryConfigError("give the position coefficient as c or as beta, not both.")

@@ -6,6 +6,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from attnsurgery.errors import SurgeryConfigError
 from attnsurgery.surgery import AttentionCall, Stage, Surgery
 from attnsurgery.targeting import per_layer_head
 
@@ -43,11 +44,38 @@ class TemperatureSurgery(Surgery):
         inv_tau = torch.where(targeted, inv_tau, torch.ones_like(inv_tau))
         coef = torch.where(targeted, coef, torch.zeros_like(coef))
         # state (saved with save_surgery); float32 like the model's compute
+        self._max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if not isinstance(self._max_positions, int) or self._max_positions < 2:
+            self._max_positions = None
+        self._check_positive_factor(float(coef.min()))
         self.register_buffer("inv_tau", inv_tau.float())
         if cfg.trainable:  # same state_dict key either way, so a fitted table loads into a plain surgery
             self.coef = nn.Parameter(coef.float())
         else:
             self.register_buffer("coef", coef.float())
+
+    def check_state(self) -> None:
+        super().check_state()
+        if bool((self.inv_tau <= 0).any()):
+            raise SurgeryConfigError(
+                f"temperature: saved 1/tau must be positive (tau > 0); got {float(self.inv_tau.detach().min())}."
+            )
+        low = float(self.coef.detach().min())
+        if low < self.config.min_c:
+            raise SurgeryConfigError(
+                f"temperature: the saved position coefficients go down to c={low:.6g}, below min_c={self.config.min_c} "
+                "(the range c is validated against as an argument). A table fitted with c < 0 loads with the bound it "
+                "was fitted under: args: {min_c: <bound>} in its recipe."
+            )
+        self._check_positive_factor(low)
+
+    def _check_positive_factor(self, low: float) -> None:
+        """1 + c log n must stay positive over the model's context, or attention inverts at long range."""
+        if low < 0 and self._max_positions and 1 + low * math.log(self._max_positions) <= 0:
+            raise SurgeryConfigError(
+                f"temperature: c={low:.6g} makes 1 + c log(n) reach 0 within this model's {self._max_positions} "
+                f"positions (attention would invert); c must stay above {-1 / math.log(self._max_positions):.4f}."
+            )
 
     def active_stages(self, layer_idx: int) -> frozenset[Stage]:
         # trainable: targeted layers stay routed even at c = 0, or the coefficients would get no gradient
