@@ -125,10 +125,16 @@ def test_alpha_form_matches_equivalent_threshold():
 
 
 def test_decode_frozen_keeps_prefill_sinks_and_rows_sum_to_one():
+    """A real decode step (one query against the cache) under ``decode="frozen"``: the sink set found at prefill is
+    kept, the step's attention row sums to 1 with every frozen sink column at beta times its stock attention and the
+    rest rescaled by (1 - beta P) / (1 - P), and the fused decode kernel gives the logits the recorded row gives."""
+    import copy
+
     model = tiny_model("llama")
     ids = random_ids(2, 16)
-    with patch(model, "act", beta=0.3, threshold=0.08) as handle, torch.no_grad():
-        full = model(ids).logits
+    beta, layer = 0.3, 1
+    # ACT on one layer only: the unpatched (disabled) pass then feeds that layer the same query and cache
+    with patch(model, "act", beta=beta, threshold=0.08, layers=[layer]) as handle, torch.no_grad():
         out = model(ids[:, :12], use_cache=True)
         # the prompt part is exactly a full forward of the prompt
         torch.testing.assert_close(out.logits, model(ids[:, :12]).logits, atol=1e-6, rtol=0)
@@ -136,15 +142,33 @@ def test_decode_frozen_keeps_prefill_sinks_and_rows_sum_to_one():
         frozen = {k: v.clone() for k, v in engine.request.extras.items()}
         assert frozen and all(v.shape[-1] == 12 for v in frozen.values())
         cache = out.past_key_values
-        step = model(ids[:, 12:13], use_cache=True, **{cache_kwarg(model): cache})
-        assert torch.isfinite(step.logits).all()
-        # the sink set did not change during decode
-        assert all(torch.equal(engine.request.extras[k], v) for k, v in frozen.items())
-        # decode attention rows still sum to 1, and sink columns carry beta times their stock attention
-        maps = attention_maps(model, ids[:, :13], layers=[1])[1]
+        key = cache_kwarg(model)
+        fused = model(ids[:, 12:13], use_cache=True, **{key: copy.deepcopy(cache)}).logits
+        assert all(torch.equal(engine.request.extras[k], v) for k, v in frozen.items())  # sinks unchanged
+        engine.start_recording({layer})  # the same step through the recorded (tiled) path
+        try:
+            recorded = model(ids[:, 12:13], use_cache=True, **{key: copy.deepcopy(cache)}).logits
+        finally:
+            row = engine.stop_recording()[layer][0]  # (B, H, 1, 13)
+        with engine.disabled():
+            engine.start_recording({layer})
+            try:
+                model(ids[:, 12:13], use_cache=True, **{key: copy.deepcopy(cache)})
+            finally:
+                stock = engine.stop_recording()[layer][0]
         assert handle.surgeries[0].config.decode == "frozen"
-    torch.testing.assert_close(maps.sum(-1), torch.ones_like(maps.sum(-1)), atol=1e-5, rtol=0)
-    assert full.shape[1] == 16
+    assert row.shape[-2:] == (1, 13)
+    torch.testing.assert_close(fused, recorded, atol=1e-5, rtol=0)
+    torch.testing.assert_close(row.sum(-1), torch.ones_like(row.sum(-1)), atol=1e-5, rtol=0)
+    sinks = next(v for k, v in frozen.items() if k[-1] == layer)  # (B, H, 12) bool
+    sinks = torch.cat([sinks, torch.zeros_like(sinks[..., :1])], dim=-1)[
+        :, :, None, :
+    ]  # the new key: no sink
+    assert sinks.any()  # the check below is not vacuous
+    p = (stock * sinks).sum(-1, keepdim=True)
+    expected = torch.where(sinks, beta * stock, stock * (1 - beta * p) / (1 - p))
+    torch.testing.assert_close(row, expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(row, stock, atol=1e-4)
 
 
 def test_decode_recompute_and_generate():
@@ -154,11 +178,28 @@ def test_decode_recompute_and_generate():
     mask = torch.zeros(2, 13, dtype=torch.long)
     ids[0, 4:], mask[0, 4:] = seqs[0], 1
     ids[1], mask[1] = seqs[1], 1
-    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, attention_mask=mask)
+    kw = dict(
+        max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True
+    )
+    results = {}
     for mode in ("frozen", "recompute"):
         with patch(model, "act", beta=0.3, threshold=0.08, decode=mode), torch.no_grad():
-            out = model.generate(ids, **kw)
-        assert out.shape == (2, 19)
+            out = model.generate(ids, attention_mask=mask, **kw)
+            # batched with left padding == each prompt generated alone
+            for row, seq in enumerate(seqs):
+                alone = model.generate(
+                    seq[None], attention_mask=torch.ones(1, len(seq), dtype=torch.long), **kw
+                )
+                assert torch.equal(out.sequences[row, 13:], alone.sequences[0, len(seq) :])
+                for a, b in zip(out.scores, alone.scores):
+                    torch.testing.assert_close(a[row], b[0], atol=1e-4, rtol=0)
+        assert out.sequences.shape == (2, 19)
+        results[mode] = torch.stack(out.scores)
+    with torch.no_grad():
+        stock = torch.stack(model.generate(ids, attention_mask=mask, **kw).scores)
+    # both modes change the decode steps, and differently (recompute detects from each step's own query)
+    assert not torch.allclose(results["frozen"], stock, atol=1e-3)
+    assert not torch.allclose(results["frozen"], results["recompute"], atol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])

@@ -144,11 +144,11 @@ def test_fast_sweep_equals_slow_sweep(arch):
     moved = 0
     for key in slow.head_ll:
         for a, b, base in zip(fast.head_ll[key], slow.head_ll[key], slow.baseline_ll):
-            assert a == pytest.approx(b, abs=1e-4)
+            assert a == pytest.approx(b, abs=2e-5)  # the README's claim: within 2e-5 nats
             moved += max(abs(x - y) for x, y in zip(b, base)) > 1e-3
     assert moved > 0  # ACT changed some heads' scores: the comparison is not vacuous
     for f, s in zip(fast.table(), slow.table()):
-        assert f.delta == pytest.approx(s.delta, abs=1e-4)
+        assert f.delta == pytest.approx(s.delta, abs=2e-5)
     # the model is left unpatched
     ids = random_ids(1, 12)
     with torch.no_grad():

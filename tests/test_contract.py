@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import ARCHS, cache_kwarg, random_ids, tiny_model
+from tiny import ARCHS, cache_kwarg, force_real_path, random_ids, tiny_model
 
 from attnsurgery import list_surgeries, load_surgery, patch, save_surgery
 from attnsurgery.registry import get_surgery_class
@@ -64,6 +64,18 @@ def test_identity_reproduces_logits(arch, surgery):
     ids = random_ids(2, 24)
     ref = logits(model, ids)
     with patch(model, surgery, **get_surgery_class(surgery).identity_args):
+        out = logits(model, ids)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+def test_identity_through_the_real_path(arch, surgery):
+    """Identity settings with the surgery's own stages forced on every targeted layer (no skipping of layers whose
+    settings are the identity): the surgery's code path itself reproduces the unpatched logits."""
+    model = tiny_model(arch)
+    ids = random_ids(2, 24)
+    ref = logits(model, ids)
+    with patch(model, surgery, **get_surgery_class(surgery).identity_args) as handle:
+        force_real_path(handle)
         out = logits(model, ids)
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
 

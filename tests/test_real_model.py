@@ -121,7 +121,17 @@ def test_cli_calibrate_act_and_temperature_on_smollm2(smollm2, tmp_path, capsys)
     from attnsurgery import find_recipe
 
     out, png, state = tmp_path / "act.yaml", tmp_path / "sweep.png", tmp_path / "state.jsonl"
-    args = ["calibrate", "act", "smollm2-135m", "--data", "bb_general_knowledge", "--limit", "6", "--layers", "20"]
+    args = [
+        "calibrate",
+        "act",
+        "smollm2-135m",
+        "--data",
+        "bb_general_knowledge",
+        "--limit",
+        "6",
+        "--layers",
+        "20",
+    ]
     args += ["--heads", "[0, 5]", "--confidence", "0", "--min-delta=-inf", "--state", str(state)]
     assert main([*args, "--out", str(out), "--plot", str(png)]) == 0
     text = capsys.readouterr().out
@@ -139,8 +149,9 @@ def test_cli_calibrate_act_and_temperature_on_smollm2(smollm2, tmp_path, capsys)
             by_hand = model(ids).logits
     torch.testing.assert_close(patched, by_hand, atol=0, rtol=0)
     assert not torch.equal(patched, stock)
-    assert main([*args, "--rule", "fdr"]) in (0, 2)  # resumed from the state: re-selection only, no new heads
-    assert "2 heads swept" in capsys.readouterr().out
+    # resumed from the state: re-selection only, no new heads (confidence 0: FDR keeps both)
+    assert main([*args, "--rule", "fdr"]) == 0
+    assert "2 heads swept, 2 kept" in capsys.readouterr().out
 
     temp = tmp_path / "temp.yaml"
     targs = ["calibrate", "temperature", "smollm2-135m", "--data", "gutenberg_ppl", "--limit", "4"]

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 from attnsurgery.patches.var.reference import sink_tokens, var_reference
-from tiny import tiny_model
+from tiny import force_real_path, tiny_model
 from vlm_tiny import IMAGE_TOKEN, VISION_END, VISION_START, VLM_ARCHS, prompt, tiny_vlm, vlm_inputs
 
 import attnsurgery.engine as engine_module
@@ -139,6 +139,10 @@ def test_var_identity_settings(arch, identity):
     inputs = vlm_inputs(model, _rows(model))
     ref = _logits(model, inputs)
     with patch(model, "var", **{**VAR_ARGS, **identity}):
+        out = _logits(model, inputs)
+    torch.testing.assert_close(_real(out, inputs), _real(ref, inputs), atol=ATOL, rtol=0)
+    with patch(model, "var", **{**VAR_ARGS, **identity}) as handle:  # VAR's own kernel at identity settings
+        force_real_path(handle)
         out = _logits(model, inputs)
     torch.testing.assert_close(_real(out, inputs), _real(ref, inputs), atol=ATOL, rtol=0)
     with patch(model, "var", **VAR_ARGS):
@@ -409,6 +413,9 @@ def test_vhr_identity_and_reference(arch):
     ref = _logits(model, inputs)
     with patch(model, "vhr", alpha=1.0):
         torch.testing.assert_close(_logits(model, inputs), ref, atol=0, rtol=0)
+    with patch(model, "vhr", alpha=1.0) as handle:  # its head-output stage on every targeted layer
+        force_real_path(handle)
+        torch.testing.assert_close(_logits(model, inputs), ref, atol=ATOL, rtol=0)
     with patch(model, "vhr", alpha=2.0):
         layers = sorted(Engine.of(model).surgeries[0]._layers)
         text_inputs = _text_only(model, row)
@@ -555,9 +562,21 @@ def test_vhr_batched_padded_equals_one_by_one(arch, side):
 def test_vhr_generate_and_bad_input(arch):
     model = tiny_vlm(arch)
     inputs = vlm_inputs(model, _rows(model))
-    with patch(model, "vhr", alpha=2.0), torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    assert out.shape[1] == inputs["input_ids"].shape[1] + 4
+    kw = dict(
+        max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True
+    )
+    with torch.no_grad():
+        with patch(model, "vhr", alpha=2.0):
+            out = model.generate(**inputs, **kw)
+            # generated tokens go through the cache: the first step's scores are the full forward's last position
+            full = model(**inputs).logits[:, -1]
+        stock = model.generate(**inputs, **kw)
+    assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + 4
+    torch.testing.assert_close(out.scores[0], full, atol=1e-5, rtol=0)
+    assert all(torch.isfinite(s).all() for s in out.scores)
+    assert not torch.allclose(
+        torch.stack(out.scores), torch.stack(stock.scores), atol=1e-3
+    )  # it changes generation
     with pytest.raises(UnsupportedModelError, match="vision-language"):
         patch(tiny_model("llama"), "vhr")
     text_only = vlm_inputs(model, [torch.tensor([1, 5, 6, 7, 8, 9])])

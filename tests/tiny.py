@@ -132,3 +132,27 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
+
+
+def force_real_path(handle) -> None:
+    """Make every surgery of ``handle`` run its stages on all its targeted layers, even where its settings are the
+    identity and it would skip the layer (``active_stages`` -> empty): identity tests then exercise the surgery's
+    own code path, not the stock kernel."""
+    from attnsurgery.engine import Engine
+
+    for surgery in handle.surgeries:
+        surgery.active_stages = lambda layer, s=surgery: (
+            s.stages if layer in s.targets.layers else frozenset()
+        )
+    engine = Engine.of(handle.model)
+    engine.refresh()
+    for layer in {
+        layer for s in handle.surgeries if s.stages - {_weights_stage()} for layer in s.targets.layers
+    }:
+        assert not engine.info.attention[layer].attnsurgery_layer.idle, f"layer {layer} still skipped"
+
+
+def _weights_stage():
+    from attnsurgery.surgery import Stage
+
+    return Stage.WEIGHTS
