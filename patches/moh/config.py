@@ -88,8 +88,12 @@ class MoHConfig(SurgeryConfig):
         for name in ("shared", "top_k"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise SurgeryConfigError(f"argument {name}={value!r} must be a whole number of heads or None.")
-        if self.active is not None and (isinstance(self.active, bool) or not isinstance(self.active, (int, float))):
+                raise SurgeryConfigError(
+                    f"argument {name}={value!r} must be a whole number of heads or None."
+                )
+        if self.active is not None and (
+            isinstance(self.active, bool) or not isinstance(self.active, (int, float))
+        ):
             raise SurgeryConfigError(f"argument active={self.active!r} must be a fraction in (0, 1] or None.")
         if self.top_k is not None and self.active is not None:
             raise SurgeryConfigError(

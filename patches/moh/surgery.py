@@ -34,7 +34,9 @@ class MoHRouter(nn.Module):
         self.shared = nn.Parameter(torch.zeros(shared, hidden, **zeros)) if shared > 1 else None
         self.balance = nn.Parameter(torch.zeros(2, hidden, **zeros)) if shared > 0 else None
 
-    def forward(self, hidden_states: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(gates (B, T, H), keep (B, T, E) bool, probs (B, T, E))`` for hidden states (B, T, hidden).
 
         Gates are the paper's weights: kept routed heads ``a2 * top_k * p_i / sum_kept p``, dropped ones 0, shared
@@ -114,7 +116,9 @@ class MoHSurgery(Surgery):
 
     name = "moh"
     config_class = MoHConfig
-    summary = "Mixture-of-Head attention: shared heads + top-k routed heads per token, skipped heads not computed"
+    summary = (
+        "Mixture-of-Head attention: shared heads + top-k routed heads per token, skipped heads not computed"
+    )
     paper = (
         "Jin et al., MoH: Multi-Head Attention as Mixture-of-Head Attention, ICML 2025 (arXiv 2410.11842); "
         "code SkyworkAI/MoH"
@@ -142,7 +146,9 @@ class MoHSurgery(Surgery):
         self.eager = engine.impl == EAGER_NAME  # score like the model's own kernel
         layers = sorted(self.targets.layers)
         if config.router == "query_norm":
-            qk_norm = [layer for layer in layers if getattr(info.attention[layer], "q_norm", None) is not None]
+            qk_norm = [
+                layer for layer in layers if getattr(info.attention[layer], "q_norm", None) is not None
+            ]
             if qk_norm:
                 warnings.warn(
                     f"moh: router='query_norm' on a QK-norm model ({type(info.attention[qk_norm[0]]).__name__} "
@@ -163,7 +169,9 @@ class MoHSurgery(Surgery):
                     with torch.no_grad():
                         router.routed.copy_(torch.randn(router.routed.shape, generator=generator) * std)
                 self.routers[str(layer)] = router
-                engine.register_hook(self, module.register_forward_pre_hook(self._capture(layer), with_kwargs=True))
+                engine.register_hook(
+                    self, module.register_forward_pre_hook(self._capture(layer), with_kwargs=True)
+                )
         self._inputs: dict[int, torch.Tensor] = {}  # layer -> this call's hidden state (learned router)
         self._balance: dict[int, torch.Tensor] = {}  # layer -> L_b of the last forward
         self.reset_stats()
@@ -223,6 +231,7 @@ class MoHSurgery(Surgery):
         real = valid.expand(keep.shape[0], -1)  # (B, Tq)
         n = real.sum()
         with torch.no_grad():
+            self._last[layer] = keep.detach()
             self._usage[layer] = self._usage.get(layer, 0) + keep.sum(dim=(0, 1)).cpu()
             self._tokens[layer] = self._tokens.get(layer, 0) + int(n)
             seen = _visible_keys(call).to(keep.device).expand_as(real)  # (B, Tq) keys each query attends
@@ -284,6 +293,12 @@ class MoHSurgery(Surgery):
         self._usage: dict[int, torch.Tensor] = {}
         self._tokens: dict[int, int] = {}
         self._flops: dict[int, tuple[int, int]] = {}
+        self._last: dict[int, torch.Tensor] = {}
+
+    def last_routing(self) -> dict[int, torch.Tensor]:
+        """{layer: (B, Tq, E) bool} which routed heads each query of the layer's last call used (padding rows:
+        none)."""
+        return dict(self._last)
 
     def head_usage(self) -> dict[int, dict[str, Any]]:
         """Per layer since patching (or :meth:`reset_stats`): ``tokens`` (real tokens routed), ``counts`` (how many
@@ -351,7 +366,9 @@ class MoHSurgery(Surgery):
             grid[i, : self.num_shared] = 1.0
             grid[i, self.num_shared :] = torch.tensor(usage[layer]["load"])
         fig, ax = plt.subplots(figsize=(1.2 + 0.45 * self.num_heads, 1.2 + 0.28 * max(len(layers), 1)))
-        image = ax.imshow(grid.numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+        image = ax.imshow(
+            grid.numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest"
+        )
         ax.axvline(self.num_shared - 0.5, color="white", linewidth=1.5)
         ax.set_xlabel(f"head (0-{self.num_shared - 1} shared)" if self.num_shared else "head (all routed)")
         ax.set_ylabel("layer")
