@@ -221,10 +221,10 @@ def load_surgery(model: nn.Module, directory: str | Path) -> SurgeryHandle:
             handle = patch(
                 model, entry["surgery"], layers=entry.get("layers"), heads=heads, **entry.get("args", {})
             )
+            handles.append(handle)  # before its state loads: a state that does not fit removes it too
             prefix = f"{i}."
             own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             _load_state(handle.surgeries[0], own, Engine.of(model))
-            handles.append(handle)
     except BaseException:
         for handle in handles:
             handle.remove()
