@@ -23,6 +23,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for command in (listing, apply, inspect, evaluate, calibrate, train):
         command.add_parser(sub)
+    # `attnsurgery linearize`: the hedgehog two-stage conversion; its code lives with the surgery (torch-free import)
+    from .patches.hedgehog import linearize
+
+    linearize.add_arguments(
+        sub.add_parser(
+            "linearize",
+            help="convert a model to Hedgehog/LoLCATs linear attention (stage 1 transfer, stage 2 LoRA)",
+            description="attnsurgery linearize smollm2-135m --out runs/lin --window 64 --stage1-steps 100 "
+            "--stage2-steps 100   (DIR loads with patch(model, DIR) / --recipe DIR)",
+        )
+    )
+    sub.choices["linearize"].set_defaults(func=linearize.run)
     sub.add_parser(
         "lm-eval",
         help="lm-eval's own CLI with `--model attnsurgery` registered and the offline tasks included",
