@@ -187,3 +187,55 @@ def per_layer_head(value: Any, name: str, num_layers: int, num_heads: int, fill:
     else:
         table[:] = row(value, "")
     return table
+
+
+def _linear_like(module: Any) -> bool:
+    from torch import nn
+
+    # nn.Linear covers bitsandbytes' Linear8bitLt / Linear4bit (subclasses); Conv1D is GPT-2's projection
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def find_projections(
+    model: Any, info: Any, layers: Iterable[int], wanted: list[str] | None, who: str
+) -> list[str]:
+    """Full module names of the linear projections called ``wanted`` (leaf names such as ``q_proj``, or paths
+    inside a decoder layer such as ``self_attn.q_proj``) in the decoder ``layers``; ``None`` means every projection
+    of the attention module, whatever the architecture calls them (q/k/v/o_proj, GPT-2's c_attn/c_proj, OPT's
+    out_proj ...). Unknown names fail with a did-you-mean naming ``who`` (the surgery asking)."""
+    from .errors import did_you_mean
+
+    layers = sorted(layers)
+    if wanted is None:
+        first = info.attention[layers[0]] if layers else None
+        wanted = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in (first.named_modules() if first else [])
+                if n and _linear_like(m)
+            }
+        )
+    if not wanted:
+        raise SurgeryConfigError(
+            f"{who}: `targets` is empty; name at least one projection, e.g. q_proj,v_proj."
+        )
+    prefix = {id(m): n for n, m in model.named_modules()}
+    found: dict[str, list[str]] = {}  # asked-for name -> full module names in the targeted layers
+    available: set[str] = set()
+    for idx in layers:
+        layer = info.layers[idx]
+        for sub, module in layer.named_modules():
+            if not sub or not _linear_like(module):
+                continue
+            leaf = sub.rsplit(".", 1)[-1]
+            available.add(leaf)
+            if leaf in wanted or sub in wanted:
+                found.setdefault(leaf if leaf in wanted else sub, []).append(f"{prefix[id(layer)]}.{sub}")
+    missing = [n for n in wanted if n not in found]
+    if missing:
+        name = missing[0]
+        raise SurgeryConfigError(
+            f"{who}: no projection named {name!r} in the targeted layers of {type(model).__name__}."
+            f"{did_you_mean(name, available)} Available: {', '.join(sorted(available))}."
+        )
+    return sorted(n for full in found.values() for n in full)

@@ -8,6 +8,7 @@ from tiny import random_ids, tiny_model
 from transformers import AutoModelForCausalLM
 
 from attnsurgery import patch
+from attnsurgery.errors import SurgeryConfigError
 
 
 def test_device_map_with_offload(tmp_path):
@@ -75,3 +76,5 @@ def test_bitsandbytes_quantised_model(tmp_path, flag):
         with patch(model, "temperature", tau=0.7), patch(model, "act", beta=0.3, threshold=0.08):
             assert (model(ids).logits - ref).abs().max() > 1e-3
         assert torch.equal(model(ids).logits, ref)
+    with pytest.raises(SurgeryConfigError, match="quantised"):  # its weights cannot train: LoRA can
+        patch(model, "finetune")

@@ -455,3 +455,54 @@ def test_training_table_stages_training_free_arms_measure_and_tasks(tmp_path):
     )
     with pytest.raises(RecipeError, match="earlier arm"):
         load_training_table(bad)
+
+
+def test_train_base_attention_trains_copies_and_remove_restores(data, tmp_path):
+    """--train-base attention (the finetune surgery): the attention projections' weights train as copies at
+    lora_lr, the kd teacher sees the original weights, the run folder reloads onto a fresh model, and remove()
+    puts the original parameter objects back, untouched."""
+    from attnsurgery.cli import main
+
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    out = tmp_path / "run"
+    argv = ["train", str(model_dir), "--train-base", "attention", "--layers", "1:", "--objective", "lm+kd"]
+    argv += [
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        str(SEQ),
+        "--val-every",
+        "3",
+        "--val-windows",
+        "2",
+    ]
+    assert main([*argv, "--lora-lr", "0.01", "--out", str(out)]) == 0
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    before = recipe["training"]["validation"]["before"]
+    assert before["objective"] == pytest.approx(
+        before["lm"], abs=1e-6
+    )  # copies == originals: kd is 0 at init
+    assert recipe["surgeries"][0]["surgery"] == "finetune"
+    model = tiny_model("llama")
+    originals = {n: p for n, p in model.named_parameters()}
+    values = {n: p.detach().clone() for n, p in originals.items()}
+    ids = random_ids(1, 12)
+    ref = logits(model, ids)
+    with patch(model, str(out)) as handle:
+        trained = dict(model.named_parameters())
+        changed = [n for n in trained if trained[n] is not originals[n]]
+        # the attention projections of layers 1.. only, weights and (none here) biases
+        assert changed and all(".self_attn." in n and not n.startswith("model.layers.0.") for n in changed)
+        assert any(not torch.equal(trained[n], values[n]) for n in changed)  # they trained
+        assert (logits(model, ids) - ref).abs().max() > 1e-5
+        with Engine.of(model).disabled():  # the teacher: the original weights
+            torch.testing.assert_close(logits(model, ids), ref, atol=0, rtol=0)
+        assert handle.surgeries[0].weights  # the copies are the surgery's state
+    assert all(p is originals[n] and torch.equal(p, values[n]) for n, p in model.named_parameters())
+    torch.testing.assert_close(logits(model, ids), ref, atol=0, rtol=0)
+    assert main([*argv, "--train-base", "q_prj", "--out", str(tmp_path / "bad")]) == 4  # did-you-mean
+    assert not (tmp_path / "bad").exists()

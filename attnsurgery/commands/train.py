@@ -60,7 +60,19 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="projections that get adapters (default: every projection of the attention)",
     )
     p.add_argument("--lora-layers", default=None, help="layers that get adapters (default: the surgery's)")
-    p.add_argument("--lora-lr", type=float, default=1e-4)
+    p.add_argument(
+        "--lora-lr",
+        type=float,
+        default=1e-4,
+        help="learning rate of model weights: LoRA adapters, --train-base",
+    )
+    p.add_argument(
+        "--train-base",
+        default=None,
+        metavar="attention|NAMES",
+        help="also train base weights ('attention': every attention projection, or names like q_proj,o_proj) "
+        "in the surgery's layers, as trainable copies that remove() swaps back (the finetune surgery)",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
@@ -70,8 +82,10 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import AttnSurgeryError
     from ..train import TrainConfig, prepare_data, train
 
-    if not args.surgery and not args.recipe and not args.lora_r:
-        raise AttnSurgeryError("train: name a SURGERY, a --recipe, or --lora-r N (LoRA alone).")
+    if not args.surgery and not args.recipe and not args.lora_r and not args.train_base:
+        raise AttnSurgeryError(
+            "train: name a SURGERY, a --recipe, --lora-r N (LoRA alone) or --train-base attention."
+        )
     config = TrainConfig(
         objective=args.objective,
         steps=args.steps,
@@ -105,6 +119,12 @@ def run(args: argparse.Namespace) -> int:
         }
         cls = get_surgery_class("lora")
         cls.config_class.from_kwargs("lora", lora_args)
+    base_args = None
+    if args.train_base:
+        from ..registry import get_surgery_class
+
+        base_args = {"targets": None if args.train_base == "attention" else args.train_base}
+        get_surgery_class("finetune").config_class.from_kwargs("finetune", base_args)
     request = surgery_request(args, args.model) if (args.surgery or args.recipe) else None
     model, tokenizer = load(args.model, args)
     max_context = getattr(model.config, "max_position_embeddings", None)
@@ -118,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
     if lora_args is not None:
         layers = args.lora_layers if args.lora_layers is not None else args.layers
         surgeries += patch(model, "lora", layers=layers, **lora_args).surgeries
+    if base_args is not None:
+        surgeries += patch(model, "finetune", layers=args.layers, **base_args).surgeries
     handle = SurgeryHandle(model, surgeries)
     console = make_console(stderr=True)
     d = data.describe()

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..engine import Engine
 from ..errors import AttnSurgeryError
-from ..surgery import Surgery
+from ..surgery import Stage, Surgery
 from .data import TrainingData
 from .objectives import parse_objective
 
@@ -71,7 +71,9 @@ class TrainConfig:
     objective: str = "lm"
     steps: int = 100
     lr: float = 1e-2  # surgery parameters (gates, temperatures, routers, feature maps)
-    lora_lr: float = 1e-4  # LoRA adapters (peft), as LoLCATs and most LoRA recipes
+    lora_lr: float = (
+        1e-4  # model weights: LoRA adapters (peft), as LoLCATs and most LoRA recipes, and finetune's copies
+    )
     batch_size: int = 4
     grad_accum: int = 1
     seq_len: int = 256
@@ -334,7 +336,9 @@ def train(
     if out is not None and accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
 
-    surgery_params = {id(p) for s in surgeries if s.name != "lora" for p in s.parameters()}
+    # surgeries that change the model's own weights (LoRA adapters, finetune's copies) train at lora_lr; surgery
+    # parameters (gates, temperatures, routers, feature maps) at lr
+    surgery_params = {id(p) for s in surgeries if Stage.WEIGHTS not in s.stages for p in s.parameters()}
     groups = [
         {"params": [p for p in params if id(p) in surgery_params], "lr": config.lr},
         {"params": [p for p in params if id(p) not in surgery_params], "lr": config.lora_lr},

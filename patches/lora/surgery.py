@@ -5,17 +5,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnsurgery.errors import SurgeryConfigError, did_you_mean
+from attnsurgery.errors import SurgeryConfigError
 from attnsurgery.surgery import Stage, Surgery
+from attnsurgery.targeting import find_projections
 
 from .config import LoraSurgeryConfig
 
 ADAPTER = "attnsurgery"  # peft adapter name; also the name inside the exported peft adapter folder's config
-
-
-def _linear_like(module: nn.Module) -> bool:
-    # nn.Linear covers bitsandbytes' Linear8bitLt / Linear4bit (subclasses); Conv1D is GPT-2's projection
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
 class LoraSurgery(Surgery):
@@ -49,40 +45,7 @@ class LoraSurgery(Surgery):
                 "lora: this model already carries peft adapters (it has `peft_config`); merge or unload them "
                 "first (`model.merge_and_unload()`), or patch a plain model."
             )
-        wanted = self.config.target_names()
-        if wanted is None:  # every projection of the attention module, whatever the architecture calls them
-            first = engine.info.attention[min(self.targets.layers)] if self.targets.layers else None
-            wanted = sorted(
-                {
-                    n.rsplit(".", 1)[-1]
-                    for n, m in (first.named_modules() if first else [])
-                    if n and _linear_like(m)
-                }
-            )
-        if not wanted:
-            raise SurgeryConfigError(
-                "lora: `targets` is empty; name at least one projection, e.g. q_proj,v_proj."
-            )
-        prefix = {id(m): n for n, m in model.named_modules()}
-        found: dict[str, list[str]] = {}  # leaf name -> full module names in targeted layers
-        available: set[str] = set()
-        for idx in sorted(self.targets.layers):
-            layer = engine.info.layers[idx]
-            for sub, module in layer.named_modules():
-                if not sub or not _linear_like(module):
-                    continue
-                leaf = sub.rsplit(".", 1)[-1]
-                available.add(leaf)
-                if leaf in wanted or sub in wanted:
-                    found.setdefault(leaf if leaf in wanted else sub, []).append(f"{prefix[id(layer)]}.{sub}")
-        missing = [n for n in wanted if n not in found]
-        if missing:
-            name = missing[0]
-            raise SurgeryConfigError(
-                f"lora: no projection named {name!r} in the targeted layers of {type(model).__name__}."
-                f"{did_you_mean(name, available)} Available: {', '.join(sorted(available))}."
-            )
-        names = sorted(n for full in found.values() for n in full)
+        names = find_projections(model, engine.info, self.targets.layers, self.config.target_names(), "lora")
         conv1d = any(type(model.get_submodule(n)).__name__ == "Conv1D" for n in names)
         self._grad_flags = [(p, p.requires_grad) for p in model.parameters()]
         self._names = names
