@@ -235,8 +235,10 @@ def tiled_attention(
         scores[..., lo:].masked_fill_(~allowed[..., lo:], torch.finfo(scores.dtype).min)
         if stats is not None:
             # flash-style: normalise the (bq x Dv) output instead of the (bq x bk) block, one pass fewer
-            top = scores.amax(dim=-1, keepdim=True)
-            weights = scores.sub_(top).exp_()
+            # the shift is gradient-neutral (lse and softmax do not depend on it): detached, so amax keeps no graph
+            top = scores.amax(dim=-1, keepdim=True).detach()
+            # in place when nothing differentiates through it; out of place under autograd (fine-tuning under ACT)
+            weights = (scores - top).exp() if scores.requires_grad else scores.sub_(top).exp_()
             total = weights.sum(dim=-1, keepdim=True)
             inv = total.reciprocal()
             stats.add(weights, (top + total.log()).squeeze(-1), s, e, k0, k1, row_scale=inv.squeeze(-1))

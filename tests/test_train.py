@@ -359,9 +359,8 @@ def test_progress_false_writes_nothing(data, capsys):
     assert "stopping early" not in captured.out + captured.err
 
 
-# ACT's fused kernel edits tensors in place that autograd needs: fine-tuning under ACT is not supported yet
 @pytest.mark.parametrize(
-    "surgery", ["clipped_softmax", "reweight", "temperature", "head_scale", "gated_attention"]
+    "surgery", ["clipped_softmax", "reweight", "temperature", "head_scale", "gated_attention", "act"]
 )
 def test_gradients_flow_through_every_trainable_path(surgery):
     """Fine-tuning under a surgery (the clipped-softmax fine-tune, LoRA under gates ...): backward works on its
@@ -506,3 +505,30 @@ def test_train_base_attention_trains_copies_and_remove_restores(data, tmp_path):
     torch.testing.assert_close(logits(model, ids), ref, atol=0, rtol=0)
     assert main([*argv, "--train-base", "q_prj", "--out", str(tmp_path / "bad")]) == 4  # did-you-mean
     assert not (tmp_path / "bad").exists()
+
+
+def test_act_gradients_fused_equal_tiled():
+    """Fine-tuning under ACT: the gradients through its fused kernel (one stats pass + the low-rank correction)
+    equal those through the plain tiled path (softmax, then the probability edit), to float noise."""
+    import attnsurgery.engine as engine_module
+
+    grads = {}
+    for fused in (True, False):
+        model = tiny_model("llama")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        ids = random_ids(2, 16)
+        engine_module.FUSED_KERNELS = fused
+        try:
+            with (
+                patch(model, "act", beta=0.3, threshold=0.08),
+                patch(model, "lora", r=2, init="random") as lora,
+            ):
+                model(ids, labels=ids).loss.backward()
+                grads[fused] = torch.cat(
+                    [p["A"].weight.grad.flatten() for p in lora.surgeries[0].adapters.values()]
+                )
+        finally:
+            engine_module.FUSED_KERNELS = True
+    assert grads[True].abs().sum() > 0
+    torch.testing.assert_close(grads[True], grads[False], atol=1e-5, rtol=1e-4)
