@@ -13,6 +13,7 @@ pass that yields output, lse and column sums together (:class:`AttentionStats`) 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,10 @@ from .surgery import AttentionCall, AttentionTile, Surgery
 #: a block's scores near the CPU caches (measured: 64 rows beat 128-512 at 2k-8k tokens on SmolLM2 shapes)
 TILE_ROWS = int(os.environ.get("ATTNSURGERY_TILE_ROWS", "64"))
 TILE_BYTES = int(float(os.environ.get("ATTNSURGERY_TILE_MB", "64")) * 2**20)
+#: on a GPU, small blocks leave the device idle between kernel launches: bigger blocks, more memory per block
+#: (not yet tuned on a device: no GPU was available when this was written; ATTNSURGERY_TILE_ROWS_CUDA overrides)
+TILE_ROWS_CUDA = int(os.environ.get("ATTNSURGERY_TILE_ROWS_CUDA", "512"))
+TILE_BYTES_CUDA = int(float(os.environ.get("ATTNSURGERY_TILE_MB_CUDA", "512")) * 2**20)
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -205,7 +210,8 @@ def tiled_attention(
     # the dtype of the value product: the model's, unless an fp32 output was asked for
     product = torch.promote_types(value.dtype, out_dtype)
     if block_rows is None:
-        block_rows = max(16, min(TILE_ROWS, TILE_BYTES // max(1, 4 * bsz * num_heads * k_len)))
+        rows, budget = (TILE_ROWS_CUDA, TILE_BYTES_CUDA) if query.is_cuda else (TILE_ROWS, TILE_BYTES)
+        block_rows = max(16, min(rows, budget // max(1, 4 * bsz * num_heads * k_len)))
     plain_softmax = (
         normalizer is None and not logit_stages and not prob_stages and record is None and dropout == 0.0
     )
@@ -270,6 +276,50 @@ def _flash_cpu_ok(query: torch.Tensor) -> bool:
     )
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _cuda_fused_ok(query: torch.Tensor) -> bool:
+    return query.is_cuda and hasattr(torch.ops.aten, "_scaled_dot_product_efficient_attention")
+
+
+def _aligned_bias(mask: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The memory-efficient CUDA kernel wants its bias' last dimension padded to a multiple of 16 in memory (as
+    ``F.scaled_dot_product_attention`` pads it): a padded buffer, sliced back to ``shape``."""
+    k_len = shape[-1]
+    padded = torch.zeros(*shape[:-1], -(-k_len // 16) * 16, dtype=mask.dtype, device=mask.device)
+    padded[..., :k_len] = mask.expand(shape)
+    return padded[..., :k_len]
+
+
+def _efficient_cuda(
+    query: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's memory-efficient CUDA attention with its log-sum-exp (``compute_log_sumexp``), the GPU twin of
+    the CPU flash kernel: one fused pass, O(n) memory. Rows that see no key come back as 0 (callers ignore them)."""
+    bias = None if mask is None else _aligned_bias(mask, (*query.shape[:3], k.shape[2]))
+    out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+        query, k, v, bias, True, 0.0, causal, scale=scaling
+    )
+    lse = lse[..., : query.shape[2]].float()  # the kernel pads the lse's row dimension
+    if mask is not None:  # a fully masked row is NaN in some kernel versions: 0, as the CPU path returns
+        out = torch.where(
+            torch.isfinite(lse)[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device)
+        )
+    return out, lse
+
+
 def _float_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
         ~allowed, float("-inf")
@@ -292,11 +342,13 @@ def sdpa_with_lse(
 
     Rows with no visible key get ``out = 0`` (their lse is meaningless); callers ignore them. ``out_dtype``:
     as :func:`tiled_attention`'s (fp32 keeps a low-precision call's output unrounded for a later correction).
-    Softcapping and biased masks go to the exact tiled pass (the fused CPU kernel scores plain ``q.k``).
+    Softcapping and biased masks go to the exact tiled pass (the fused kernels score plain ``q.k``). The fused
+    kernel is PyTorch's flash attention on CPU and its memory-efficient attention on CUDA (both return the lse).
     """
     q_len, k_len = query.shape[2], key.shape[2]
     groups = query.shape[1] // key.shape[1]
-    if not _flash_cpu_ok(query) or softcap is not None or has_bias(attention_mask):
+    fused = _flash_cpu_ok(query) or _cuda_fused_ok(query)
+    if not fused or softcap is not None or has_bias(attention_mask):
         # exact tiled pass (O(block x n) memory)
         stats = AttentionStats()
         out = tiled_attention(
@@ -326,6 +378,27 @@ def sdpa_with_lse(
             )  # SDPA's upper-left causal alignment, as transformers does
     else:
         mask = _float_mask(visible(attention_mask, is_causal, q_len, k_len, query.device), query.dtype)
+    if query.is_cuda:
+        try:
+            return _efficient_cuda(query, k, v, mask, causal, scaling)
+        except (
+            RuntimeError
+        ) as err:  # a shape/dtype/alignment the kernel refuses: the exact tiled pass instead
+            _warn_once(
+                f"attnsurgery: the fused CUDA attention refused this call ({err}); using the tiled pass."
+            )
+            stats = AttentionStats()
+            out = tiled_attention(
+                query,
+                key,
+                value,
+                attention_mask,
+                scaling,
+                is_causal=is_causal,
+                stats=stats,
+                out_dtype=out_dtype,
+            )
+            return out.transpose(1, 2), stats.lse
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         query, k, v, 0.0, causal, attn_mask=mask, scale=scaling
     )
