@@ -85,12 +85,20 @@ class MoHConfig(SurgeryConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("shared", "top_k"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise SurgeryConfigError(
-                    f"argument {name}={value!r} must be a whole number of heads or None."
-                )
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)):
+            raise SurgeryConfigError(
+                f"argument top_k={self.top_k!r} must be a whole number of heads or None."
+            )
+        shared = self.shared
+        if shared is not None and (
+            isinstance(shared, bool)
+            or not isinstance(shared, (int, float))
+            or (isinstance(shared, float) and shared >= 1)
+        ):
+            raise SurgeryConfigError(
+                f"argument shared={shared!r} must be a whole number of heads (e.g. 4), a fraction of the heads "
+                "below 1 (e.g. 0.5), or None."
+            )
         if self.active is not None and (
             isinstance(self.active, bool) or not isinstance(self.active, (int, float))
         ):
@@ -117,7 +125,12 @@ class MoHConfig(SurgeryConfig):
     def resolve(self, num_heads: int) -> tuple[int, int]:
         """``(shared, top_k)`` for a model with ``num_heads`` query heads, or a :class:`SurgeryConfigError` that
         names the fix."""
-        shared = num_heads // 2 if self.shared is None else self.shared
+        if self.shared is None:
+            shared = num_heads // 2
+        elif isinstance(self.shared, float):
+            shared = math.floor(self.shared * num_heads)
+        else:
+            shared = self.shared
         if shared >= num_heads:
             raise SurgeryConfigError(
                 f"moh: shared={shared} leaves no routed head on this model ({num_heads} heads); use "

@@ -20,7 +20,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from attnsurgery.kernels import has_bias, softcapped, tiled_attention
+from attnsurgery.kernels import _flash_cpu_ok, has_bias, softcapped, tiled_attention
 
 #: gathered query rows per block of a routed head: smaller blocks skip more of the causal upper triangle (the
 #: gathered rows of a block span ~rows/density positions), larger ones make fewer calls
@@ -56,33 +56,50 @@ def dense_attention(
     return out.transpose(1, 2)
 
 
-def _mask_rows(
+def _block_mask(
     attention_mask: torch.Tensor | None,
     head: int,
     rows: torch.Tensor,
     k_len: int,
     q_len: int,
     is_causal: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Visibility (B, bq, Tk) bool and additive bias (fp32, or None) of the gathered query rows ``rows`` (B, bq).
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor | None, int, int]:
+    """The additive mask (B, bq, k1 - k0) of ``dtype`` for the gathered, ascending query rows ``rows`` (B, bq), and
+    the key range ``[k0, k1)`` they can see; ``None``: every key of the range is visible.
 
-    None visibility: every key is visible (a maskless decode step or a non-causal layer)."""
-    bsz, bq = rows.shape
+    Masked scores get the dtype's minimum, as transformers' eager masks, not -inf: a row that sees no key stays
+    finite instead of NaN (it would poison gradients). Only the key columns up to the last row's own column are
+    read under a causal mask (a query's column is at most ``row + Tk - Tq``, with or without a cache), and the
+    range starts at the first column the block's first row sees: the earliest visible key never moves back as
+    the query moves on under causal, padding, sliding-window and document masks."""
+    last = int(rows[:, -1].max())  # rows ascend: the block's last row sees the most keys
     if attention_mask is None:
-        if is_causal and q_len > 1:  # upper-left causal, as SDPA's is_causal: query t sees keys 0..t
-            cols = torch.arange(k_len, device=rows.device)
-            return cols[None, None, :] <= rows[:, :, None], None
-        return None, None
-    mask = attention_mask[:, head if attention_mask.shape[1] > 1 else 0]  # (B|1, Tq|1, Tk')
-    mask = mask[..., :k_len]
+        if not (is_causal and q_len > 1):  # a maskless decode step or a non-causal layer: every key
+            return None, 0, k_len
+        # upper-left causal, as SDPA's is_causal when transformers passes no mask: query t sees keys 0..t
+        k1 = min(last + 1, k_len)
+        cols = torch.arange(k1, device=rows.device)
+        return _additive(cols[None, None, :] <= rows[:, :, None], None, dtype), 0, k1
+    bsz, bq = rows.shape
+    k1 = min(k_len, last + 1 + k_len - q_len) if is_causal else k_len
+    mask = attention_mask[:, head if attention_mask.shape[1] > 1 else 0, :, :k1]  # (B|1, Tq|1, k1)
     if mask.shape[1] == 1:
-        picked = mask.expand(bsz, bq, mask.shape[-1])
+        picked = mask.expand(bsz, bq, k1)
     else:
-        picked = mask.expand(bsz, -1, -1).gather(1, rows[:, :, None].expand(bsz, bq, mask.shape[-1]))
-    if picked.dtype == torch.bool:
-        return picked, None
-    allowed = picked > torch.finfo(picked.dtype).min / 2
-    return allowed, torch.where(allowed, picked.float(), 0.0)
+        picked = mask.expand(bsz, -1, -1).gather(1, rows[:, :, None].expand(bsz, bq, k1))
+    allowed = picked if picked.dtype == torch.bool else picked > torch.finfo(picked.dtype).min / 2
+    first = allowed[:, 0].any(0).nonzero()  # the first row's visible columns, over the batch
+    k0 = int(first[0]) if len(first) else 0
+    values = None if picked.dtype == torch.bool else picked[..., k0:]
+    return _additive(allowed[..., k0:], values, dtype), k0, k1
+
+
+def _additive(allowed: torch.Tensor, values: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """An additive mask: 0 (or a float mask's own value: a bias) where visible, the dtype's minimum elsewhere."""
+    low = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
+    visible = torch.zeros((), dtype=dtype, device=allowed.device) if values is None else values.to(dtype)
+    return torch.where(allowed, visible, low)
 
 
 def gathered_head_attention(
@@ -110,41 +127,69 @@ def gathered_head_attention(
     n = query.shape[1]
     k_len = key.shape[1]
     block = block_rows or BLOCK_ROWS
-    use_sdpa = not (eager or softcap is not None or has_bias(attention_mask))
+    manual = eager or softcap is not None  # the eager recipe: fp32 scores, softcap, fp32 softmax
+    mask_dtype = torch.float32 if manual else query.dtype
+    split = (
+        attention_mask is None
+        and is_causal
+        and q_len > 1
+        and not manual
+        and not torch.is_grad_enabled()
+        and _flash_cpu_ok(query)
+    )
     outs = []
     for s in range(0, n, block):
         e = min(s + block, n)
-        allowed, bias = _mask_rows(attention_mask, head, rows[:, s:e], k_len, q_len, is_causal)
-        if allowed is None:
-            k0, k1 = 0, k_len
-        else:
-            cols = allowed.flatten(0, 1).any(0).nonzero()
-            k0, k1 = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, 1)
-            # a row that sees no key (padding under some masks) reads key k0 instead of giving NaN, which would
-            # poison gradients; the caller drops such rows
-            allowed = allowed[..., k0:k1].clone()
-            allowed[..., 0] |= ~allowed.any(-1)
-            bias = None if bias is None else bias[..., k0:k1]
+        if split:
+            outs.append(_causal_block(query[:, s:e], key, value, rows[:, s:e], scaling))
+            continue
+        bias, k0, k1 = _block_mask(attention_mask, head, rows[:, s:e], k_len, q_len, is_causal, mask_dtype)
         qb, kb, vb = query[:, s:e], key[:, k0:k1], value[:, k0:k1]
-        if use_sdpa:
+        if not manual:
             out = F.scaled_dot_product_attention(
                 qb[:, None],
                 kb[:, None],
                 vb[:, None],
-                attn_mask=None if allowed is None else allowed[:, None],
+                attn_mask=None if bias is None else bias[:, None],
                 scale=scaling,
             )[:, 0]  # (B, bq, Dv)
-        else:  # the eager recipe: fp32 scores, softcap, additive mask, fp32 softmax
+        else:
             scores = torch.matmul(qb.float(), kb.float().transpose(-1, -2)) * scaling  # (B, bq, bk)
             scores = softcapped(scores, softcap)
-            if bias is not None:
-                scores = scores + bias
-            if allowed is not None:
-                scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+            if bias is not None:  # clamped: a score plus the minimum must not overflow to -inf (NaN rows)
+                scores = (scores + bias).clamp_(min=torch.finfo(scores.dtype).min)
             probs = torch.softmax(scores, dim=-1).to(value.dtype)
             out = torch.matmul(probs, vb)  # (B, bq, Dv)
         outs.append(out)
     return torch.cat(outs, dim=1)
+
+
+def _causal_block(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rows: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """A block of gathered rows under a maskless causal call, without a mask over the keys every row sees.
+
+    Keys ``0..c`` (``c`` the block's first row) are visible to all its rows: one unmasked fused call covers them;
+    only the band ``c+1..last`` needs a mask. The two softmaxes are merged through their log-sum-exp (the CPU
+    flash kernel returns it, but not its gradient: inference only). Building a (rows x keys) mask costs about a
+    third of the attention itself on CPU, so this keeps the skipped work a saving."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    q = query[:, None]  # (B, 1, bq, D)
+    c = int(rows[:, 0].min()) + 1  # keys [0, c): seen by every row of the block (rows ascend)
+    last = int(rows[:, -1].max()) + 1
+    out, lse = flash(q, key[:, None, :c], value[:, None, :c], 0.0, False, scale=scaling)
+    if last > c:
+        cols = torch.arange(c, last, device=rows.device)
+        band = _additive(cols[None, None, :] <= rows[:, :, None], None, query.dtype)[
+            :, None
+        ]  # (B, 1, bq, band)
+        out_b, lse_b = flash(
+            q, key[:, None, c:last], value[:, None, c:last], 0.0, False, attn_mask=band, scale=scaling
+        )
+        top = torch.maximum(lse, lse_b)
+        w_a, w_b = (lse - top).exp(), (lse_b - top).exp()  # a row that sees no band key: w_b = 0
+        out = (out * w_a[..., None] + out_b * w_b[..., None]) / (w_a + w_b)[..., None]
+    return out[:, 0].to(query.dtype)
 
 
 def moh_attention(
