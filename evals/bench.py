@@ -6,7 +6,8 @@
 
 Arms: stock SDPA; identity-configured temperature + head_scale + clipped_softmax on every layer; active
 temperature (fused kernel, query stage); active head_scale (head-output stage); clipped_softmax on the tiled
-path; optionally stock eager. Each forward is a prefill with ``logits_to_keep=1`` (what generate does), timed
+path; MoH at 75% / 50% of heads (its own kernel, routed-off heads skipped; ``--arms moh``); optionally stock
+eager. Each forward is a prefill with ``logits_to_keep=1`` (what generate does), timed
 ``--repeats`` times with the arms interleaved so machine drift hits all of them alike; the best run is
 reported (noise on a shared machine only ever adds time).
 Peak memory is measured in a fresh process per arm (so allocator caches from other arms do not hide or
@@ -105,6 +106,9 @@ def _arms(eager: bool):
         "gated_attention elementwise (head-output stage)": lambda model: patch(
             model, "gated_attention", form="elementwise", init_std=0.02
         ),
+        # MoH, query-norm router: routed-off heads are not computed (SmolLM2: 7/9 and 5/9 heads per token)
+        "moh 75% heads (skipped work)": lambda model: patch(model, "moh", active=0.75),
+        "moh 50% heads (skipped work)": lambda model: patch(model, "moh", active=0.5, shared=0.25),
     }
     if eager:
         arms["act (reference-style: materialised n x n)"] = _MaterialisedAct
