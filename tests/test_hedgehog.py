@@ -260,6 +260,34 @@ def test_save_load_remove_and_sliding_layers_kept():
         patch(model, "hedgehog", layers=[0, 1])
 
 
+def test_an_all_sliding_model_is_linearized_whole():
+    """Mistral v0.1-style (every layer slides, window 6 < 20 tokens): linearized whole; its window bounds the softmax
+    part (the identity setting reproduces it), its sliding cache layers become hedgehog ones, decode == forward."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    torch.manual_seed(0)
+    config = MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, sliding_window=6, max_position_embeddings=256,
+    )
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    ids = random_ids(2, 20)
+    ref = logits(model, ids)
+    with patch(model, "hedgehog", window=None) as handle:
+        assert handle.surgeries[0].skipped == []
+        torch.testing.assert_close(logits(model, ids), ref, atol=1e-5, rtol=0)
+    with patch(model, "hedgehog", window=4, feature_dim=8, init="random"), torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :14], use_cache=True)
+        cache, steps = out.past_key_values, [out.logits]
+        for t in range(14, 20):
+            out = model(ids[:, t : t + 1], use_cache=True, **{cache_kwarg(model): cache})
+            cache = out.past_key_values
+            steps.append(out.logits)
+        assert all(isinstance(layer, HedgehogCacheLayer) for layer in cache.layers)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

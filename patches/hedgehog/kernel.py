@@ -93,9 +93,9 @@ def hybrid_attention(
 
     ``q`` (B, H, Tq, D), ``k``/``v`` (B, H, Tk, D) (GQA already expanded), ``fq``/``fk`` their feature maps; query
     i sits at key column ``Tk - Tq + i`` (a KV cache or a kept tail in front). ``window``: None (all keys softmax),
-    0 (linear only) or w >= 1. ``allowed`` (B|1, 1|H, Tq, Tk) bool: the model's mask (None: causal); it bounds both
-    parts, while keys folded into the running state are filtered by ``key_valid`` (B|1, Tk) only, which is exact
-    for causal masks with key padding (the decoder masks attnsurgery supports). ``state`` covers keys before column
+    0 (linear only) or w >= 1. ``allowed`` (B|1, 1|H, Tq, Tk) bool: the model's mask (None: causal); it bounds the
+    softmax part, while the linear part takes every causal key that ``key_valid`` (B|1, Tk) marks real — the same
+    keys the running state folds in, so chunks and decode steps agree (a causal mask with key padding: identical). ``state`` covers keys before column
     0. ``fold_to``: after the last chunk, fold keys up to that column into the state too (the decode cache keeps
     only the columns after it); ``folded`` is the number of columns the returned state covers.
     """
@@ -139,7 +139,14 @@ def hybrid_attention(
             num = num + g * torch.matmul(p, vf[:, :, lo:hi])
             den = den + g * p.sum(-1, keepdim=True)
         if use_linear:
-            lin = ok if window == 0 else ok & (rel >= window)
+            # the linear part sees every real older key, like the folded state does (so a chunk and a decode step
+            # agree): causal & key_valid, not the model's own window on an all-sliding model (as LoLCATs on Mistral)
+            lin = rel >= 0
+            if key_valid is not None:
+                lin = lin & key_valid[:, None, None, lo:hi]
+            elif allowed is not None:
+                lin = ok
+            lin = lin if window == 0 else lin & (rel >= window)
             a = torch.matmul(fq[:, :, s:e], fk[:, :, lo:hi].transpose(-1, -2)).masked_fill(~lin, 0.0)
             fq_c = fq[:, :, s:e]
             num = num + lam * (torch.matmul(a, vf[:, :, lo:hi]) + torch.matmul(fq_c, run[0]))

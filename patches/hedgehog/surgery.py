@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -62,9 +63,10 @@ class HedgehogSurgery(Surgery):
     attention; ``window=None`` is exactly softmax attention through the same code (the identity setting).
 
     The softmax part keeps the model's conventions: its ``scaling``, Gemma-2's logit softcap and its mask
-    (padding); padded keys never enter the linear state. Layers the model already runs with a sliding window
-    (Gemma-2/3 local layers) are left as they are: they are linear-time already and hold no long-range state to
-    linearize (:attr:`skipped`). Decoding carries a constant-size state per layer in transformers' cache object
+    (padding, a sliding window); the linear part takes every real older key (padded keys never enter the linear
+    state). Layers the model runs with a sliding window next to global layers (Gemma-2/3 local layers) are left
+    as they are: they are linear-time already and hold no long-range state to linearize (:attr:`skipped`); a
+    model whose every layer slides (Mistral v0.1) is linearized whole. Decoding carries a constant-size state per layer in transformers' cache object
     (:mod:`.cache`): memory is flat in the generated length with a ``DynamicCache``; a static or quantized cache
     keeps all keys and the kernel recomputes the state from them (correct, not flat).
 
@@ -97,15 +99,18 @@ class HedgehogSurgery(Surgery):
                     "`layers=` instead."
                 )
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.skipped = sorted(
-            i for i in self.targets.layers if _is_sliding(info.attention[i], text_config, i)
-        )
+        sliding = {i for i in range(info.num_layers) if _is_sliding(info.attention[i], text_config, i)}
+        # local layers next to global ones (Gemma-2/3) stay as they are; a model whose every layer slides (Mistral
+        # v0.1, window 4096) is linearized whole, its window then bounding only the softmax part
+        self.skipped = sorted(self.targets.layers & sliding) if len(sliding) < info.num_layers else []
         self.layers = sorted(set(self.targets.layers) - set(self.skipped))
         if not self.layers:
             raise SurgeryConfigError(
                 f"hedgehog: every targeted layer ({sorted(self.targets.layers)}) is a sliding-window layer of "
                 f"{type(model).__name__}; those are linear-time already. Target its full-attention layers."
             )
+        # the targets become the layers it acts on (what saves, reloads and reports), with every head
+        self.targets = dataclasses.replace(self.targets, layers=frozenset(self.layers), heads=None)
         self.num_heads, self.head_dim = info.num_heads, info.head_dim
         generator = torch.Generator().manual_seed(config.seed)
         self.maps = nn.ModuleDict()
@@ -141,7 +146,7 @@ class HedgehogSurgery(Surgery):
         """This layer's :class:`HedgehogCacheLayer`, swapped into a dynamic cache before its first update; None
         for no cache or one we leave alone (static, quantized, already filled by the stock model), where the kernel
         recomputes the linear state from all cached keys."""
-        from transformers.cache_utils import DynamicLayer
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
         cache = getattr(cache, "self_attention_cache", cache)  # encoder-decoder wrappers
         layers = getattr(cache, "layers", None)
@@ -161,7 +166,7 @@ class HedgehogSurgery(Surgery):
                     "generation with a fresh cache after re-patching."
                 )
             return current
-        if type(current) is DynamicLayer and current.get_seq_length() == 0:
+        if type(current) in (DynamicLayer, DynamicSlidingWindowLayer) and current.get_seq_length() == 0:
             fresh = HedgehogCacheLayer(id(self), self.config.softmax_window)
             layers[layer] = fresh
             return fresh
