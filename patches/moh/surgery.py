@@ -99,7 +99,9 @@ class MoHSurgery(Surgery):
       weights; weighted gates are 1 when all router weights are zero (softmax of zeros gives the renormalised
       routed weight ``top_k * (1/E) / (top_k/E) = 1``, shared ``h_s * (1/h_s) = 1`` and ``a = 2 * 1/2 = 1``), which
       is the default init for ``gates="weighted"``. :meth:`regularizer` returns ``beta * mean_layers L_b`` with
-      ``L_b = mean_i(P_i f_i) E^2`` over the real tokens of the last forward (the paper's load balance).
+      ``L_b = mean_i(P_i f_i) E^2`` over the real tokens of the last forward (the paper's load balance). With ``top_k=1`` the
+      renormalised routed weight is 1 whatever W_r, so W_r learns from the load balance only (as in the paper's
+      formula).
 
     Work is really skipped (``skip_compute=True``, a ``REPLACE`` kernel, :mod:`.kernel`): shared heads attend as
     the stock kernel does, each routed head attends only the queries routed to it. ``skip_compute=False`` computes
