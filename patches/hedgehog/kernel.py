@@ -87,7 +87,7 @@ def hybrid_attention(
     key_valid: torch.Tensor | None = None,
     state: tuple[torch.Tensor, torch.Tensor] | None = None,
     fold_to: int | None = None,
-    chunk: int = 64,
+    chunk: int = 128,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], int]:
     """Chunked hybrid (or pure linear) attention. Returns ``(y, state, folded)``.
 
@@ -122,35 +122,46 @@ def hybrid_attention(
         lo = folded
         hi = off + e
         rel = torch.arange(p0, off + e, device=device)[:, None] - torch.arange(lo, hi, device=device)[None, :]
-        ok = rel >= 0  # causal
-        if allowed is not None:
-            ok = ok & allowed[..., s:e, lo:hi]
-        num = torch.zeros(bsz, heads, e - s, v.shape[-1], dtype=torch.float32, device=device)
-        den = torch.zeros(bsz, heads, e - s, 1, dtype=torch.float32, device=device)
+        # unnormalised weights of the block's keys: gamma e^{s - m} in the window, lam phi(q).phi(k) below it
+        weights = None
         if use_softmax:
-            win = ok if window is None else ok & (rel < window)
+            win = rel >= 0 if window is None else (rel >= 0) & (rel < window)
+            if allowed is not None:
+                win = win & allowed[..., s:e, lo:hi]
             logits = torch.matmul(q[:, :, s:e].float(), k[:, :, lo:hi].float().transpose(-1, -2)) * scaling
             if softcap is not None:
                 logits = torch.tanh(logits / softcap) * softcap
             logits = logits.masked_fill(~win, float("-inf"))
             m = logits.amax(-1, keepdim=True)
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row with no key in its window
-            p = torch.exp(logits - m)
-            num = num + g * torch.matmul(p, vf[:, :, lo:hi])
-            den = den + g * p.sum(-1, keepdim=True)
+            weights = torch.exp(logits - m) * g
+        fq_c = fq[:, :, s:e]
         if use_linear:
-            # the linear part sees every real older key, like the folded state does (so a chunk and a decode step
-            # agree): causal & key_valid, not the model's own window on an all-sliding model (as LoLCATs on Mistral)
-            lin = rel >= 0
-            if key_valid is not None:
-                lin = lin & key_valid[:, None, None, lo:hi]
-            elif allowed is not None:
-                lin = ok
-            lin = lin if window == 0 else lin & (rel >= window)
-            a = torch.matmul(fq[:, :, s:e], fk[:, :, lo:hi].transpose(-1, -2)).masked_fill(~lin, 0.0)
-            fq_c = fq[:, :, s:e]
-            num = num + lam * (torch.matmul(a, vf[:, :, lo:hi]) + torch.matmul(fq_c, run[0]))
-            den = den + lam * (a.sum(-1, keepdim=True) + torch.matmul(fq_c, run[1][..., None]))
+            # only the block's first columns can be linear (j <= p_{e-1} - w): a narrower matmul than the block
+            n_lin = max(0, hi - window - lo)
+            if n_lin > 0:
+                # the linear part sees every real older key, like the folded state does (so a chunk and a decode
+                # step agree): causal & key_valid, not the model's own window on an all-sliding model (as LoLCATs
+                # on Mistral)
+                lin = rel[:, :n_lin] >= window
+                if key_valid is not None:
+                    lin = lin & key_valid[:, None, None, lo : lo + n_lin]
+                elif allowed is not None:
+                    lin = lin & allowed[..., s:e, lo : lo + n_lin]
+                a = torch.matmul(fq_c, fk[:, :, lo : lo + n_lin].transpose(-1, -2)).masked_fill(~lin, 0.0) * lam
+                if weights is None:
+                    weights = a
+                else:
+                    weights = weights + torch.nn.functional.pad(a, (0, hi - lo - n_lin))
+        if weights is not None:
+            num = torch.matmul(weights, vf[:, :, lo:hi])
+            den = weights.sum(-1, keepdim=True)
+        else:
+            num = torch.zeros(bsz, heads, e - s, v.shape[-1], dtype=torch.float32, device=device)
+            den = torch.zeros(bsz, heads, e - s, 1, dtype=torch.float32, device=device)
+        if use_linear:
+            num = num + lam * torch.matmul(fq_c, run[0])
+            den = den + lam * torch.matmul(fq_c, run[1][..., None])
         # a query that sees no key at all (a padding row) gets 0, never NaN (its NaN would reach real rows as a
         # masked value: 0 * NaN = NaN)
         outs.append(num / den.clamp(min=torch.finfo(torch.float32).tiny))
