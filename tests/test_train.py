@@ -395,7 +395,7 @@ def test_training_table_stages_training_free_arms_measure_and_tasks(tmp_path):
             {
                 "name": "t",
                 "kind": "training",
-                "models": [str(model_dir)],
+                "models": [str(model_dir), "other-model"],
                 "seq_len": SEQ,
                 "measure": ["perplexity"],
                 "tasks": ["bb_emoji_movie"],
@@ -404,6 +404,7 @@ def test_training_table_stages_training_free_arms_measure_and_tasks(tmp_path):
                 "arms": [
                     {"name": "baseline"},
                     {"name": "free", "surgeries": gates},
+                    {"name": "elsewhere", "surgeries": gates, "models": ["other-model"]},
                     {
                         "name": "stage1",
                         "surgeries": gates,
@@ -418,8 +419,9 @@ def test_training_table_stages_training_free_arms_measure_and_tasks(tmp_path):
             }
         )
     )
-    out = run_training_table(table, tmp_path / "out")
+    out = run_training_table(table, tmp_path / "out", models=[str(model_dir)])
     rows = {r["arm"]: r for r in json.loads((out / "table.json").read_text())["rows"]}
+    assert "elsewhere" not in rows  # an arm limited to another model
     assert set(rows["baseline"]) >= {"ppl_fp"} and "ppl_w8a8" not in rows["baseline"]
     assert "W8A8" not in (out / "table.md").read_text() and not list(out.glob("outliers-*.png"))
     assert rows["free"]["train_steps"] == 0 and rows["free"]["ppl_fp"] != rows["baseline"]["ppl_fp"]

@@ -16,7 +16,8 @@ one resumes), and then scores it on the *test* split of the same corpus — whic
 offline lm-eval tasks, scored on every arm once all are trained (``tasks.md``/``.json``/``.png`` with paired
 deltas against the baseline, cached per arm under ``cache/``).
 
-Arms: ``surgeries`` without ``train`` is a training-free arm (patched as is); ``from: <arm>`` starts from another
+Arms: ``models: [...]`` limits an arm to some of the table's models (default: all); ``surgeries`` without ``train``
+is a training-free arm (patched as is); ``from: <arm>`` starts from another
 (earlier) arm's finished run — its surgeries loaded and frozen — and trains this arm's settings on top (e.g. a
 LoRA stage after a feature-map stage); ``surgeries`` then lists only what this arm adds (may be empty).
 
@@ -43,7 +44,7 @@ _TABLE_KEYS = {
     "name", "description", "kind", "models", "dtype", "data", "seq_len", "eval", "arms", "goals",
     "measure", "tasks", "batch_size", "limit",
 }  # fmt: skip
-_ARM_KEYS = {"name", "surgeries", "train", "note", "from"}
+_ARM_KEYS = {"name", "surgeries", "train", "note", "from", "models"}
 #: what a training table can score on the test split (``measure:``)
 MEASURES = ("perplexity", "w8a8", "outliers")
 _EVAL_KEYS = {"test_windows", "calib_windows", "outlier_windows"}
@@ -113,6 +114,18 @@ def load_training_table(path: str | Path) -> TrainingTable:
                 )
             if not arm.get("train"):
                 raise RecipeError(f"{where}: an arm 'from' another trains on top of it; give it 'train'.")
+        arm_models = arm.get("models")
+        if arm_models is not None:
+            unknown = [m for m in arm_models if m not in (data.get("models") or [])]
+            if not isinstance(arm_models, list) or unknown:
+                raise RecipeError(
+                    f"{where}: 'models' lists models of the table ({', '.join(data.get('models') or [])}); "
+                    f"got {unknown or arm_models!r}."
+                )
+            if source is not None and set(arm_models) - set(_arm_models(arms, source, data)):
+                raise RecipeError(
+                    f"{where}: arm {source!r} it starts from does not run on all of its models."
+                )
         names.add(arm["name"])
         if arm.get("surgeries"):
             from ..recipe import parse_recipe
@@ -152,6 +165,15 @@ def load_training_table(path: str | Path) -> TrainingTable:
         batch_size=int(data.get("batch_size", 4)),
         limit=data.get("limit"),
     )
+
+
+def _arm_models(arms: list[dict], name: str, data: dict) -> list[str]:
+    arm = next(a for a in arms if a["name"] == name)
+    return list(arm.get("models") or data.get("models") or [])
+
+
+def _runs_on(arm: dict, model_name: str) -> bool:
+    return not arm.get("models") or model_name in arm["models"]
 
 
 def _test_windows(tokenizer: Any, source: str, seq_len: int, n: int) -> Any:
@@ -295,6 +317,8 @@ def run_training_table(
         runs = out / "runs" / _slug(model_name)
         all_stats = []
         for arm in table.arms:
+            if not _runs_on(arm, model_name):
+                continue
             run_dir = runs / arm["name"]
             started = time.perf_counter()
             handle, training = None, None
@@ -359,7 +383,9 @@ def _score_tasks(
     from .text import Arm, evaluate_arms
 
     arms = [Arm("baseline")] + [
-        Arm(arm["name"], find_recipe(runs / arm["name"])) for arm in table.arms if arm["name"] != "baseline"
+        Arm(arm["name"], find_recipe(runs / arm["name"]))
+        for arm in table.arms
+        if arm["name"] != "baseline" and _runs_on(arm, model_name)
     ]
     return evaluate_arms(
         model_name,
