@@ -127,13 +127,6 @@ class HedgehogSurgery(Surgery):
             engine.register_hook(self, module.register_forward_pre_hook(self._capture(layer), with_kwargs=True))
         self._pending: dict[int, HedgehogCacheLayer | None] = {}
 
-    def active_stages(self, layer_idx: int) -> frozenset[Stage]:
-        return self.stages if layer_idx in self.maps_layers else frozenset()
-
-    @property
-    def maps_layers(self) -> set[int]:
-        return {int(k) for k in self.maps} if hasattr(self, "maps") else set()
-
     # -- the decode state in transformers' cache ----------------------------------------------------------
     def _capture(self, layer: int) -> Any:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
