@@ -1,4 +1,4 @@
-"""``attnsurgery`` command line: list, apply, inspect, eval, reproduce, calibrate, train, lm-eval.
+"""``attnsurgery`` command line: list, apply, inspect, eval, reproduce, calibrate, train, linearize, lm-eval.
 
 Each command is a module of :mod:`attnsurgery.commands` with ``add_parser(subparsers)`` and the function it sets
 as ``func``. Heavy imports (torch, transformers) happen inside the commands, so ``attnsurgery --help`` is instant.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .commands import apply, calibrate, evaluate, inspect, listing, train
+from .commands import apply, calibrate, evaluate, inspect, linearize, listing, train
 from .commands._common import CalibrateTools, make_console
 
 __all__ = ["CalibrateTools", "build_parser", "main"]
@@ -21,20 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnsurgery", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (listing, apply, inspect, evaluate, calibrate, train):
+    for command in (listing, apply, inspect, evaluate, calibrate, train, linearize):
         command.add_parser(sub)
-    # `attnsurgery linearize`: the hedgehog two-stage conversion; its code lives with the surgery (torch-free import)
-    from .patches.hedgehog import linearize
-
-    linearize.add_arguments(
-        sub.add_parser(
-            "linearize",
-            help="convert a model to Hedgehog/LoLCATs linear attention (stage 1 transfer, stage 2 LoRA)",
-            description="attnsurgery linearize smollm2-135m --out runs/lin --window 64 --stage1-steps 100 "
-            "--stage2-steps 100   (DIR loads with patch(model, DIR) / --recipe DIR)",
-        )
-    )
-    sub.choices["linearize"].set_defaults(func=linearize.run)
     sub.add_parser(
         "lm-eval",
         help="lm-eval's own CLI with `--model attnsurgery` registered and the offline tasks included",
