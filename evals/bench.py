@@ -3,6 +3,8 @@
     python evals/bench.py                              # SmolLM2-135M, 512/2048/8192 tokens, 2 threads
     python evals/bench.py --lengths 512 2048 --eager   # also the stock eager path (what reference code uses)
     python evals/bench.py --check                      # exit 1 if a target is missed
+    python evals/bench.py --device cuda --dtype bfloat16 --model shape:llama-7b --lengths 2048 8192 32768
+                                                       # a 7B-shaped Llama with random weights on a GPU
 
 Arms: stock SDPA; identity-configured temperature + head_scale + clipped_softmax on every layer; active
 temperature (fused kernel, query stage); active head_scale (head-output stage); clipped_softmax on the tiled
@@ -12,8 +14,8 @@ eager. Each forward is a prefill with ``logits_to_keep=1`` (what generate does),
 reported (noise on a shared machine only ever adds time).
 Peak memory is measured in a fresh process per arm (so allocator caches from other arms do not hide or
 inflate it): the rise of the resident set (VmHWM reset through /proc/self/clear_refs) during one prefill over
-the resident set just before it, so weights are not counted. Timing targets live here, never in
-unit tests.
+the resident set just before it, so weights are not counted; on CUDA the allocator's peak over what was
+allocated before the prefill, in the same process. Timing targets live here, never in unit tests.
 """
 
 from __future__ import annotations
@@ -145,6 +147,42 @@ def _quadratic(name: str) -> bool:
     return name == "stock eager" or "materialised" in name
 
 
+#: model shapes for --model shape:NAME (random weights: speed and memory do not depend on the values)
+SHAPES = {
+    "tiny-llama": dict(  # a smoke test of the script itself
+        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096,
+    ),
+    "llama-7b": dict(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=32768,
+    ),
+    "llama3-8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=32768, rope_theta=500000.0,
+    ),
+}  # fmt: skip
+
+
+def load_bench_model(name: str, device: str = "cpu", dtype: str = "float32"):
+    """``(model, vocab_size)``: a model alias/path through attnsurgery, or ``shape:NAME`` from :data:`SHAPES`."""
+    torch_dtype = getattr(torch, dtype)
+    if name.startswith("shape:"):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(**SHAPES[name.split(":", 1)[1]], attn_implementation="sdpa")
+        with torch.device(device):
+            model = LlamaForCausalLM(config).to(torch_dtype).eval()
+        return model, config.vocab_size
+    model, tokenizer = load_model(name, dtype=dtype)
+    return model.to(device).eval(), tokenizer.vocab_size
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 @contextlib.contextmanager
 def _attention_timer(spent: list[float]):
     """Add the seconds spent inside the attention function (every layer's call, whatever the arm: stock SDPA or
@@ -156,11 +194,13 @@ def _attention_timer(spent: list[float]):
     saved = {key: local.get(key) for key in ("sdpa", "attnsurgery", "attnsurgery_eager")}
 
     def timed(fn):
-        def call(*args, **kwargs):
+        def call(module, query, *args, **kwargs):
+            _sync(query.device)
             start = time.perf_counter()
             try:
-                return fn(*args, **kwargs)
+                return fn(module, query, *args, **kwargs)
             finally:
+                _sync(query.device)
                 spent[0] += time.perf_counter() - start
 
         return call
@@ -185,8 +225,11 @@ def time_one(model, ids, arm_name: str, arms) -> tuple[float, float]:
     try:
         ctx.__enter__()
         with torch.no_grad(), _attention_timer(spent):
+            ids = ids.to(model.device)
+            _sync(model.device)
             start = time.perf_counter()
             model(ids, logits_to_keep=1, use_cache=False)
+            _sync(model.device)
             total = time.perf_counter() - start
         return total, (spent[0] if arms[arm_name] != "eager" else float("nan"))
     finally:
@@ -202,9 +245,9 @@ def memory_child(model_name: str, arm_name: str, length: int, threads: int) -> f
     # the arm really holds at once, not what the allocator kept from earlier work
     libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
     torch.set_num_threads(threads)
-    model, tokenizer = load_model(model_name, dtype="float32")
+    model, vocab = load_bench_model(model_name)
     arms = _arms(eager=True)
-    ids = _ids(tokenizer, length)
+    ids = _ids(vocab, length)
     time_one(model, ids[:, :64], arm_name, arms)  # warm-up: lazy inits are not the arm's memory
     ctx = _enter(model, arm_name, arms)
     try:
@@ -221,9 +264,27 @@ def memory_child(model_name: str, arm_name: str, length: int, threads: int) -> f
     return max(0, peak - before) / 1024
 
 
-def _ids(tokenizer, length: int) -> torch.Tensor:
+def _ids(vocab_size: int, length: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
-    return torch.randint(100, tokenizer.vocab_size - 100, (1, length), generator=gen)
+    return torch.randint(100, vocab_size - 100, (1, length), generator=gen)
+
+
+def cuda_memory(model, ids, arm_name: str, arms) -> float:
+    """MiB the prefill adds to the CUDA allocator's peak (in process: the caching allocator's stats are exact)."""
+    ctx = _enter(model, arm_name, arms)
+    try:
+        ctx.__enter__()
+        with torch.no_grad():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            model(ids.to(model.device), logits_to_keep=1, use_cache=False)
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+    finally:
+        _leave(model, arm_name, arms, ctx)
+    return max(0, peak - before) / 2**20
 
 
 def measure_memory(model_name: str, arm_name: str, length: int, threads: int) -> float:
@@ -249,16 +310,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--arms", nargs="+", default=None, help="only arms whose name starts with one of these"
     )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, dtype="float32")
+    if args.device == "cpu" and args.dtype != "float32":
+        parser.error("--dtype other than float32 is for --device cuda (CPU memory runs load float32 models)")
+    model, vocab = load_bench_model(args.model, args.device, args.dtype)
     arms = _arms(args.eager)
     if args.arms:
         arms = {k: v for k, v in arms.items() if k == "stock sdpa" or k.startswith(tuple(args.arms))}
     results = []
     for length in args.lengths:
-        ids = _ids(tokenizer, length)
+        ids = _ids(vocab, length)
         time_one(model, ids[:, :64], "stock sdpa", arms)  # warm-up
         names = [n for n in arms if not (_quadratic(n) and length > 4096)]  # O(n^2) memory per layer
         samples: dict[str, list[float]] = {name: [] for name in names}
@@ -276,7 +341,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
         memory = {}
         for name in names if not args.no_memory else []:
-            memory[name] = measure_memory(args.model, name, length, args.threads)
+            if args.device == "cpu":
+                memory[name] = measure_memory(args.model, name, length, args.threads)
+            else:
+                memory[name] = cuda_memory(model, ids, name, arms)
             print(
                 f"  {length:>5} tokens  {name:<40} peak +{memory[name]:.0f} MiB", file=sys.stderr, flush=True
             )
@@ -304,9 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"Regenerate: `{command.strip()}` (rewrites this file and its JSON).",
         "",
-        f"Model {args.model}, fp32, {args.threads} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}; "
+        f"Model {args.model}, {args.dtype} on {args.device}, {args.threads} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}; "
         f"best of {args.repeats} interleaved prefills (at most 2 at 8192), logits_to_keep=1; "
-        "memory: one prefill per arm in a fresh process.",
+        "memory: one prefill per arm in a fresh process."
+        if args.device == "cpu"
+        else "memory: the CUDA allocator's peak during one prefill, over what was allocated before.",
         "",
         "| tokens | arm | seconds | x stock SDPA | attention call s | x stock SDPA | peak MiB over weights | "
         "x stock SDPA | target |",
