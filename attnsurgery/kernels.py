@@ -326,6 +326,25 @@ def _float_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     )
 
 
+def _tiled_with_lse(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    is_causal: bool,
+    softcap: float | None,
+    out_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact tiled pass (O(block x n) memory) in :func:`sdpa_with_lse`'s layout."""
+    stats = AttentionStats()
+    out = tiled_attention(
+        query, key, value, attention_mask, scaling, is_causal=is_causal, stats=stats, softcap=softcap,
+        out_dtype=out_dtype,
+    )  # fmt: skip
+    return out.transpose(1, 2), stats.lse
+
+
 def sdpa_with_lse(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -349,20 +368,7 @@ def sdpa_with_lse(
     groups = query.shape[1] // key.shape[1]
     fused = _flash_cpu_ok(query) or _cuda_fused_ok(query)
     if not fused or softcap is not None or has_bias(attention_mask):
-        # exact tiled pass (O(block x n) memory)
-        stats = AttentionStats()
-        out = tiled_attention(
-            query,
-            key,
-            value,
-            attention_mask,
-            scaling,
-            is_causal=is_causal,
-            stats=stats,
-            softcap=softcap,
-            out_dtype=out_dtype,
-        )
-        return out.transpose(1, 2), stats.lse
+        return _tiled_with_lse(query, key, value, attention_mask, scaling, is_causal, softcap, out_dtype)
     if (
         out_dtype is not None and out_dtype != query.dtype
     ):  # the fused kernel computes in the dtype it is given
@@ -381,24 +387,9 @@ def sdpa_with_lse(
     if query.is_cuda:
         try:
             return _efficient_cuda(query, k, v, mask, causal, scaling)
-        except (
-            RuntimeError
-        ) as err:  # a shape/dtype/alignment the kernel refuses: the exact tiled pass instead
-            _warn_once(
-                f"attnsurgery: the fused CUDA attention refused this call ({err}); using the tiled pass."
-            )
-            stats = AttentionStats()
-            out = tiled_attention(
-                query,
-                key,
-                value,
-                attention_mask,
-                scaling,
-                is_causal=is_causal,
-                stats=stats,
-                out_dtype=out_dtype,
-            )
-            return out.transpose(1, 2), stats.lse
+        except RuntimeError as err:  # a shape/dtype/alignment the kernel refuses: the exact tiled pass
+            _warn_once(f"attnsurgery: the fused CUDA attention refused a call ({err}); using the tiled pass.")
+            return _tiled_with_lse(query, key, value, attention_mask, scaling, is_causal, None, out_dtype)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         query, k, v, 0.0, causal, attn_mask=mask, scale=scaling
     )

@@ -239,3 +239,20 @@ def find_projections(
             f"{did_you_mean(name, available)} Available: {', '.join(sorted(available))}."
         )
     return sorted(n for full in found.values() for n in full)
+
+
+def module_device(module: Any) -> torch.device | None:
+    """Where a layer's weights live, for a surgery's per-layer parameters (None for a module offloaded to meta: the
+    parameters then stay on the CPU)."""
+    for p in module.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return None
+
+
+def name_list(targets: Any) -> list[str] | None:
+    """``"q_proj, v_proj"`` or ``["q_proj", "v_proj"]`` -> ``["q_proj", "v_proj"]``; ``None`` stays ``None``."""
+    if targets is None:
+        return None
+    names = targets.split(",") if isinstance(targets, str) else list(targets)
+    return [str(n).strip() for n in names if str(n).strip()]

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from attnsurgery.surgery import SurgeryConfig, arg
+from attnsurgery.targeting import name_list
 
 
 @dataclass
@@ -25,7 +26,5 @@ class FinetuneConfig(SurgeryConfig):
     )
 
     def target_names(self) -> list[str] | None:
-        if self.targets is None:
-            return None
-        names = self.targets.split(",") if isinstance(self.targets, str) else list(self.targets)
-        return [str(n).strip() for n in names if str(n).strip()]
+        """The names asked for, or None for every projection of the attention module."""
+        return name_list(self.targets)

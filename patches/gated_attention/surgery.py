@@ -8,6 +8,7 @@ from torch import nn
 
 from attnsurgery.errors import SurgeryConfigError
 from attnsurgery.surgery import AttentionCall, Stage, Surgery
+from attnsurgery.targeting import module_device
 
 from .config import GatedAttentionConfig
 
@@ -46,14 +47,6 @@ class GateProjection(nn.Module):
 
     def extra_repr(self) -> str:
         return f"form={self.form}, weight={tuple(self.weight.shape)}"
-
-
-def _device_of(module: nn.Module) -> torch.device | None:
-    """Where a layer's weights live (None for a module offloaded to meta: the gate then stays on the CPU)."""
-    for p in module.parameters():
-        if p.device.type != "meta":
-            return p.device
-    return None
 
 
 class GatedAttentionSurgery(Surgery):
@@ -113,7 +106,7 @@ class GatedAttentionSurgery(Surgery):
         self._head_masks: dict[int, torch.Tensor | None] = {}
         for layer in sorted(self.targets.layers):
             module = info.attention[layer]
-            device = _device_of(module)
+            device = module_device(module)
             gate = GateProjection(config.form, hidden, H, D, device)
             with torch.no_grad():
                 if config.init_std > 0:  # drawn on the CPU: the same init on every device

@@ -29,7 +29,9 @@ from transformers.cache_utils import DynamicLayer
 class HedgehogCacheLayer(DynamicLayer):
     """Last keys/values of the softmax window plus the linear state ``(S, z)`` of everything older."""
 
-    is_sliding = False  # full-attention semantics: transformers builds the same (full) mask as for a DynamicLayer
+    is_sliding = (
+        False  # full-attention semantics: transformers builds the same (full) mask as for a DynamicLayer
+    )
 
     def __init__(self, owner: Any, window: int | None) -> None:
         super().__init__()

@@ -117,7 +117,12 @@ def hybrid_attention(
         # keys before `lo` are linear for every query of the chunk (j <= p0 - w <= p_i - w)
         lo = 0 if window is None else max(0, p0 - window + 1)
         if lo > folded:
-            run = fold(run, fk[:, :, folded:lo], v[:, :, folded:lo], None if key_valid is None else key_valid[:, folded:lo])
+            run = fold(
+                run,
+                fk[:, :, folded:lo],
+                v[:, :, folded:lo],
+                None if key_valid is None else key_valid[:, folded:lo],
+            )
             folded = lo
         lo = folded
         hi = off + e
@@ -148,7 +153,10 @@ def hybrid_attention(
                     lin = lin & key_valid[:, None, None, lo : lo + n_lin]
                 elif allowed is not None:
                     lin = lin & allowed[..., s:e, lo : lo + n_lin]
-                a = torch.matmul(fq_c, fk[:, :, lo : lo + n_lin].transpose(-1, -2)).masked_fill(~lin, 0.0) * lam
+                a = (
+                    torch.matmul(fq_c, fk[:, :, lo : lo + n_lin].transpose(-1, -2)).masked_fill(~lin, 0.0)
+                    * lam
+                )
                 if weights is None:
                     weights = a
                 else:
@@ -167,7 +175,12 @@ def hybrid_attention(
         outs.append(num / den.clamp(min=torch.finfo(torch.float32).tiny))
     if fold_to is not None and use_linear and fold_to > folded:
         fold_to = min(fold_to, tk)
-        run = fold(run, fk[:, :, folded:fold_to], v[:, :, folded:fold_to], None if key_valid is None else key_valid[:, folded:fold_to])
+        run = fold(
+            run,
+            fk[:, :, folded:fold_to],
+            v[:, :, folded:fold_to],
+            None if key_valid is None else key_valid[:, folded:fold_to],
+        )
         folded = fold_to
     y = torch.cat(outs, dim=2) if outs else q.new_zeros(bsz, heads, 0, v.shape[-1], dtype=torch.float32)
     return y, run, folded
@@ -204,7 +217,9 @@ def hybrid_recurrent(
         num = torch.zeros(bsz, heads, v.shape[-1], dtype=torch.float32, device=q.device)
         den = torch.zeros(bsz, heads, 1, dtype=torch.float32, device=q.device)
         if window != 0 and start <= t:
-            logits = torch.einsum("bhd,bhnd->bhn", q[:, :, t].float(), k[:, :, start : t + 1].float()) * scaling
+            logits = (
+                torch.einsum("bhd,bhnd->bhn", q[:, :, t].float(), k[:, :, start : t + 1].float()) * scaling
+            )
             if softcap is not None:
                 logits = torch.tanh(logits / softcap) * softcap
             p = torch.exp(logits - logits.amax(-1, keepdim=True))

@@ -30,15 +30,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model alias (smollm2-135m ...), hub id or local path")
     p.add_argument("--out", required=True, help="conversion folder (a recipe once finished)")
     p.add_argument("--window", type=int, default=64, help="softmax window of the hybrid (LoLCATs: 64)")
-    p.add_argument("--linear-only", action="store_true", help="pure Hedgehog linear attention, no softmax window")
+    p.add_argument(
+        "--linear-only", action="store_true", help="pure Hedgehog linear attention, no softmax window"
+    )
     p.add_argument("--feature-dim", type=int, default=64, help="feature map width F (phi has 2F dims)")
     p.add_argument("--layers", default=None, help="layers to linearize (default: every full-attention layer)")
-    p.add_argument("--data", default="gutenberg_ppl", help="offline task (calibration split), .jsonl/.txt or Hub id")
+    p.add_argument(
+        "--data", default="gutenberg_ppl", help="offline task (calibration split), .jsonl/.txt or Hub id"
+    )
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4, help="windows per optimiser step (both stages)")
     p.add_argument("--val-windows", type=int, default=16, help="held-back windows scored at each validation")
     p.add_argument("--stage1-steps", type=int, default=100, help="attention-transfer steps")
-    p.add_argument("--stage1-lr", type=float, default=1e-2, help="feature maps' learning rate (LoLCATs: 1e-2)")
+    p.add_argument(
+        "--stage1-lr", type=float, default=1e-2, help="feature maps' learning rate (LoLCATs: 1e-2)"
+    )
     p.add_argument("--stage2-steps", type=int, default=100, help="LoRA steps (0: stop after stage 1)")
     p.add_argument("--stage2-objective", default="lm", help="lm (next token, LoLCATs), kd, or a sum: 'lm+kd'")
     p.add_argument("--lora-r", type=int, default=8)
@@ -46,7 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-lr", type=float, default=1e-4)
     p.add_argument("--val-every", type=int, default=25)
     p.add_argument("--save-every", type=int, default=25)
-    p.add_argument("--keep", choices=("last", "best"), default="best", help="ship the last or best-validation state")
+    p.add_argument(
+        "--keep", choices=("last", "best"), default="best", help="ship the last or best-validation state"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")
     p.add_argument("--device-map", default=None)
@@ -83,7 +91,9 @@ def linearize(
     say = log or (lambda msg: None)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (resume or overwrite):
-        raise AttnSurgeryError(f"{out} already exists; pass --resume to continue it or --overwrite to replace it.")
+        raise AttnSurgeryError(
+            f"{out} already exists; pass --resume to continue it or --overwrite to replace it."
+        )
     if overwrite and not resume and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,7 +108,9 @@ def linearize(
         if (folder / "recipe.yaml").is_file():
             return
         again = resume and (folder / "checkpoint.pt").is_file()
-        say(f"{name}: {'resuming' if again else 'training'} {config.steps} steps ({config.objective}) -> {folder}")
+        say(
+            f"{name}: {'resuming' if again else 'training'} {config.steps} steps ({config.objective}) -> {folder}"
+        )
         train(
             model,
             handle,
@@ -173,7 +185,9 @@ def run(args: argparse.Namespace) -> int:
     if args.feature_dim < 1:
         raise AttnSurgeryError(f"linearize: --feature-dim must be at least 1, got {args.feature_dim}.")
     if args.stage1_steps < 1:
-        raise AttnSurgeryError("linearize: --stage1-steps must be at least 1 (stage 1 is what makes the maps work).")
+        raise AttnSurgeryError(
+            "linearize: --stage1-steps must be at least 1 (stage 1 is what makes the maps work)."
+        )
     common = dict(
         batch_size=args.batch_size,
         seq_len=args.seq_len,
@@ -199,7 +213,9 @@ def run(args: argparse.Namespace) -> int:
     get_surgery_class("lora").config_class.from_kwargs("lora", {"r": args.lora_r, "alpha": args.lora_alpha})
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not (args.resume or args.overwrite):
-        raise AttnSurgeryError(f"{out} already exists; pass --resume to continue it or --overwrite to replace it.")
+        raise AttnSurgeryError(
+            f"{out} already exists; pass --resume to continue it or --overwrite to replace it."
+        )
     with console.status(f"loading {args.model} ..."):
         model, tokenizer = load_model(args.model, dtype=args.dtype, device_map=args.device_map)
     data = prepare_data(

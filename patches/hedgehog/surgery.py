@@ -10,6 +10,7 @@ from torch import nn
 from attnsurgery.errors import SurgeryConfigError
 from attnsurgery.kernels import repeat_kv
 from attnsurgery.surgery import AttentionCall, Stage, Surgery
+from attnsurgery.targeting import module_device
 
 from .cache import HedgehogCacheLayer
 from .config import HedgehogConfig
@@ -32,13 +33,6 @@ class HedgehogLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"maps={tuple(self.q_map.shape)}"
-
-
-def _device_of(module: nn.Module) -> torch.device | None:
-    for p in module.parameters():
-        if p.device.type != "meta":
-            return p.device
-    return None
 
 
 def _is_sliding(module: nn.Module, config: Any, layer: int) -> bool:
@@ -79,7 +73,9 @@ class HedgehogSurgery(Surgery):
 
     name = "hedgehog"
     config_class = HedgehogConfig
-    summary = "Hedgehog/LoLCATs linear attention (trainable softmax-mimicking feature maps) with a softmax window"
+    summary = (
+        "Hedgehog/LoLCATs linear attention (trainable softmax-mimicking feature maps) with a softmax window"
+    )
     paper = (
         "Zhang et al., The Hedgehog & the Porcupine, ICLR 2024 (arXiv 2402.04347); Zhang et al., LoLCATs, "
         "ICLR 2025 (arXiv 2410.10254)"
@@ -93,12 +89,17 @@ class HedgehogSurgery(Surgery):
     def setup(self, model: Any, engine: Any) -> None:
         info, config = engine.info, self.config
         for layer in self.targets.layers:
-            if self.targets.heads_of(layer) is not None and len(self.targets.heads_of(layer)) != info.num_heads:
+            if (
+                self.targets.heads_of(layer) is not None
+                and len(self.targets.heads_of(layer)) != info.num_heads
+            ):
                 raise SurgeryConfigError(
                     "hedgehog replaces whole attention layers; `heads=` cannot pick some heads of a layer. Use "
                     "`layers=` instead."
                 )
-        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        text_config = (
+            model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        )
         sliding = {i for i in range(info.num_layers) if _is_sliding(info.attention[i], text_config, i)}
         # local layers next to global ones (Gemma-2/3) stay as they are; a model whose every layer slides (Mistral
         # v0.1, window 4096) is linearized whole, its window then bounding only the softmax part
@@ -116,7 +117,11 @@ class HedgehogSurgery(Surgery):
         self.maps = nn.ModuleDict()
         for layer in self.layers:
             params = HedgehogLayer(
-                info.num_heads, info.head_dim, config.feature_dim, config.gamma, _device_of(info.attention[layer])
+                info.num_heads,
+                info.head_dim,
+                config.feature_dim,
+                config.gamma,
+                module_device(info.attention[layer]),
             )
             if config.init == "random":
                 with torch.no_grad():
@@ -124,7 +129,9 @@ class HedgehogSurgery(Surgery):
                         p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(info.head_dim))
             self.maps[str(layer)] = params
             module = info.attention[layer]
-            engine.register_hook(self, module.register_forward_pre_hook(self._capture(layer), with_kwargs=True))
+            engine.register_hook(
+                self, module.register_forward_pre_hook(self._capture(layer), with_kwargs=True)
+            )
         self._pending: dict[int, HedgehogCacheLayer | None] = {}
 
     # -- the decode state in transformers' cache ----------------------------------------------------------

@@ -12,6 +12,7 @@ from torch import nn
 from attnsurgery.engine import EAGER_NAME
 from attnsurgery.errors import SurgeryConfigError
 from attnsurgery.surgery import AttentionCall, Stage, Surgery
+from attnsurgery.targeting import module_device
 
 from .config import MoHConfig
 from .kernel import moh_attention
@@ -59,13 +60,6 @@ class MoHRouter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shared={self.num_shared}, routed={self.num_routed}, hidden={self.routed.shape[1]}"
-
-
-def _device_of(module: nn.Module) -> torch.device | None:
-    for p in module.parameters():
-        if p.device.type != "meta":
-            return p.device
-    return None
 
 
 def query_norm_keep(query: torch.Tensor, shared: int, top_k: int) -> torch.Tensor:
@@ -166,7 +160,7 @@ class MoHSurgery(Surgery):
             generator = torch.Generator().manual_seed(config.seed)
             for layer in layers:
                 module = info.attention[layer]
-                router = MoHRouter(info.hidden_size, self.num_shared, self.num_routed, _device_of(module))
+                router = MoHRouter(info.hidden_size, self.num_shared, self.num_routed, module_device(module))
                 if std > 0:  # drawn on the CPU: the same init on every device
                     with torch.no_grad():
                         router.routed.copy_(torch.randn(router.routed.shape, generator=generator) * std)
