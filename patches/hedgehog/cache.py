@@ -69,10 +69,15 @@ class HedgehogCacheLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.cumulative_length
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query: int | torch.Tensor) -> tuple[int, int]:
+        # transformers >= 5.x passes the query length; 5.0 passed cache_position (one entry per query token)
+        query_length = query.shape[0] if isinstance(query, torch.Tensor) else int(query)
         return self.cumulative_length + query_length, 0
 
     def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:
         return -1
 
     def nbytes(self) -> int:
@@ -97,7 +102,8 @@ class HedgehogCacheLayer(DynamicLayer):
         self._rows(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def reset(self) -> None:
-        super().reset()  # drops keys/values, zeroes cumulative_length
+        super().reset()  # drops keys/values
+        self.cumulative_length = 0  # (transformers 5.0's DynamicLayer.reset does not know it)
         self.state = None
         self.folded_tokens = 0
 
