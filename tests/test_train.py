@@ -340,6 +340,11 @@ def test_training_table_trains_scores_and_reuses(tmp_path):
     assert main(["reproduce", str(table), "--out", str(out)]) == 0
     assert run.stat().st_mtime_ns == stamp  # reused, not retrained
     assert len(json.loads((out / "table.json").read_text())["rows"]) == 2
+    # a fresh clone has the committed recipe but not the (git-ignored) trained states: the arm trains again
+    for state in run.parent.glob("*.safetensors"):
+        state.unlink()
+    assert main(["reproduce", str(table), "--out", str(out)]) == 0
+    assert run.stat().st_mtime_ns != stamp and list(run.parent.glob("*.safetensors"))
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         yaml.safe_dump({"kind": "training", "models": ["x"], "arms": [{"name": "a", "trian": {}}]})

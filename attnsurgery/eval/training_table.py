@@ -195,7 +195,7 @@ def _train_arm(
     from ..recipe import find_recipe, parse_recipe
     from ..train import TrainConfig, train
 
-    if (run_dir / "recipe.yaml").is_file():  # finished before: reuse
+    if _finished(run_dir):  # finished before: reuse
         handle = patch(model, find_recipe(run_dir))
         return {
             "handle": handle,
@@ -205,7 +205,7 @@ def _train_arm(
     try:
         if arm.get("from"):
             base_dir = runs / arm["from"]
-            if not (base_dir / "recipe.yaml").is_file():
+            if not _finished(base_dir):
                 raise RecipeError(
                     f"arm {arm['name']!r}: arm {arm['from']!r} it starts from has no finished run."
                 )
@@ -238,6 +238,17 @@ def _train_arm(
         SurgeryHandle(model, surgeries).remove()
         raise
     return {"handle": handle, "training": yaml.safe_load((run_dir / "recipe.yaml").read_text())["training"]}
+
+
+def _finished(run_dir: Path) -> bool:
+    """A run folder with its recipe and every state file the recipe names. Trained weights are not committed
+    (.gitignore), so a fresh clone holds the recipes of the results but not their states: those arms train again
+    (the committed ``recipe.yaml`` records what the result was made with)."""
+    path = run_dir / "recipe.yaml"
+    if not path.is_file():
+        return False
+    entries = (yaml.safe_load(path.read_text()) or {}).get("surgeries") or []
+    return all((run_dir / e["state"]).is_file() for e in entries if isinstance(e, dict) and e.get("state"))
 
 
 def _write_untrained(run_dir: Path, handle: Any, arm: dict, model_name: str) -> None:
