@@ -239,7 +239,8 @@ def attention_maps(
     """Attention probabilities ``{layer: (B, H, Tq, Tk)}`` as the (patched) model computes them.
 
     Works on patched and unpatched models alike; probability-level surgeries' edits are included (what the
-    surgery sees and produces). Only the requested layers materialise a full map.
+    surgery sees and produces). Only the requested layers materialise a full map. Layers whose attention a
+    ``REPLACE`` surgery computes with its own kernel (MoH, hedgehog) have no probabilities and are left out.
     """
     engine = Engine.of(model)
     selected = parse_layers(layers, engine.info.num_layers)
@@ -250,7 +251,9 @@ def attention_maps(
         model(**inputs, use_cache=False)
     finally:
         maps = engine.stop_recording()
+    # a layer whose attention a REPLACE surgery computes (MoH, hedgehog) has no softmax probabilities to record
     return {
         layer: torch.cat(maps[layer], dim=2) if len(maps[layer]) > 1 else maps[layer][0]
         for layer in sorted(maps)
+        if maps[layer]
     }

@@ -474,3 +474,15 @@ def test_query_norm_on_smollm2():
     assert math.exp(out.loss) < 5 * math.exp(base)  # training-free, yet the model still reads the text
     # 30 layers of fp32 rounding between the two kernels; a routing or mask error moves logits by far more
     torch.testing.assert_close(out.logits, masked, atol=1e-3, rtol=1e-4)
+
+
+def test_attention_maps_leave_out_layers_moh_computes():
+    """attention_maps on a model whose attention MoH computes with its own kernel: those layers have no softmax
+    probabilities, so they are left out (inspect then writes MoH's head usage instead of maps)."""
+    from attnsurgery import attention_maps
+
+    model = tiny_model("llama")
+    ids = random_ids(1, 10)
+    with patch(model, "moh", router="learned", active=0.75, layers=[0]):
+        maps = attention_maps(model, ids)
+    assert 0 not in maps and set(maps) == set(range(1, model.config.num_hidden_layers))

@@ -190,6 +190,13 @@ def run(args: argparse.Namespace) -> int:
     tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
     out = Path(args.out or "attention.png")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if not maps:  # every shown layer runs a surgery's own attention kernel: no probabilities to draw
+        make_console().print(
+            f"no attention maps: {handle} computes attention with its own kernel on layers {show}"
+        )
+        if handle is not None:
+            _surgery_inspections(model, tokenizer, handle, out.parent, args)
+        return 0
     title = f"{args.model}" + (f" + {handle}" if handle else " (unpatched)")
     plot_attention_grid(maps, tokens, out, heads=args.heads_shown, title=title)
     stats = _sink_stats(maps, args.threshold)

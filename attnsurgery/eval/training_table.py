@@ -462,7 +462,8 @@ def render_training_table(results: dict, table: TrainingTable) -> str:
     if table.tasks:
         lines += [
             "",
-            f"Offline tasks ({', '.join(table.tasks)}), every arm on the same documents: `tasks.md`.",
+            f"Offline tasks ({', '.join(table.tasks)}), every arm on the same documents: `tasks.md` (written once "
+            "every arm of a model is trained and scored; absent while that step has not run).",
         ]
     if table.goals:
         lines += ["", "Goals: " + "; ".join(f"{k}: {v}" for k, v in table.goals.items())]
