@@ -29,3 +29,17 @@ def test_readme_mini_deltas_match_table_json():
         assert f"{got['delta']:+.3f}" == delta, (model, arm, task, metric)
         want_p = "<0.001" if got["p"] < 0.001 else f"{got['p']:.2g}"
         assert want_p == p, (model, arm, task, metric, got["p"])
+
+
+def test_readme_training_table_figures_match_table_json():
+    """The README's MoH / linearization rows: perplexity and relative change straight from each table.json."""
+    text = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| (moh|linearize) \| (\S+) \| ([\d.]+) \| ([+-]\d+)% \| ([\d,]+) \|$", text, re.M)
+    assert len(rows) >= 4, "the README's training-table rows are missing"
+    for table, arm, ppl, rel, tokens in rows:
+        data = json.loads((ROOT / f"evals/results/{table}/table.json").read_text())["rows"]
+        base = next(r for r in data if r["arm"] == "baseline")
+        row = next(r for r in data if r["arm"] == arm)
+        assert f"{row['ppl_fp']:.3f}" == ppl, (table, arm)
+        assert f"{(row['ppl_fp'] - base['ppl_fp']) / base['ppl_fp'] * 100:+.0f}" == rel, (table, arm)
+        assert f"{row['train_tokens']:,}" == tokens, (table, arm)
