@@ -42,7 +42,7 @@ def test_unknown_surgery_did_you_mean(model):
     [
         ("temperature", {"tau": 0.0}, r"tau=0.0 is out of range.*\(0.0, inf\)"),
         ("temperature", {"tau": [1.0, -1.0, 1.0, 1.0]}, r"tau=-1.0 is out of range"),
-        ("temperature", {"c": -0.1}, r"c=-0.1 is out of range"),
+        ("temperature", {"c": -0.1}, r"c=-0.1 is below min_c=0.0"),
         ("temperature", {"c": 0.1, "beta": 2.0}, r"c or as beta, not both"),
         ("temperature", {"tau": [1.0, 0.5]}, r"needs 4 values \(one per query head\)"),
         ("temperature", {"taus": 0.5}, r"unknown argument 'taus'.*Did you mean 'tau'"),
