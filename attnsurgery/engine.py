@@ -16,6 +16,13 @@ backend that is exact for them:
   unless attention maps were requested;
 * a ``REPLACE`` surgery -> its own kernel.
 
+A model loaded with another kernel (flash-attention 2/3/4, flex attention, a hub kernel) keeps it on every layer
+that runs the base kernel (untouched, or changed only in its query or head outputs): the engine registers
+``attnsurgery_native:<kernel>`` with that kernel's own mask function, and hands surgeries and attnsurgery's
+kernels the kernel's mask (flash's 2D padding mask, flex's ``BlockMask``) turned into SDPA's boolean mask
+(:func:`sdpa_style_mask`). One case is not covered: ``generate`` with a static cache drops an all-ones mask
+unless the implementation's name says "flash", which ours cannot (see :func:`native_name`).
+
 Per-request state (real-token positions under padding and a KV cache) reaches surgeries through a
 :class:`RequestState` filled by a forward pre-hook on the decoder, which survives ``generate()`` (that
 rejects unknown forward kwargs).
@@ -35,7 +42,8 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .errors import SurgeryConfigError, UnsupportedModelError
 from .kernels import tiled_attention
@@ -45,6 +53,14 @@ from .surgery import AttentionCall, Stage, Surgery
 SDPA_NAME = "attnsurgery"
 EAGER_NAME = "attnsurgery_eager"
 _BASE_OF = {SDPA_NAME: "sdpa", EAGER_NAME: "eager"}
+#: prefix of the names registered for models loaded with another kernel (flash-attention, flex, hub kernels)
+NATIVE_PREFIX = "attnsurgery_native:"
+
+
+def native_name(original: str) -> str:
+    """Our implementation name over another kernel. transformers takes any name holding "flash" for a flash kernel
+    to import under that name (and a "/" for a hub repository to download), so neither may appear in ours."""
+    return NATIVE_PREFIX + original.replace("flash", "fa").replace("/", "__")
 
 #: use surgeries' own exact fused kernels (ACT ...) where they apply; ATTNSURGERY_FUSED=0 forces the tiled path
 #: (for benchmarks and debugging; results are the same up to float rounding)
@@ -355,6 +371,70 @@ class RequestState:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _native_implementation(original: str | None) -> str | None:
+    """Register our dispatcher for a model loaded with a kernel other than SDPA/eager; None for those two."""
+    if original in (None, "sdpa", "eager") or original not in ALL_ATTENTION_FUNCTIONS:
+        return None
+    name = native_name(original)
+    AttentionInterface.register(name, attnsurgery_attention)
+    mask = ALL_MASK_ATTENTION_FUNCTIONS[original] if original in ALL_MASK_ATTENTION_FUNCTIONS else sdpa_mask
+    AttentionMaskInterface.register(name, mask)
+    return name
+
+
+def sdpa_style_mask(
+    mask: Any, batch: int, q_len: int, k_len: int, device: torch.device, is_causal: bool, window: int | None
+) -> torch.Tensor | None:
+    """The boolean (B, 1, Tq, Tk) mask (True = attend; None = plain causal, Tq == Tk or one query) that SDPA would
+    get, from the mask another kernel gets.
+
+    * flex attention's ``BlockMask``: its ``mask_mod`` (causality, padding, sliding window and cache offsets
+      baked in by transformers) evaluated on every (query, key) pair;
+    * flash-attention's 2D padding mask (or None): flash aligns causality bottom-right (query i is key
+      ``Tk - Tq + i``), applies the layer's ``sliding_window`` as ``q - k < window`` and drops padded keys.
+    """
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+        return mask  # a caller's own 4D mask goes to every kernel as it is
+    if mask is not None and not isinstance(mask, torch.Tensor) and hasattr(mask, "mask_mod"):
+        from torch.nn.attention.flex_attention import create_mask
+
+        rows = mask.kv_num_blocks.shape[0]
+        dense = create_mask(mask.mask_mod, rows, 1, mask.seq_lengths[0], mask.seq_lengths[1], device=device)
+        return dense[:, :, :q_len, :k_len].expand(batch, -1, -1, -1)
+    keys = torch.arange(k_len, device=device)
+    queries = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
+    windowed = window is not None and k_len > window
+    if mask is None and not windowed and (q_len == 1 or q_len == k_len) and (is_causal or q_len == 1):
+        return None
+    allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    if is_causal:
+        allowed &= keys[None, :] <= queries
+    if windowed:
+        allowed &= (queries - keys[None, :]) < window
+    allowed = allowed[None, None].expand(batch, 1, q_len, k_len)
+    if mask is not None:
+        allowed = allowed & mask[:, -k_len:].to(device=device, dtype=torch.bool)[:, None, None, :]
+    return allowed
+
+
+def _as_native(kernel: Callable, original: str) -> Callable:
+    """The native kernel, run as in the unpatched model: flash-attention's wrapper loads its functions by the name
+    in ``module.config._attn_implementation``, which reads ours while patched, so the call sees the original."""
+
+    def base(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        config = getattr(module, "config", None)
+        if config is None or not hasattr(config, "_attn_implementation_internal"):
+            return kernel(module, *args, **kwargs)
+        ours = config._attn_implementation_internal
+        config._attn_implementation_internal = original
+        try:
+            return kernel(module, *args, **kwargs)
+        finally:
+            config._attn_implementation_internal = ours
+
+    return base
+
+
 def _eager_base(module: nn.Module) -> Callable:
     """The model's own eager attention function (GPT-2, Gemma ... each define theirs)."""
     fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
@@ -416,6 +496,9 @@ class LayerPlan:
             return self.base(
                 module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
             )
+        native_mask = attention_mask  # what the model's own kernel gets
+        if self.engine.native is not None:  # surgeries and attnsurgery's kernels read SDPA's boolean mask
+            attention_mask = self.engine.sdpa_style_mask(attention_mask, query, key, module, kwargs)
         call = AttentionCall(
             module=module,
             layer_idx=self.layer_idx,
@@ -460,7 +543,7 @@ class LayerPlan:
             )
         else:
             attn_output, weights = self.base(
-                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+                module, query, key, value, native_mask, scaling=scaling, dropout=dropout, **kwargs
             )
         for surgery in self.head_output:
             attn_output = surgery.head_output(attn_output, call)
@@ -524,7 +607,14 @@ class Engine:
             self.info.decoder if hasattr(self.info.decoder, "set_attn_implementation") else model
         )
         self.original_impl = config._attn_implementation
-        self.impl = EAGER_NAME if self.original_impl == "eager" else SDPA_NAME
+        #: the model's own kernel when it is neither SDPA nor eager (flash-attention, flex, a hub kernel)
+        self.native = self.original_impl if _native_implementation(self.original_impl) else None
+        if self.native is not None:
+            self.impl = native_name(self.native)
+        else:
+            self.impl = EAGER_NAME if self.original_impl == "eager" else SDPA_NAME
+        #: converted masks of the forward in progress: the layers share a few mask objects (full, sliding)
+        self._converted: dict[tuple, tuple[Any, torch.Tensor | None]] = {}
         self._installed = False
         self._own_reorder: Any = _MISSING
 
@@ -541,6 +631,10 @@ class Engine:
         self._hooks[id(self)] = [
             self.info.decoder.register_forward_pre_hook(self.request.capture, with_kwargs=True)
         ]
+        if self.native is not None:  # converted masks live for one forward
+            self._hooks[id(self)].append(
+                self.info.decoder.register_forward_pre_hook(lambda *_: self._converted.clear())
+            )
         if self.info.is_vision_language:
             self._hooks[id(self)].append(
                 self.model.register_forward_pre_hook(self.request.capture_images, with_kwargs=True)
@@ -586,6 +680,29 @@ class Engine:
         self._impl_owner.set_attn_implementation(self.original_impl)
         self._installed = False
         _ENGINES.pop(self.model, None)
+
+    def base_kernel(self, module: nn.Module) -> Callable:
+        """What an untouched layer runs: the model's own kernel."""
+        if self.native is not None:
+            return _as_native(ALL_ATTENTION_FUNCTIONS[self.native], self.native)
+        return _eager_base(module) if self.impl == EAGER_NAME else sdpa_attention_forward
+
+    def sdpa_style_mask(
+        self, mask: Any, query: torch.Tensor, key: torch.Tensor, module: nn.Module, kwargs: dict
+    ) -> torch.Tensor | None:
+        """The native kernel's mask as attnsurgery's kernels read it, converted once per mask and layer kind (the
+        layers of one forward share a mask object)."""
+        window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+        is_causal = kwargs.get("is_causal", getattr(module, "is_causal", True)) is not False
+        shape = (query.shape[0], query.shape[2], key.shape[2])
+        cache_key = (id(mask), shape, window, is_causal, query.device)
+        hit = self._converted.get(cache_key)
+        if hit is None or hit[0] is not mask:
+            if len(self._converted) >= 8:
+                self._converted.clear()
+            # the entry holds the mask itself, so its id cannot be reused for another mask while it is cached
+            hit = self._converted[cache_key] = (mask, sdpa_style_mask(mask, *shape, query.device, is_causal, window))
+        return hit[1]
 
     def register_hook(self, owner: Surgery, handle: Any) -> None:
         """Keep a hook handle a surgery registered; it is removed with the surgery."""
@@ -677,8 +794,7 @@ class Engine:
     def _plans(self, surgeries: list[Surgery]) -> list[LayerPlan]:
         plans = []
         for idx, module in enumerate(self.info.attention):
-            base = _eager_base(module) if self.impl == EAGER_NAME else sdpa_attention_forward
-            plan = LayerPlan(idx, self, base)
+            plan = LayerPlan(idx, self, self.base_kernel(module))
             for surgery in surgeries:
                 stages = surgery.active_stages(idx)
                 if Stage.QUERY in stages:

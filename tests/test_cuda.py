@@ -53,3 +53,33 @@ def test_patched_model_on_cuda_equals_cpu(arch, surgery, args):
     with patch(model, surgery, **args), torch.no_grad():
         gpu = model(ids.to("cuda")).logits.cpu()
     torch.testing.assert_close(gpu, cpu, atol=1e-4, rtol=1e-4)
+
+
+def _flash_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _flash_available(), reason="needs the flash_attn package")
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize(
+    "surgery,args", [("act", {"beta": 0.3, "threshold": 0.08}), ("clipped_softmax", {"gamma": -0.03, "zeta": 1.02})]
+)
+def test_flash_attention_model_keeps_flash_and_matches_sdpa(arch, surgery, args):
+    """A model loaded with flash_attention_2 keeps it on untouched layers; patched, it matches the SDPA model."""
+    ids = random_ids(2, 40)
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    ids, mask = ids.cuda(), mask.cuda()
+    outs = {}
+    for impl in ("sdpa", "flash_attention_2"):
+        model = tiny_model(arch, dtype=torch.bfloat16).cuda()
+        model.set_attn_implementation(impl)
+        with patch(model, surgery, layers=[1], **args), torch.no_grad():
+            outs[impl] = model(ids, attention_mask=mask).logits.float()
+        assert model.config._attn_implementation == impl
+    real = mask.bool()
+    torch.testing.assert_close(outs["flash_attention_2"][real], outs["sdpa"][real], atol=5e-2, rtol=0)
