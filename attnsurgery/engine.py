@@ -42,7 +42,12 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.masking_utils import (
+    ALL_MASK_ATTENTION_FUNCTIONS,
+    AttentionMaskInterface,
+    eager_mask,
+    sdpa_mask,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .errors import SurgeryConfigError, UnsupportedModelError
@@ -61,6 +66,7 @@ def native_name(original: str) -> str:
     """Our implementation name over another kernel. transformers takes any name holding "flash" for a flash kernel
     to import under that name (and a "/" for a hub repository to download), so neither may appear in ours."""
     return NATIVE_PREFIX + original.replace("flash", "fa").replace("/", "__")
+
 
 #: use surgeries' own exact fused kernels (ACT ...) where they apply; ATTNSURGERY_FUSED=0 forces the tiled path
 #: (for benchmarks and debugging; results are the same up to float rounding)
@@ -701,7 +707,10 @@ class Engine:
             if len(self._converted) >= 8:
                 self._converted.clear()
             # the entry holds the mask itself, so its id cannot be reused for another mask while it is cached
-            hit = self._converted[cache_key] = (mask, sdpa_style_mask(mask, *shape, query.device, is_causal, window))
+            hit = self._converted[cache_key] = (
+                mask,
+                sdpa_style_mask(mask, *shape, query.device, is_causal, window),
+            )
         return hit[1]
 
     def register_hook(self, owner: Surgery, handle: Any) -> None:

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from attnsurgery.patches.act.calibrate import calibrate_act_heads, write_act_recipe
 from attnsurgery.patches.temperature.calibrate import fit_temperature, write_temperature_recipe
 from tiny import VOCAB, random_ids, tiny_model
@@ -431,8 +432,15 @@ def test_fit_temperature_per_head_and_guard(tmp_path):
         result.identity_val_loss - 1,
         result.heldout_loss_before + 1,
     )
-    with pytest.raises(AttnSurgeryError, match="worse"):
+    with pytest.raises(AttnSurgeryError, match=r"worse.*--force"):
         write_temperature_recipe(result, tmp_path / "t.yaml", "tiny")
+    assert not (tmp_path / "t.yaml").exists()  # nothing half-written
+    # an experiment may still be written on purpose (`calibrate temperature ... --force`)
+    written = write_temperature_recipe(result, tmp_path / "t.yaml", "tiny", force=True)
+    assert (
+        yaml.safe_load(written.read_text())["calibration"]["heldout"]["ppl_after"]
+        > yaml.safe_load(written.read_text())["calibration"]["heldout"]["ppl_before"]
+    )
 
 
 def test_fit_temperature_errors():

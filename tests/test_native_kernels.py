@@ -84,7 +84,9 @@ def _run(model, surgery, ids, mask, decode_steps=0):
     torch.manual_seed(0)  # surgeries with random init get the same parameters on both models
     kwargs = get_surgery_class(surgery).example_args
     with patch(model, surgery, **kwargs) as handle, torch.no_grad():
-        assert model.config._attn_implementation.startswith(NATIVE_PREFIX) or model.config._attn_implementation in (
+        assert model.config._attn_implementation.startswith(
+            NATIVE_PREFIX
+        ) or model.config._attn_implementation in (
             "attnsurgery",
             "attnsurgery_eager",
         )
@@ -146,8 +148,14 @@ def test_untouched_layers_keep_the_native_kernel(monkeypatch):
 
 @pytest.mark.parametrize(
     "q_len,k_len,window,padded",
-    [(12, 12, None, True), (12, 12, 5, False), (1, 20, None, True), (1, 20, 6, True), (4, 20, None, False),
-     (4, 20, 6, True)],
+    [
+        (12, 12, None, True),
+        (12, 12, 5, False),
+        (1, 20, None, True),
+        (1, 20, 6, True),
+        (4, 20, None, False),
+        (4, 20, 6, True),
+    ],
 )
 def test_flash_mask_conversion_matches_transformers_sdpa_mask(q_len, k_len, window, padded):
     """The 2D-mask conversion against transformers' own SDPA mask for the same request (offset = cached tokens)."""
@@ -182,7 +190,9 @@ def test_flash_mask_conversion_matches_transformers_sdpa_mask(q_len, k_len, wind
 FLEX_SURGERIES = ["temperature", "head_scale", "clipped_softmax", "act", "moh", "hedgehog"]
 
 
-@pytest.mark.filterwarnings("ignore:_compile flag on create_block_mask:DeprecationWarning")  # transformers' call
+@pytest.mark.filterwarnings(
+    "ignore:_compile flag on create_block_mask:DeprecationWarning"
+)  # transformers' call
 @pytest.mark.parametrize("arch", ARCHS)
 def test_flex_model_patched_equals_sdpa_model_patched(arch):
     ids, mask = _padded()
@@ -191,5 +201,7 @@ def test_flex_model_patched_equals_sdpa_model_patched(arch):
         ref, full_mask = _run(sdpa, surgery, ids, mask)
         out, _ = _run(flex, surgery, ids, mask)
         real = full_mask.bool()
-        torch.testing.assert_close(out[real], ref[real], atol=ATOL, rtol=1e-4, msg=lambda m: f"{surgery}: {m}")
+        torch.testing.assert_close(
+            out[real], ref[real], atol=ATOL, rtol=1e-4, msg=lambda m, s=surgery: f"{s}: {m}"
+        )
         assert flex.config._attn_implementation == "flex_attention"

@@ -156,12 +156,13 @@ def write_temperature_recipe(
     if not force and not result.improved:
         raise AttnSurgeryError(
             "the fit did not beat the identity on validation text, so there is no table worth shipping "
-            f"({result.summary()}); pass force=True to write it anyway."
+            f"({result.summary()}); pass --force (force=True) to write it anyway, e.g. for an experiment."
         )
     if not force and result.heldout_worse:
         raise AttnSurgeryError(
             f"the fitted table makes held-out perplexity worse ({result.heldout_ppl_before:.4f} -> "
-            f"{result.heldout_ppl_after:.4f}); not writing it (force=True overrides)."
+            f"{result.heldout_ppl_after:.4f}); not writing it (--force / force=True writes it anyway, e.g. for an "
+            "experiment)."
         )
     path = Path(path)
     state = path.with_suffix(".safetensors")
@@ -421,6 +422,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="use only the first N texts")
     parser.add_argument("--save", default=None, metavar="DIR", help="save_surgery the fitted table to DIR")
     parser.add_argument("--out", default=None, help="write the recipe YAML (+ .safetensors state) here")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="write --out even when the fit does not beat the identity on validation or held-out text",
+    )
 
 
 def run(args: argparse.Namespace, tools: CalibrateTools) -> int:
@@ -448,5 +454,7 @@ def run(args: argparse.Namespace, tools: CalibrateTools) -> int:
         saved = result.save(model, args.save)
         tools.console.print(f"saved to {saved}")
     if args.out:
-        tools.wrote_recipe(write_temperature_recipe(result, args.out, args.model, data=data), args.model)
+        tools.wrote_recipe(
+            write_temperature_recipe(result, args.out, args.model, data=data, force=args.force), args.model
+        )
     return 0
