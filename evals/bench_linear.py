@@ -18,7 +18,7 @@ Arms: ``sdpa`` (the stock model), ``hybrid`` (hedgehog, window ``--window``), ``
   plus the linear state). Goals (issue 13): prefill faster than SDPA from 8k (<= 0.5x at 32k); decode time and
   state memory flat in context length.
 
-Writes ``--out``/bench_linear.json and bench_linear.png.
+Writes ``--out``/bench_linear.json, bench_linear.png and README.md (the table, with the command that rewrites it).
 """
 
 from __future__ import annotations
@@ -228,6 +228,47 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def render_markdown(result: dict) -> str:
+    """The benchmark as a document: its command (which rewrites it), ratios vs SDPA and the goals."""
+    sdpa = {r["length"]: r for r in result["prefill"] if r["arm"] == "sdpa"}
+    lines = [
+        f"# Hedgehog / LoLCATs linear attention vs stock SDPA ({result['model']})",
+        "",
+        f"`{result['command']}` rewrites this file, `bench_linear.json` and `bench_linear.png` (the curves).",
+        "",
+        f"Device: {result['device']}, {result['dtype']}, torch {result['torch']}; hybrid window {result['window']}; "
+        f"feature maps at their identity init (speed and memory do not depend on trained values). Prefill: one "
+        f"forward with `logits_to_keep=1`, best of {result.get('repeats', '?')} interleaved run(s); peak memory in "
+        "a fresh process per (arm, length), the rise of the resident set over the loaded model (CPU) or "
+        "`max_memory_allocated` (CUDA).",
+        "",
+        "Goals (issue 13): prefill faster than SDPA from 8k tokens, <= 0.5x at 32k; decode time and state memory "
+        "flat in context length.",
+        "",
+        "| prefill tokens | arm | seconds | x SDPA | peak MiB | x SDPA memory |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for row in result["prefill"]:
+        base = sdpa.get(row["length"])
+        ratio = f"{row['seconds'] / base['seconds']:.2f}x" if base else "-"
+        peak = row.get("peak_mib")
+        mem = f"{peak / base['peak_mib']:.2f}x" if base and peak and base.get("peak_mib") else "-"
+        lines.append(
+            f"| {row['length']:,} | {row['arm']} | {row['seconds']:.2f} | {ratio} | "
+            f"{'-' if peak is None else f'{peak:.0f}'} | {mem} |"
+        )
+    lines += [
+        "",
+        "| context tokens | arm | ms / decoded token | cache MiB |",
+        "|---:|---|---:|---:|",
+    ]
+    for row in result["decode"]:
+        lines.append(
+            f"| {row['context']:,} | {row['arm']} | {row['seconds_per_token'] * 1e3:.1f} | {row['cache_mib']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -260,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         "window": args.window,
         "arms": args.arms,
         "torch": torch.__version__,
+        "repeats": args.repeats,
+        "command": "python evals/bench_linear.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "prefill": bench_prefill(args, model, vocab) if args.prefill else [],
         "decode": bench_decode(args, model, vocab) if args.decode else [],
     }
@@ -267,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_linear.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out / "bench_linear.png")
-    print(f"wrote {out / 'bench_linear.json'} and {out / 'bench_linear.png'}")
+    (out / "README.md").write_text(render_markdown(result))
+    print(f"wrote {out / 'bench_linear.json'}, {out / 'bench_linear.png'} and {out / 'README.md'}")
     return 0
 
 

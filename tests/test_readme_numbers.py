@@ -43,3 +43,21 @@ def test_readme_training_table_figures_match_table_json():
         assert f"{row['ppl_fp']:.3f}" == ppl, (table, arm)
         assert f"{(row['ppl_fp'] - base['ppl_fp']) / base['ppl_fp'] * 100:+.0f}" == rel, (table, arm)
         assert f"{row['train_tokens']:,}" == tokens, (table, arm)
+
+
+def test_readme_linear_benchmark_figures_match_json():
+    """The README's linear-attention speed paragraph quotes docs/benchmarks-linear/bench_linear.json."""
+    text = (ROOT / "README.md").read_text()
+    para = text[text.index("Linear attention pays off with length") :]
+    para = para[: para.index("command that rewrites them")]
+    result = json.loads((ROOT / "docs/benchmarks-linear/bench_linear.json").read_text())
+    prefill = {(r["arm"], r["length"]): r["seconds"] for r in result["prefill"]}
+    flat = " ".join(para.split())
+    for arm in ("linear", "hybrid"):
+        ratios = [prefill[(arm, n)] / prefill[("sdpa", n)] for n in (8192, 16384, 32768)]
+        assert " / ".join(f"{r:.2f}x" for r in ratios) in flat, arm
+    cache = {(r["arm"], r["context"]): r["cache_mib"] for r in result["decode"]}
+    assert f"{cache[('linear', 32768)]:.1f} MiB" in para and f"{cache[('hybrid', 32768)]:.1f} MiB" in para
+    assert f"{cache[('sdpa', 32768)]:,.0f} MiB" in para
+    decode = {(r["arm"], r["context"]): r["seconds_per_token"] * 1e3 for r in result["decode"]}
+    assert f"SDPA's {decode[('sdpa', 1024)]:.0f} → {decode[('sdpa', 32768)]:.0f} ms" in para
