@@ -105,9 +105,10 @@ def run_reproduce(args: argparse.Namespace) -> int:
         from ..eval.training_table import run_training_table
 
         out = run_training_table(args.table, out_dir=args.out, models=args.model)
+        # the plots this table has: outliers-<model>.png when outliers are measured, tasks.png with tasks
+        plots = ", ".join(str(p) for p in sorted(out.glob("*.png"))) or "no plot"
         print_report(
-            (out / "table.md").read_text(),
-            {"json": out / "table.json", "md": out / "table.md", "png": out / "outliers-<model>.png"},
+            (out / "table.md").read_text(), {"json": out / "table.json", "md": out / "table.md", "png": plots}
         )
         return 0
     table = load_table(args.table)
