@@ -301,9 +301,11 @@ def test_two_processes_follow_the_one_process_curve(tmp_path):
     assert curves[1]["loss"][0] != curves[1]["loss"][-1]
 
 
-def test_training_table_trains_scores_and_reuses(tmp_path):
+def test_training_table_trains_scores_and_reuses(tmp_path, monkeypatch):
     """kind: training tables through `attnsurgery reproduce`: each arm trains on the calibration split, is scored
-    on the test split (FP / W8A8 perplexity, outliers), and a re-run reuses finished arms."""
+    on the test split (FP / W8A8 perplexity, outliers), and a re-run reuses finished arms without measuring them
+    again (their outlier statistics are kept for the plot)."""
+    import attnsurgery.eval.training_table as training_table
     from attnsurgery.cli import main
 
     model_dir = tmp_path / "tiny"
@@ -337,8 +339,18 @@ def test_training_table_trains_scores_and_reuses(tmp_path):
     assert rows[1]["ppl_fp"] != rows[0]["ppl_fp"] and rows[0]["ppl_w8a8"] != rows[0]["ppl_fp"]
     run = next((out / "runs").rglob("recipe.yaml"))
     stamp = run.stat().st_mtime_ns
+    assert len(list((out / "stats").glob("*.json"))) == 2
+    plot = next(out.glob("outliers-*.png"))
+    plot.unlink()
+
+    def measured_again(*args, **kwargs):
+        raise AssertionError("a finished arm was measured again")
+
+    monkeypatch.setattr(training_table, "_measure", measured_again)
     assert main(["reproduce", str(table), "--out", str(out)]) == 0
+    monkeypatch.undo()
     assert run.stat().st_mtime_ns == stamp  # reused, not retrained
+    assert plot.is_file()  # redrawn from the kept statistics
     assert len(json.loads((out / "table.json").read_text())["rows"]) == 2
     # a fresh clone has the committed recipe but not the (git-ignored) trained states: the arm trains again
     for state in run.parent.glob("*.safetensors"):

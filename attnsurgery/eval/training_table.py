@@ -306,7 +306,7 @@ def run_training_table(
     finish, so an interrupted table continues where it stopped)."""
     from ..models import load_model
     from ..train import prepare_data
-    from .outliers import plot_outliers
+    from .outliers import OutlierStats, plot_outliers
 
     table = load_training_table(path)
     out = Path(out_dir) if out_dir else Path("evals/results") / table.name
@@ -332,12 +332,16 @@ def run_training_table(
                 continue
             run_dir = runs / arm["name"]
             patched = bool(arm.get("surgeries") or arm.get("from") or arm.get("train"))
+            # an arm's per-layer outlier statistics, kept for the plot so that adding an arm re-measures no other
+            stats_path = out / "stats" / f"{_slug(model_name)}--{_slug(arm['name'])}.json"
             if (
                 (model_name, arm["name"]) in done
-                and "outliers" not in table.measure  # the outlier plot needs every arm's statistics again
-                and (not patched or _finished(run_dir))
+                and (not patched or _finished(run_dir))  # its recipe is on disk for the tasks
+                and ("outliers" not in table.measure or stats_path.is_file())
             ):
-                continue  # measured, and its recipe is on disk for the tasks: nothing to redo
+                if "outliers" in table.measure:
+                    all_stats.append(OutlierStats.from_dict(json.loads(stats_path.read_text())))
+                continue  # measured: nothing to redo
             started = time.perf_counter()
             handle, training = None, None
             if patched:
@@ -349,7 +353,10 @@ def run_training_table(
                 if handle is not None:
                     handle.remove()
             if "stats" in row:
-                all_stats.append(row.pop("stats"))
+                stats = row.pop("stats")
+                all_stats.append(stats)
+                stats_path.parent.mkdir(parents=True, exist_ok=True)
+                stats_path.write_text(stats.to_json() + "\n")
             if (model_name, arm["name"]) in done:
                 continue
             row.update(
