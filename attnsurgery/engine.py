@@ -377,8 +377,9 @@ class RequestState:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _native_implementation(original: str | None) -> str | None:
-    """Register our dispatcher for a model loaded with a kernel other than SDPA/eager; None for those two."""
+def _register_native(original: str | None) -> str | None:
+    """Register our dispatcher over a model's kernel other than SDPA/eager and return its name; None for those
+    two (and for a name transformers does not know)."""
     if original in (None, "sdpa", "eager") or original not in ALL_ATTENTION_FUNCTIONS:
         return None
     name = native_name(original)
@@ -407,11 +408,11 @@ def sdpa_style_mask(
         rows = mask.kv_num_blocks.shape[0]
         dense = create_mask(mask.mask_mod, rows, 1, mask.seq_lengths[0], mask.seq_lengths[1], device=device)
         return dense[:, :, :q_len, :k_len].expand(batch, -1, -1, -1)
-    keys = torch.arange(k_len, device=device)
-    queries = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
     windowed = window is not None and k_len > window
     if mask is None and not windowed and (q_len == 1 or q_len == k_len) and (is_causal or q_len == 1):
         return None
+    keys = torch.arange(k_len, device=device)
+    queries = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
     allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
     if is_causal:
         allowed &= keys[None, :] <= queries
@@ -614,11 +615,9 @@ class Engine:
         )
         self.original_impl = config._attn_implementation
         #: the model's own kernel when it is neither SDPA nor eager (flash-attention, flex, a hub kernel)
-        self.native = self.original_impl if _native_implementation(self.original_impl) else None
-        if self.native is not None:
-            self.impl = native_name(self.native)
-        else:
-            self.impl = EAGER_NAME if self.original_impl == "eager" else SDPA_NAME
+        native_impl = _register_native(self.original_impl)
+        self.native = self.original_impl if native_impl else None
+        self.impl = native_impl or (EAGER_NAME if self.original_impl == "eager" else SDPA_NAME)
         #: converted masks of the forward in progress: the layers share a few mask objects (full, sliding)
         self._converted: dict[tuple, tuple[Any, torch.Tensor | None]] = {}
         self._installed = False
@@ -703,7 +702,7 @@ class Engine:
         shape = (query.shape[0], query.shape[2], key.shape[2])
         cache_key = (id(mask), shape, window, is_causal, query.device)
         hit = self._converted.get(cache_key)
-        if hit is None or hit[0] is not mask:
+        if hit is None:
             if len(self._converted) >= 8:
                 self._converted.clear()
             # the entry holds the mask itself, so its id cannot be reused for another mask while it is cached

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import ARCHS, cache_kwarg, force_real_path, random_ids, tiny_model
+from tiny import ARCHS, cache_kwarg, force_real_path, padded_batch, random_ids, tiny_model
 
 from attnsurgery import list_surgeries, load_surgery, patch, save_surgery
 from attnsurgery.registry import get_surgery_class
@@ -114,23 +114,12 @@ def test_context_manager_restores(arch):
     assert torch.equal(logits(model, ids), ref)
 
 
-def _padded_batch(seqs, side):
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        sl = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
-        ids[i, sl] = s
-        mask[i, sl] = 1
-    return ids, mask
-
-
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_batched_padded_equals_one_by_one(arch, surgery, side):
     model = tiny_model(arch)
     seqs = [random_ids(1, n, seed=n)[0] for n in (19, 11, 15)]
     with patch(model, surgery, **get_surgery_class(surgery).example_args):
-        ids, mask = _padded_batch(seqs, side)
+        ids, mask = padded_batch(seqs, side)
         # positions from the mask, as generate() does (GPT-2 / Llama take them as given)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         batched = logits(model, ids, attention_mask=mask, position_ids=position_ids)
@@ -159,7 +148,7 @@ def test_cached_decode_equals_full_forward(arch, surgery):
 def test_generate_with_cache_equals_without(arch, surgery):
     model = tiny_model(arch)
     seqs = [random_ids(1, n, seed=n)[0] for n in (9, 13)]
-    ids, mask = _padded_batch(seqs, "left")
+    ids, mask = padded_batch(seqs, "left")
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     with patch(model, surgery, **get_surgery_class(surgery).example_args), torch.no_grad():
         cached = model.generate(ids, attention_mask=mask, use_cache=True, **kw)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import cache_kwarg, random_ids, tiny_model
+from tiny import cache_kwarg, padded_batch, random_ids, tiny_model
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -68,22 +68,15 @@ def _model(arch: str, impl: str):
     return model
 
 
-def _padded(lengths=(9, 14), side="left"):
-    seqs = [random_ids(1, n, seed=n)[0] for n in lengths]
-    width = max(lengths)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, seq in enumerate(seqs):
-        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
-        ids[row, span], mask[row, span] = seq, 1
-    return ids, mask
+def _padded(lengths=(9, 14)):
+    return padded_batch([random_ids(1, n, seed=n)[0] for n in lengths], "left")
 
 
 def _run(model, surgery, ids, mask, decode_steps=0):
     """Logits of a padded prompt, then of ``decode_steps`` single-token steps through the cache, patched."""
     torch.manual_seed(0)  # surgeries with random init get the same parameters on both models
     kwargs = get_surgery_class(surgery).example_args
-    with patch(model, surgery, **kwargs) as handle, torch.no_grad():
+    with patch(model, surgery, **kwargs), torch.no_grad():
         assert model.config._attn_implementation.startswith(
             NATIVE_PREFIX
         ) or model.config._attn_implementation in (
@@ -98,7 +91,6 @@ def _run(model, surgery, ids, mask, decode_steps=0):
             out = model(token, attention_mask=mask, use_cache=True, **{cache_kwarg(model): cache})
             logits.append(out.logits)
             cache = out.past_key_values
-        del handle
     return torch.cat(logits, dim=1), mask
 
 

@@ -356,7 +356,7 @@ def run_training_table(
                 stats = row.pop("stats")
                 all_stats.append(stats)
                 stats_path.parent.mkdir(parents=True, exist_ok=True)
-                stats_path.write_text(stats.to_json() + "\n")
+                stats.to_json(stats_path)
             if (model_name, arm["name"]) in done:
                 continue
             row.update(
