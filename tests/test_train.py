@@ -352,6 +352,25 @@ def test_training_table_trains_scores_and_reuses(tmp_path, monkeypatch):
     assert run.stat().st_mtime_ns == stamp  # reused, not retrained
     assert plot.is_file()  # redrawn from the kept statistics
     assert len(json.loads((out / "table.json").read_text())["rows"]) == 2
+    # a measure added to the finished table: only it is measured, the rows keep their other numbers
+    spec = yaml.safe_load(table.read_text())
+    table.write_text(yaml.safe_dump({**spec, "measure": ["perplexity", "ood", "w8a8", "outliers"],
+                                     "eval": {**spec["eval"], "ood_windows": 2}}))
+    calls = []
+    real_measure = training_table._measure
+
+    def spy(*args, **kwargs):
+        calls.append(args[-1])
+        return real_measure(*args, **kwargs)
+
+    monkeypatch.setattr(training_table, "_measure", spy)
+    assert main(["reproduce", str(table), "--out", str(out)]) == 0
+    monkeypatch.undo()
+    assert calls == [["ood"], ["ood"]]
+    again = json.loads((out / "table.json").read_text())["rows"]
+    assert [{k: v for k, v in r.items() if k != "ppl_ood"} for r in again] == rows
+    assert again[1]["ppl_ood"] != again[0]["ppl_ood"] and "OOD ppl" in (out / "table.md").read_text()
+    table.write_text(yaml.safe_dump(spec))
     # a fresh clone has the committed recipe but not the (git-ignored) trained states: the arm trains again
     for state in run.parent.glob("*.safetensors"):
         state.unlink()

@@ -12,7 +12,10 @@ one resumes), and then scores it on the *test* split of the same corpus — whic
   layers >= 2, the largest activation;
 * the training cost: steps, tokens, minutes.
 
-``measure:`` picks among ``perplexity``, ``w8a8`` and ``outliers`` (default: all three), and ``tasks:`` adds
+``measure:`` picks among ``perplexity``, ``w8a8`` and ``outliers`` (the default: these three) and ``ood`` --
+perplexity on *another domain*: the test prompts of the offline multiple-choice tasks (BIG-bench, MMLU) with
+their gold answers, packed into windows like the training data, so that an arm's perplexity gain from fitting the
+training corpus's domain shows as such (an arm adding a measure to a finished table measures only that). ``tasks:`` adds
 offline lm-eval tasks, scored on every arm once all are trained (``tasks.md``/``.json``/``.png`` with paired
 deltas against the baseline, cached per arm under ``cache/``).
 
@@ -46,8 +49,14 @@ _TABLE_KEYS = {
 }  # fmt: skip
 _ARM_KEYS = {"name", "surgeries", "train", "note", "from", "models"}
 #: what a training table can score on the test split (``measure:``)
-MEASURES = ("perplexity", "w8a8", "outliers")
-_EVAL_KEYS = {"test_windows", "calib_windows", "outlier_windows"}
+MEASURES = ("perplexity", "ood", "w8a8", "outliers")
+DEFAULT_MEASURES = ("perplexity", "w8a8", "outliers")
+#: the row key that says a measure was taken
+_MEASURED = {"perplexity": "ppl_fp", "ood": "ppl_ood", "w8a8": "ppl_w8a8", "outliers": "max_kurtosis"}
+#: the offline multiple-choice tasks whose test prompts make the ``ood`` text
+OOD_TASKS = ("bb_general_knowledge", "bb_emoji_movie", "bb_similarities_abstraction", "bb_phrase_relatedness",
+             "mmlu_subset")  # fmt: skip
+_EVAL_KEYS = {"test_windows", "calib_windows", "outlier_windows", "ood_windows"}
 
 
 @dataclass
@@ -63,7 +72,7 @@ class TrainingTable:
     )
     description: str = ""
     goals: dict[str, Any] = field(default_factory=dict)
-    measure: tuple[str, ...] = MEASURES
+    measure: tuple[str, ...] = DEFAULT_MEASURES
     tasks: list[str] = field(default_factory=list)  # offline lm-eval tasks scored after training ([]: none)
     batch_size: int = 4  # lm-eval batch size for ``tasks``
     limit: int | None = None  # lm-eval docs per task (None: all)
@@ -133,9 +142,11 @@ def load_training_table(path: str | Path) -> TrainingTable:
             parse_recipe({"surgeries": arm["surgeries"]}, where)  # names and arguments, before any training
         elif arm.get("train") and source is None and not (arm["train"] or {}).get("lora"):
             raise RecipeError(f"{where}: 'train' needs 'surgeries' (or 'from', or 'lora') to train.")
-    eval_cfg = {"test_windows": 24, "calib_windows": 4, "outlier_windows": 8, **(data.get("eval") or {})}
+    eval_cfg = {
+        "test_windows": 24, "calib_windows": 4, "outlier_windows": 8, "ood_windows": 24, **(data.get("eval") or {})
+    }  # fmt: skip
     _check(f"{path}: eval", eval_cfg, _EVAL_KEYS)
-    measure = data.get("measure", list(MEASURES))
+    measure = data.get("measure", list(DEFAULT_MEASURES))
     if not isinstance(measure, list) or not measure:
         raise RecipeError(f"{path}: 'measure' is a non-empty list of {', '.join(MEASURES)}.")
     for m in measure:
@@ -183,6 +194,18 @@ def _test_windows(tokenizer: Any, source: str, seq_len: int, n: int) -> Any:
     from ..train.data import pack_windows
 
     texts = [r["text"] for r in load_split(source, "test")]
+    return pack_windows(tokenizer, texts, seq_len)[:n]
+
+
+def _ood_windows(tokenizer: Any, seq_len: int, n: int) -> Any:
+    """Text of another domain than the training corpus: each offline multiple-choice task's *test* prompts with
+    their gold answers, the tasks interleaved record by record (so a few windows already mix all of them), packed
+    like the training data."""
+    from ..tasks import load_split
+    from ..train.data import pack_windows
+
+    per_task = [[r["query"] + r["choices"][r["gold"]] for r in load_split(t, "test")] for t in OOD_TASKS]
+    texts = [task[i] for i in range(max(map(len, per_task))) for task in per_task if i < len(task)]
     return pack_windows(tokenizer, texts, seq_len)[:n]
 
 
@@ -273,21 +296,29 @@ def _write_untrained(run_dir: Path, handle: Any, arm: dict, model_name: str) -> 
     )
 
 
-def _measure(model: Any, table: TrainingTable, test: Any, calib: Any, label: str) -> dict:
+def _measure(
+    model: Any, table: TrainingTable, test: Any, calib: Any, label: str, ood: Any = None, only: Any = None
+) -> dict:
+    """The table's measures of the model as patched now (``only``: a subset of them, for a row that lacks them)."""
     import torch
 
     from .outliers import outlier_stats
     from .quant import perplexity, quantize_w8a8
 
     row: dict[str, Any] = {}
+    wanted = set(table.measure if only is None else only)
+    if "w8a8" in wanted:
+        wanted.add("perplexity")  # the gap is to FP perplexity
     with torch.no_grad():
-        if "perplexity" in table.measure:
+        if "perplexity" in wanted:
             row["ppl_fp"] = perplexity(model, test)
-        if "w8a8" in table.measure:
+        if "ood" in wanted:
+            row["ppl_ood"] = perplexity(model, ood)
+        if "w8a8" in wanted:
             with quantize_w8a8(model, calib):
                 row["ppl_w8a8"] = perplexity(model, test)
             row["w8a8_gap"] = row["ppl_w8a8"] - row["ppl_fp"]
-        if "outliers" in table.measure:
+        if "outliers" in wanted:
             stats = outlier_stats(model, test[: table.eval["outlier_windows"]], label=label)
             row.update(
                 max_kurtosis=stats.max_kurtosis,
@@ -313,7 +344,7 @@ def run_training_table(
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "table.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {"rows": []}
-    done = {(r["model"], r["arm"]) for r in results["rows"]}
+    rows = {(r["model"], r["arm"]): r for r in results["rows"]}
     reports = []
     for model_name in models or table.models:
         model, tokenizer = load_model(model_name, dtype=table.dtype)
@@ -325,6 +356,7 @@ def run_training_table(
         )
         test = _test_windows(tokenizer, table.data, table.seq_len, table.eval["test_windows"])
         calib = data.train[: table.eval["calib_windows"]]
+        ood = _ood_windows(tokenizer, table.seq_len, table.eval["ood_windows"]) if "ood" in table.measure else None
         runs = out / "runs" / _slug(model_name)
         all_stats = []
         for arm in table.arms:
@@ -334,10 +366,15 @@ def run_training_table(
             patched = bool(arm.get("surgeries") or arm.get("from") or arm.get("train"))
             # an arm's per-layer outlier statistics, kept for the plot so that adding an arm re-measures no other
             stats_path = out / "stats" / f"{_slug(model_name)}--{_slug(arm['name'])}.json"
+            old = rows.get((model_name, arm["name"]))
+            # measures a finished row lacks (a measure added to the table, or outlier statistics not kept yet)
+            missing = [m for m in table.measure if old is not None and _MEASURED[m] not in old]
+            if old is not None and "outliers" in table.measure and not stats_path.is_file():
+                missing.append("outliers")
             if (
-                (model_name, arm["name"]) in done
+                old is not None
                 and (not patched or _finished(run_dir))  # its recipe is on disk for the tasks
-                and ("outliers" not in table.measure or stats_path.is_file())
+                and not missing
             ):
                 if "outliers" in table.measure:
                     all_stats.append(OutlierStats.from_dict(json.loads(stats_path.read_text())))
@@ -348,7 +385,7 @@ def run_training_table(
                 trained = _train_arm(model, arm, table, data, run_dir, model_name, runs)
                 handle, training = trained["handle"], trained["training"]
             try:
-                row = _measure(model, table, test, calib, f"{arm['name']}")
+                row = _measure(model, table, test, calib, f"{arm['name']}", ood, missing if old else None)
             finally:
                 if handle is not None:
                     handle.remove()
@@ -357,7 +394,10 @@ def run_training_table(
                 all_stats.append(stats)
                 stats_path.parent.mkdir(parents=True, exist_ok=True)
                 stats.to_json(stats_path)
-            if (model_name, arm["name"]) in done:
+            if old is not None:  # a finished row: keep what it measured, add what it lacked
+                if any(key not in old for key in row):
+                    old.update({k: v for k, v in row.items() if k not in old})
+                    _write_results(out, results, table)
                 continue
             row.update(
                 model=model_name,
@@ -379,15 +419,8 @@ def run_training_table(
                     train_minutes=round(row["train_minutes"] + prior["train_minutes"], 1),
                 )
             results["rows"].append(row)
-            results["table"] = {
-                "name": table.name,
-                "data": table.data,
-                "seq_len": table.seq_len,
-                "eval": table.eval,
-                "measure": list(table.measure),
-            }
-            results_path.write_text(json.dumps(results, indent=2) + "\n")
-            (out / "table.md").write_text(render_training_table(results, table))
+            rows[(model_name, arm["name"])] = row
+            _write_results(out, results, table)
         if all_stats:
             plot_outliers(all_stats, out / f"outliers-{_slug(model_name)}.png")
         if table.tasks:
@@ -397,6 +430,18 @@ def run_training_table(
             write_report(reports, out, name="tasks")
         del model
     return out
+
+
+def _write_results(out: Path, results: dict, table: TrainingTable) -> None:
+    results["table"] = {
+        "name": table.name,
+        "data": table.data,
+        "seq_len": table.seq_len,
+        "eval": table.eval,
+        "measure": list(table.measure),
+    }
+    (out / "table.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "table.md").write_text(render_training_table(results, table))
 
 
 def _score_tasks(
@@ -439,6 +484,7 @@ def _rel(value: float | None, base: float | None) -> str:
 #: table columns: (header, row key, format, relative change vs baseline), shown when the row has the key
 _COLUMNS = (
     ("FP ppl", "ppl_fp", "{:.3f}", True),
+    ("OOD ppl", "ppl_ood", "{:.3f}", True),
     ("W8A8 ppl", "ppl_w8a8", "{:.1f}", False),
     ("W8A8 gap", "w8a8_gap", "{:.1f}", True),
     ("max kurtosis", "max_kurtosis", "{:.0f}", True),
@@ -457,6 +503,16 @@ def render_training_table(results: dict, table: TrainingTable) -> str:
         "",
         f"Test split of `{table.data}` ({rows[0]['test_windows'] if rows else 0} windows of "
         f"{table.seq_len} tokens; no arm trains on it). Relative changes are against the model's baseline arm.",
+        *(
+            [
+                "",
+                "OOD ppl: another domain than the training corpus -- the test prompts of the offline "
+                f"multiple-choice tasks ({', '.join(OOD_TASKS)}) with their gold answers "
+                f"({rows[0].get('ood_windows', table.eval['ood_windows'])} windows; no arm trains on them).",
+            ]
+            if any("ppl_ood" in r for r in rows)
+            else []
+        ),
         "",
         "| model | arm | " + " | ".join(c[0] for c in columns) + " | train steps / tokens / min |",
         "|---|---|" + "---:|" * len(columns) + "---:|",

@@ -5,8 +5,12 @@
   surgeries switched off* (:meth:`Engine.disabled`, under ``no_grad``): no second copy in memory.
 * ``transfer`` — per-layer MSE between the patched and the unpatched attention outputs, each layer fed the
   teacher's inputs (LoLCATs' attention transfer; Hedgehog's stage 1). Only layers a surgery acts on count.
+* ``sink`` — the patched model's first-token (attention-sink) share, mean over layers >= 2, as the outlier tables
+  report it, with gradients (:mod:`attnsurgery.train.sink`): a penalty that moves attention off the first token.
+* ``outlier`` — mean over decoder layers of ``log(max|x| / rms(x))`` of the residual stream
+  (:mod:`attnsurgery.train.outlier`): a penalty on the activation outliers a static 8-bit quantiser suffers from.
 
-Weights: ``"lm"``, ``"kd"``, ``"lm+kd"``, ``"0.5*lm+kd"``, ``"1000*transfer"``. Surgery regularisers
+Weights: ``"lm"``, ``"kd"``, ``"lm+kd"``, ``"0.5*lm+kd"``, ``"1000*transfer"``, ``"kd+0.5*sink"``, ``"kd+sink+0.1*outlier"``. Surgery regularisers
 (:meth:`Surgery.regularizer`, e.g. MoH's load balance) are always added.
 """
 
@@ -16,7 +20,7 @@ import re
 
 from ..errors import AttnSurgeryError, did_you_mean
 
-OBJECTIVES = ("lm", "kd", "transfer")
+OBJECTIVES = ("lm", "kd", "transfer", "sink", "outlier")
 _TERM = re.compile(r"^\s*(?:(\d+(?:\.\d*)?(?:e-?\d+)?)\s*\*\s*)?([a-z_]+)\s*$")
 
 

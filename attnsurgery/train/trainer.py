@@ -42,6 +42,8 @@ from ..errors import AttnSurgeryError
 from ..surgery import Stage, Surgery
 from .data import TrainingData
 from .objectives import parse_objective
+from .outlier import OutlierReader
+from .sink import FIRST_SINK_LAYER, SinkProbe, attach_probe
 
 CHECKPOINT = "checkpoint.pt"
 RECIPE = "recipe.yaml"
@@ -145,6 +147,22 @@ class _Trainee(nn.Module):
         self._engine = [engine]  # a list: not a submodule
         acting = {i for i in range(engine.info.num_layers) for s in surgeries if s.active_stages(i)}
         self.transfer_layers = sorted(acting) or list(range(engine.info.num_layers))
+        if "sink" in weights and engine.info.num_layers <= FIRST_SINK_LAYER:
+            raise TrainingError(
+                f"train: the 'sink' objective averages layers >= {FIRST_SINK_LAYER}; this model has "
+                f"{engine.info.num_layers} layers."
+            )
+        self._probe: list[SinkProbe | None] = [None]  # a list: not a submodule
+
+    def open(self) -> None:
+        """Attach the ``sink`` term's reader for the run (close() removes it; it is not part of the result)."""
+        if "sink" in self.weights and self._probe[0] is None:
+            self._probe[0] = attach_probe(self.model, self._engine[0])
+
+    def close(self) -> None:
+        probe, self._probe = self._probe[0], [None]
+        if probe is not None:
+            self._engine[0].remove(probe)
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         engine, w = self._engine[0], self.weights
@@ -158,8 +176,13 @@ class _Trainee(nn.Module):
             ):
                 out = self.model(input_ids=input_ids, use_cache=False)
                 teacher_logits = out.logits if "kd" in w else None
-        if "lm" in w or "kd" in w:
-            out = self.model(input_ids=input_ids, labels=input_ids if "lm" in w else None, use_cache=False)
+        if "lm" in w or "kd" in w or "sink" in w or "outlier" in w:
+            reader = OutlierReader(self._engine[0].info.layers) if "outlier" in w else contextlib.nullcontext()
+            with reader:
+                out = self.model(input_ids=input_ids, labels=input_ids if "lm" in w else None, use_cache=False)
+            if "outlier" in w:
+                crest = reader.take()
+                parts["outlier"] = crest if crest is not None else out.logits.new_zeros(())
             if "lm" in w:
                 parts["lm"] = out.loss
             if "kd" in w:
@@ -168,6 +191,9 @@ class _Trainee(nn.Module):
                 teacher = F.log_softmax(teacher_logits[:, :-1].float() / t, dim=-1)
                 kl = (teacher.exp() * (teacher - student)).sum(-1)  # (B, T-1)
                 parts["kd"] = kl.mean() * t * t
+            if "sink" in w:
+                share = self._probe[0].take()
+                parts["sink"] = share if share is not None else out.logits.new_zeros(())
         if "transfer" in w:
             mse = []
             for idx in self.transfer_layers:
@@ -418,6 +444,9 @@ def train(
             k = ids.shape[0]
             sums["objective"] = sums.get("objective", 0.0) + float(total) * k
             sums["lm"] = sums.get("lm", 0.0) + float(lm) * k
+            for term in ("sink", "outlier"):
+                if term in parts:
+                    sums[term] = sums.get(term, 0.0) + float(parts[term]) * k
             n += k
         row = {"step": step, **{k: v / n for k, v in sums.items()}}
         row["ppl"] = math.exp(min(row["lm"], 50.0))
@@ -425,6 +454,7 @@ def train(
 
     started = time.perf_counter()
     try:
+        trainee.open()
         for p in model.parameters():
             p.requires_grad_(id(p) in trainable_ids)
         # eval mode: no dropout, so the loss the surgery parameters see is the one inference sees, the teacher
@@ -517,6 +547,7 @@ def train(
             else f"interrupted after {len(history)} steps (no --out, nothing saved)."
         ) from None
     finally:
+        trainee.close()
         for p, flag in frozen:
             p.requires_grad_(flag)
         model.train(was_training)

@@ -1,0 +1,161 @@
+"""The penalty terms of the trainer's objective.
+
+``sink``: its differentiable first-token share is the number the outlier tables report, the trainer attaches its
+probe for the run only, and training on it moves attention off the first token. ``outlier``: the residual
+stream's log crest factor, by hand and under training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import padded_batch, random_ids, tiny_model, tiny_tokenizer
+
+from attnsurgery import patch
+from attnsurgery.engine import Engine
+from attnsurgery.eval.outliers import outlier_stats
+from attnsurgery.train import TrainConfig, TrainingError, prepare_data, train
+from attnsurgery.train.outlier import OutlierReader, log_crest
+from attnsurgery.train.sink import attach_probe, first_token_share
+from attnsurgery.train.trainer import _Trainee
+
+SEQ = 32
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gemma2"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_probe_share_is_the_outlier_tables_share(arch, padded):
+    """Same definition as outlier_stats (per sequence, then over sequences; layers >= 2), on GQA, sliding-window
+    (gemma3), softcapped (gemma2) layers, with and without left padding."""
+    model = tiny_model(arch)
+    if padded:
+        ids, mask = padded_batch([random_ids(1, 9, seed=3)[0], random_ids(1, 14, seed=4)[0]], "left")
+        batch = {"input_ids": ids, "attention_mask": mask}
+    else:
+        ids = random_ids(2, 14)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    stats = outlier_stats(model, [batch])
+    handle = patch(model, "head_scale", scale=1.0)  # an identity surgery: the engine is installed
+    probe = attach_probe(model, Engine.of(model))
+    with torch.no_grad():
+        model(**batch)
+    shares = dict(probe.shares)
+    for row in stats.layers[2:]:
+        assert float(shares[row.layer]) == pytest.approx(row.sink_share, abs=1e-5), row.layer
+    assert float(probe.take()) == pytest.approx(stats.mean_sink_share, abs=1e-5)
+    assert probe.take() is None  # taken: forgotten
+    Engine.of(model).remove(probe)
+    handle.remove()
+
+
+def test_first_token_share_by_hand():
+    """One head, three keys: the share is the softmax weight on key 0 of the queries after the first."""
+    q = torch.tensor([[[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]]])  # (1, 1, 3, 2)
+    k = torch.tensor([[[[2.0, 0.0], [0.0, 1.0], [1.0, 0.0]]]])
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    share = first_token_share(q, k, 1.0, None, valid, torch.arange(3)[None])
+    s = q[0, 0] @ k[0, 0].T
+    p1 = torch.softmax(s[1, :2], -1)[0]
+    p2 = torch.softmax(s[2, :3], -1)[0]
+    assert float(share) == pytest.approx(float((p1 + p2) / 2), abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return prepare_data(tiny_tokenizer(), "gutenberg_ppl", SEQ, max_val_windows=4)
+
+
+def test_training_on_sink_lowers_the_share_and_leaves_no_probe(data):
+    model = tiny_model("llama")
+    ids = data.val[:4]
+    before = outlier_stats(
+        model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    ).mean_sink_share
+    handle = patch(model, "lora", r=4, targets="q_proj,k_proj")
+    config = TrainConfig(
+        steps=12, batch_size=2, seq_len=SEQ, lora_lr=0.05, objective="kd+5*sink", val_every=6
+    )
+    result = train(model, handle, data, config, progress=False)
+    engine = Engine.of(model)
+    assert [s.name for s in engine.surgeries] == ["lora"]  # the probe went with the run
+    assert "sink" in result.parts and "sink" in result.val_history[-1]
+    after = outlier_stats(model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]).mean_sink_share
+    assert after < 0.8 * before, (before, after)
+    # the validation row's sink is the table's share of the validation windows
+    assert result.val_history[0]["sink"] == pytest.approx(before, rel=1e-4)
+    handle.remove()
+
+
+def test_probe_is_removed_when_training_fails(data, tmp_path):
+    model = tiny_model("llama")
+    handle = patch(model, "head_scale", trainable=True)
+    config = TrainConfig(steps=2, batch_size=2, seq_len=SEQ, objective="kd+sink", val_every=1)
+    train(model, handle, data, config, out_dir=tmp_path / "run", progress=False)
+    with pytest.raises(TrainingError, match="already exists"):
+        train(model, handle, data, config, out_dir=tmp_path / "run", progress=False)
+    other = TrainConfig(steps=3, batch_size=2, seq_len=SEQ, objective="lm+sink", val_every=1)
+    with pytest.raises(TrainingError, match="another run"):
+        train(model, handle, data, other, out_dir=tmp_path / "run", resume=True, progress=False)
+    assert [s.name for s in Engine.of(model).surgeries] == ["head_scale"]
+    handle.remove()
+
+
+def test_sink_needs_a_third_layer():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    handle = patch(model, "head_scale", trainable=True)
+    with pytest.raises(TrainingError, match="layers >= 2"):
+        _Trainee(model, handle.surgeries, {"sink": 1.0}, 1.0)
+    handle.remove()
+
+
+def test_log_crest_by_hand_and_per_layer():
+    x = torch.ones(2, 3, 4)
+    x[1, 2, 1] = 10.0
+    crest = log_crest(x)
+    assert float(crest[0]) == pytest.approx(0.0, abs=1e-5)  # a flat tensor: peak = rms
+    rms = ((11 * 1.0 + 100.0) / 12) ** 0.5
+    assert float(crest[1]) == pytest.approx(float(torch.log(torch.tensor(10.0 / rms))), abs=1e-5)
+    model = tiny_model("llama")
+    ids = random_ids(2, 10)
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states  # embeddings, then each layer's output
+        with OutlierReader(Engine.of(model, create=True).info.layers) as reader:
+            model(ids)
+    want = torch.stack([log_crest(h).mean() for h in hidden[1:-1]])  # the last one is after the final norm
+    got = torch.stack(reader.values)
+    torch.testing.assert_close(got[:-1], want, atol=1e-5, rtol=1e-5)
+    assert len(got) == model.config.num_hidden_layers
+    assert float(reader.take()) == pytest.approx(float(got.mean()), abs=1e-6)
+    Engine.of(model).discard_if_unused()
+
+
+def test_training_on_outlier_lowers_the_crest_factor(data):
+    model = tiny_model("llama")
+    ids = data.val[:4]
+    layers = Engine.of(model, create=True).info.layers
+
+    def crest():
+        with torch.no_grad(), OutlierReader(layers) as reader:
+            model(ids)
+        return float(reader.take())
+
+    before = crest()
+    handle = patch(model, "lora", r=4, targets="o_proj,down_proj")
+    config = TrainConfig(
+        steps=12, batch_size=2, seq_len=SEQ, lora_lr=0.05, objective="kd+10*outlier", val_every=6
+    )
+    result = train(model, handle, data, config, progress=False)
+    assert "outlier" in result.parts and result.val_history[0]["outlier"] == pytest.approx(before, rel=1e-4)
+    after = crest()
+    assert after < before - 0.1, (before, after)
+    handle.remove()
