@@ -35,7 +35,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--objective",
         default="lm",
-        help="lm, kd (KL to the unpatched model), transfer (attention-output MSE) or a weighted sum: 'lm+0.5*kd'",
+        help="lm, kd (KL to the unpatched model), transfer (attention-output MSE), sink (first-token attention share), "
+        "outlier (residual-stream log crest factor) or a weighted sum: 'lm+0.5*kd', 'kd+sink+0.1*outlier'",
     )
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=1e-2, help="learning rate of the surgery's own parameters")

@@ -157,8 +157,10 @@ class GatedAttentionSurgery(Surgery):
         only when the regulariser needs it, so evaluation without ``no_grad`` holds no graph alive."""
         mask = self._head_masks[layer]
         per_token = (gate if mask is None else gate[:, :, mask.to(gate.device)]).mean(dim=(-1, -2))  # (B, Tq)
-        valid = call.query_valid.to(per_token.device).expand_as(per_token)
-        mean = per_token[valid].mean() if bool(valid.any()) else per_token.mean()
+        # a weighted mean, not boolean indexing: no host sync and no gather on the inference path
+        weight = call.query_valid.to(device=per_token.device, dtype=per_token.dtype).expand_as(per_token)
+        count = weight.sum()
+        mean = torch.where(count > 0, (per_token * weight).sum() / count.clamp(min=1), per_token.mean())
         self._means[layer] = mean if self.config.sparsity > 0 else mean.detach()
 
     def mean_gates(self) -> dict[int, float]:
