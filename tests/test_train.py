@@ -570,3 +570,30 @@ def test_act_gradients_fused_equal_tiled():
             engine_module.FUSED_KERNELS = True
     assert grads[True].abs().sum() > 0
     torch.testing.assert_close(grads[True], grads[False], atol=1e-5, rtol=1e-4)
+
+
+def test_training_table_checks_goals_that_name_a_column():
+    """Goals reading as a relative bound on a column are checked per arm ('goals met') and summarised; free-text
+    goals are listed only."""
+    from attnsurgery.eval.training_table import TrainingTable, render_training_table
+
+    table = TrainingTable(
+        name="t",
+        models=["m"],
+        arms=[],
+        goals={"first-token share": "-50% relative", "FP ppl": "within +2%", "hybrid": "within +10% of softmax"},
+    )
+    common = {"model": "m", "train_steps": 1, "train_tokens": 1, "train_minutes": 0.1, "test_windows": 2}
+    rows = [
+        {**common, "arm": "baseline", "ppl_fp": 10.0, "sink_share": 0.4},
+        {**common, "arm": "good", "ppl_fp": 10.19, "sink_share": 0.19},
+        {**common, "arm": "costly", "ppl_fp": 10.3, "sink_share": 0.1},
+        {**common, "arm": "weak", "ppl_fp": 9.0, "sink_share": 0.21},
+    ]
+    text = render_training_table({"rows": rows}, table)
+    lines = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| m |")}
+    assert lines["good"].endswith("| 2/2 |") and lines["costly"].endswith("| 1/2 |")
+    assert lines["weak"].endswith("| 1/2 |") and lines["baseline"].endswith("|  |")
+    assert "- m: every goal met by good" in text
+    rows[1]["ppl_fp"] = 10.3
+    assert "- m: no arm meets every goal" in render_training_table({"rows": rows}, table)

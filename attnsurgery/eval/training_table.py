@@ -356,7 +356,11 @@ def run_training_table(
         )
         test = _test_windows(tokenizer, table.data, table.seq_len, table.eval["test_windows"])
         calib = data.train[: table.eval["calib_windows"]]
-        ood = _ood_windows(tokenizer, table.seq_len, table.eval["ood_windows"]) if "ood" in table.measure else None
+        ood = (
+            _ood_windows(tokenizer, table.seq_len, table.eval["ood_windows"])
+            if "ood" in table.measure
+            else None
+        )
         runs = out / "runs" / _slug(model_name)
         all_stats = []
         for arm in table.arms:
@@ -493,9 +497,36 @@ _COLUMNS = (
 )
 
 
+#: a goal on a column's change against the baseline: "-50% relative" (at most -50%), "within +2%" (at most +2%)
+_GOAL = re.compile(r"^\s*(within\s+)?([+-]\d+(?:\.\d+)?)%(\s+relative)?\s*$")
+
+
+def _goal_checks(table: TrainingTable) -> list[tuple[str, str, float]]:
+    """(goal name, row key, largest allowed relative change in %) for each goal that names a column and reads as
+    a relative bound; other goals (free text) are shown but not checked."""
+    checks = []
+    for name, text in table.goals.items():
+        column = next((c for c in _COLUMNS if c[0].lower().startswith(str(name).lower())), None)
+        match = _GOAL.match(str(text))
+        if column is not None and match:
+            checks.append((str(name), column[1], float(match.group(2))))
+    return checks
+
+
+def _goals_met(row: dict, base: dict, checks: list[tuple[str, str, float]]) -> str:
+    met = 0
+    for _, key, bound in checks:
+        value, ref = row.get(key), base.get(key)
+        if value is None or not ref or not math.isfinite(value):
+            return ""
+        met += (value - ref) / abs(ref) * 100 <= bound
+    return f"{met}/{len(checks)}"
+
+
 def render_training_table(results: dict, table: TrainingTable) -> str:
     rows = results["rows"]
     columns = [c for c in _COLUMNS if any(c[1] in r for r in rows)]
+    checks = _goal_checks(table)
     lines = [
         f"# {table.name}",
         "",
@@ -514,8 +545,11 @@ def render_training_table(results: dict, table: TrainingTable) -> str:
             else []
         ),
         "",
-        "| model | arm | " + " | ".join(c[0] for c in columns) + " | train steps / tokens / min |",
-        "|---|---|" + "---:|" * len(columns) + "---:|",
+        "| model | arm | "
+        + " | ".join(c[0] for c in columns)
+        + " | train steps / tokens / min |"
+        + (" goals met |" if checks else ""),
+        "|---|---|" + "---:|" * len(columns) + "---:|" + ("---:|" if checks else ""),
     ]
     base = {r["model"]: r for r in rows if r["arm"] == "baseline"}
     for r in rows:
@@ -528,6 +562,7 @@ def render_training_table(results: dict, table: TrainingTable) -> str:
         lines.append(
             f"| {r['model']} | {r['arm']} | " + " | ".join(cells) + " | "
             f"{r['train_steps']} / {r['train_tokens']:,} / {r['train_minutes']} |"
+            + ((f" {_goals_met(r, b, checks) if r['arm'] != 'baseline' else ''} |") if checks else "")
         )
     if table.tasks:
         lines += [
@@ -537,4 +572,19 @@ def render_training_table(results: dict, table: TrainingTable) -> str:
         ]
     if table.goals:
         lines += ["", "Goals: " + "; ".join(f"{k}: {v}" for k, v in table.goals.items())]
+        if checks:
+            for model in dict.fromkeys(r["model"] for r in rows):
+                b = base.get(model, {})
+                winners = [
+                    r["arm"]
+                    for r in rows
+                    if r["model"] == model
+                    and r["arm"] != "baseline"
+                    and _goals_met(r, b, checks) == f"{len(checks)}/{len(checks)}"
+                ]
+                lines.append(
+                    f"- {model}: every goal met by {', '.join(winners)}"
+                    if winners
+                    else f"- {model}: no arm meets every goal"
+                )
     return "\n".join(lines) + "\n"
