@@ -561,7 +561,8 @@ def plot_outliers(stats: Any, path: str | Path, title: str = "") -> Path:
     styles = {"attn": "-", "mlp": "--", "residual": ":"}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for c, (name, s) in enumerate(items):
-        color = f"C{c % 10}"
+        # the default cycle repeats after 10 arms; tab20 keeps up to 20 apart
+        color = f"C{c}" if len(items) <= 10 else plt.get_cmap("tab20")(c % 20)
         x = [row.layer for row in s.layers]
         for site, style in styles.items():
             for ax, metric in zip(axes[:2], ("kurtosis", "inf_norm")):
