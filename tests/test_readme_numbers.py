@@ -61,3 +61,23 @@ def test_readme_linear_benchmark_figures_match_json():
     assert f"{cache[('sdpa', 32768)]:,.0f} MiB" in para
     decode = {(r["arm"], r["context"]): r["seconds_per_token"] * 1e3 for r in result["decode"]}
     assert f"SDPA's {decode[('sdpa', 1024)]:.0f} → {decode[('sdpa', 32768)]:.0f} ms" in para
+
+
+def test_readme_outlier_retrofit_rows_match_table_json():
+    """The README's retrofit rows (FP / OOD perplexity, W8A8 gap, first-token share, each with its change against
+    the baseline) straight from evals/results/outliers/table.json."""
+    text = (ROOT / "README.md").read_text()
+    cell = r"([\d.]+) \(([+-]\d+)%\)"
+    rows = re.findall(rf"^\| outliers \| (\S+) \| {cell} \| {cell} \| {cell} \| {cell} \| ([\d,]+) \|$", text, re.M)
+    assert len(rows) >= 3, "the README's outlier retrofit rows are missing"
+    data = json.loads((ROOT / "evals/results/outliers/table.json").read_text())["rows"]
+    base = next(r for r in data if r["arm"] == "baseline" and r["model"] == "smollm2-135m")
+    for arm, *cells, tokens in rows:
+        row = next(r for r in data if r["arm"] == arm and r["model"] == "smollm2-135m")
+        for (value, rel), (key, fmt) in zip(
+            zip(cells[::2], cells[1::2]),
+            [("ppl_fp", "{:.2f}"), ("ppl_ood", "{:.2f}"), ("w8a8_gap", "{:.1f}"), ("sink_share", "{:.3f}")],
+        ):
+            assert fmt.format(row[key]) == value, (arm, key)
+            assert f"{(row[key] - base[key]) / base[key] * 100:+.0f}" == rel, (arm, key)
+        assert f"{row['train_tokens']:,}" == tokens, arm
