@@ -62,3 +62,28 @@ def test_train_gates_and_lora_on_smollm2(tmp_path):
         assert torch.equal(model(ids).logits, ref)
     # the same folder again without --resume/--overwrite is refused (exit 2), nothing touched
     assert main(argv) == 2
+
+
+def test_penalty_terms_on_smollm2_read_what_the_outlier_tables_report():
+    """On the real model (first-token share ~0.4 on layers >= 2, a ~2e4 residual activation from layer 11): the sink
+    probe's share is outlier_stats' mean_sink_share, and the outlier term is high where the massive activation is."""
+    from attnsurgery.engine import Engine
+    from attnsurgery.eval.outliers import outlier_stats
+    from attnsurgery.train.outlier import OutlierReader
+    from attnsurgery.train.sink import attach_probe
+
+    model, tokenizer = load_model("smollm2-135m")
+    text = "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of foolishness."
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    stats = outlier_stats(model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
+    assert stats.mean_sink_share > 0.2  # the sink is there to be penalised
+    handle = patch(model, "gated_attention", form="headwise")  # identity at init
+    engine = Engine.of(model)
+    probe = attach_probe(model, engine)
+    with torch.no_grad(), OutlierReader(engine.info.layers) as reader:
+        model(ids)
+    assert float(probe.take()) == pytest.approx(stats.mean_sink_share, abs=1e-5)
+    crest = torch.stack(reader.values)
+    assert float(crest[11:28].min()) > float(crest[:10].max())  # the massive activation lives in layers 11-27
+    engine.remove(probe)
+    handle.remove()
