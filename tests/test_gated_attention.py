@@ -8,7 +8,7 @@ import pytest
 import torch
 from attnsurgery.patches.gated_attention import FORMS, GatedAttentionSurgery
 from attnsurgery.patches.gated_attention.reference import gated_reference
-from tiny import ARCHS, cache_kwarg, random_ids, tiny_model
+from tiny import ARCHS, cache_kwarg, padded_batch, random_ids, tiny_model
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from attnsurgery import load_surgery, patch, save_surgery
@@ -37,13 +37,7 @@ def params(surgery):
 
 
 def padded(lengths, side="left"):
-    seqs = [random_ids(1, n, seed=n)[0] for n in lengths]
-    width = max(lengths)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        sl = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
-        ids[i, sl], mask[i, sl] = s, 1
+    ids, mask = padded_batch([random_ids(1, n, seed=n)[0] for n in lengths], side)
     return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 

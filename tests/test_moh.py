@@ -14,7 +14,7 @@ import pytest
 import torch
 from attnsurgery.patches.moh import kernel as moh_kernel
 from attnsurgery.patches.moh.reference import moh_reference
-from tiny import ARCHS, cache_kwarg, random_ids, tiny_model, tiny_tokenizer
+from tiny import ARCHS, cache_kwarg, padded_batch, random_ids, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from attnsurgery import load_surgery, patch, save_surgery
@@ -32,13 +32,7 @@ def logits(model, ids, **kw):
 
 
 def padded(lengths, side):
-    seqs = [random_ids(1, n, seed=n)[0] for n in lengths]
-    width = max(lengths)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        sl = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
-        ids[i, sl], mask[i, sl] = s, 1
+    ids, mask = padded_batch([random_ids(1, n, seed=n)[0] for n in lengths], side)
     return ids, {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
 
 

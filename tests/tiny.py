@@ -110,10 +110,10 @@ def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, length), generator=g)
 
 
-def padded_batch(seqs, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad 1D id tensors to one batch (pad id 0) on the ``side`` given, with the matching attention mask."""
+def padded_batch(seqs, side: str = "left", pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad 1D id tensors to one batch (with ``pad_id``) on the ``side`` given, with the matching attention mask."""
     width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), width, dtype=torch.long)
     for i, s in enumerate(seqs):
         sl = slice(0, len(s)) if side == "right" else slice(width - len(s), width)

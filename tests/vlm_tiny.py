@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 
 import torch
+from tiny import padded_batch
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -159,20 +160,9 @@ def text_prompt(length: int, seed: int = 0) -> torch.Tensor:
     return torch.tensor([1, *torch.randint(3, 99, (length - 1,), generator=g).tolist()])
 
 
-def pad_batch(rows: list[torch.Tensor], side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), PAD, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        sl = slice(0, len(r)) if side == "right" else slice(width - len(r), width)
-        ids[i, sl] = r
-        mask[i, sl] = 1
-    return ids, mask
-
-
 def vlm_inputs(model: torch.nn.Module, rows: list[torch.Tensor], side: str = "left", seed: int = 0) -> dict:
     """Padded batch with one image per row that has image tokens (in row order, as processors emit them)."""
-    ids, mask = pad_batch(rows, side)
+    ids, mask = padded_batch(rows, side, pad_id=PAD)
     n_images = sum(int((r == IMAGE_TOKEN).any()) for r in rows)
     out = {"input_ids": ids, "attention_mask": mask}
     if n_images:

@@ -372,9 +372,12 @@ def run_training_table(
             stats_path = out / "stats" / f"{_slug(model_name)}--{_slug(arm['name'])}.json"
             old = rows.get((model_name, arm["name"]))
             # measures a finished row lacks (a measure added to the table, or outlier statistics not kept yet)
-            missing = [m for m in table.measure if old is not None and _MEASURED[m] not in old]
-            if old is not None and "outliers" in table.measure and not stats_path.is_file():
-                missing.append("outliers")
+            missing = [
+                m
+                for m in table.measure
+                if old is not None
+                and (_MEASURED[m] not in old or (m == "outliers" and not stats_path.is_file()))
+            ]
             if (
                 old is not None
                 and (not patched or _finished(run_dir))  # its recipe is on disk for the tasks
@@ -539,7 +542,7 @@ def render_training_table(results: dict, table: TrainingTable) -> str:
                 "",
                 "OOD ppl: another domain than the training corpus -- the test prompts of the offline "
                 f"multiple-choice tasks ({', '.join(OOD_TASKS)}) with their gold answers "
-                f"({rows[0].get('ood_windows', table.eval['ood_windows'])} windows; no arm trains on them).",
+                f"({table.eval['ood_windows']} windows; no arm trains on them).",
             ]
             if any("ppl_ood" in r for r in rows)
             else []
@@ -552,6 +555,11 @@ def render_training_table(results: dict, table: TrainingTable) -> str:
         "|---|---|" + "---:|" * len(columns) + "---:|" + ("---:|" if checks else ""),
     ]
     base = {r["model"]: r for r in rows if r["arm"] == "baseline"}
+    met = {
+        (r["model"], r["arm"]): _goals_met(r, base.get(r["model"], {}), checks)
+        for r in rows
+        if checks and r["arm"] != "baseline"
+    }
     for r in rows:
         b = base.get(r["model"], {})
         cells = []
@@ -562,7 +570,7 @@ def render_training_table(results: dict, table: TrainingTable) -> str:
         lines.append(
             f"| {r['model']} | {r['arm']} | " + " | ".join(cells) + " | "
             f"{r['train_steps']} / {r['train_tokens']:,} / {r['train_minutes']} |"
-            + ((f" {_goals_met(r, b, checks) if r['arm'] != 'baseline' else ''} |") if checks else "")
+            + (f" {met.get((r['model'], r['arm']), '')} |" if checks else "")
         )
     if table.tasks:
         lines += [
@@ -573,15 +581,9 @@ def render_training_table(results: dict, table: TrainingTable) -> str:
     if table.goals:
         lines += ["", "Goals: " + "; ".join(f"{k}: {v}" for k, v in table.goals.items())]
         if checks:
+            everything = f"{len(checks)}/{len(checks)}"
             for model in dict.fromkeys(r["model"] for r in rows):
-                b = base.get(model, {})
-                winners = [
-                    r["arm"]
-                    for r in rows
-                    if r["model"] == model
-                    and r["arm"] != "baseline"
-                    and _goals_met(r, b, checks) == f"{len(checks)}/{len(checks)}"
-                ]
+                winners = [arm for (m, arm), got in met.items() if m == model and got == everything]
                 lines.append(
                     f"- {model}: every goal met by {', '.join(winners)}"
                     if winners
