@@ -26,7 +26,8 @@ from .surgery import AttentionCall, AttentionTile, Surgery
 TILE_ROWS = int(os.environ.get("ATTNSURGERY_TILE_ROWS", "64"))
 TILE_BYTES = int(float(os.environ.get("ATTNSURGERY_TILE_MB", "64")) * 2**20)
 #: on a GPU, small blocks leave the device idle between kernel launches: bigger blocks, more memory per block
-#: (not yet tuned on a device: no GPU was available when this was written; ATTNSURGERY_TILE_ROWS_CUDA overrides)
+#: (512 rows: fastest at 8k tokens on an H200, 10% behind 1,024 at 2k with 55% of its memory, docs/gpu.md;
+#: ATTNSURGERY_TILE_ROWS_CUDA / ATTNSURGERY_TILE_MB_CUDA override)
 TILE_ROWS_CUDA = int(os.environ.get("ATTNSURGERY_TILE_ROWS_CUDA", "512"))
 TILE_BYTES_CUDA = int(float(os.environ.get("ATTNSURGERY_TILE_MB_CUDA", "512")) * 2**20)
 
@@ -291,11 +292,14 @@ def _cuda_fused_ok(query: torch.Tensor) -> bool:
 
 def _aligned_bias(mask: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """The memory-efficient CUDA kernel wants its bias' last dimension padded to a multiple of 16 in memory (as
-    ``F.scaled_dot_product_attention`` pads it): a padded buffer, sliced back to ``shape``."""
+    ``F.scaled_dot_product_attention`` pads it): a padded buffer, sliced back and broadcast to ``shape``. The
+    buffer keeps the mask's own broadcast dimensions (one copy for all heads, as PyTorch's SDPA does), so a
+    padded 32k-token prefill holds one (T, T) bias per sequence, not one per head."""
     k_len = shape[-1]
-    padded = torch.zeros(*shape[:-1], -(-k_len // 16) * 16, dtype=mask.dtype, device=mask.device)
-    padded[..., :k_len] = mask.expand(shape)
-    return padded[..., :k_len]
+    lead = mask.shape[:-1]
+    padded = torch.zeros(*lead, -(-k_len // 16) * 16, dtype=mask.dtype, device=mask.device)
+    padded[..., :k_len] = mask.expand(*lead, k_len)
+    return padded[..., :k_len].expand(shape)
 
 
 def _efficient_cuda(

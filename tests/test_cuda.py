@@ -66,7 +66,8 @@ def _flash_available() -> bool:
 @pytest.mark.skipif(not _flash_available(), reason="needs the flash_attn package")
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @pytest.mark.parametrize(
-    "surgery,args", [("act", {"beta": 0.3, "threshold": 0.08}), ("clipped_softmax", {"gamma": -0.03, "zeta": 1.02})]
+    "surgery,args",
+    [("act", {"beta": 0.3, "threshold": 0.08}), ("clipped_softmax", {"gamma": -0.03, "zeta": 1.02})],
 )
 def test_flash_attention_model_keeps_flash_and_matches_sdpa(arch, surgery, args):
     """A model loaded with flash_attention_2 keeps it on untouched layers; patched, it matches the SDPA model."""
@@ -83,3 +84,130 @@ def test_flash_attention_model_keeps_flash_and_matches_sdpa(arch, surgery, args)
         assert model.config._attn_implementation == impl
     real = mask.bool()
     torch.testing.assert_close(outs["flash_attention_2"][real], outs["sdpa"][real], atol=5e-2, rtol=0)
+
+
+# -- every shipped surgery on the GPU: the same logits as on the CPU, cached decode, bf16/fp16 error, training ---
+
+from test_contract import CAUSAL, SURGERIES  # noqa: E402  (the shipped text surgeries, as the CPU contract runs them)
+from tiny import cache_kwarg, padded_batch  # noqa: E402
+
+from attnsurgery.registry import get_surgery_class  # noqa: E402
+
+GPU_ARCHS = ["llama", "gemma3", "gpt2"]  # GQA; sliding-window + global with one kv head; fused qkv (Conv1D)
+
+
+def _example(surgery):
+    return get_surgery_class(surgery).example_args
+
+
+@pytest.mark.parametrize("arch", GPU_ARCHS)
+@pytest.mark.parametrize("surgery", SURGERIES)
+def test_every_surgery_on_cuda_equals_cpu_on_a_padded_batch(arch, surgery):
+    """Patched on each device from the same seed (random inits are drawn on the CPU, so both get the same
+    parameters); left padding sends the masked inputs through the fused CUDA kernel's bias path."""
+    ids, mask = padded_batch([random_ids(1, n, seed=n)[0] for n in (29, 40)], "left")
+    model = tiny_model(arch)
+    torch.manual_seed(0)
+    with patch(model, surgery, **_example(surgery)), torch.no_grad():
+        cpu = model(ids, attention_mask=mask).logits
+    model = model.to("cuda")
+    torch.manual_seed(0)
+    with patch(model, surgery, **_example(surgery)), torch.no_grad():
+        gpu = model(ids.cuda(), attention_mask=mask.cuda()).logits.cpu()
+    real = mask.bool()
+    torch.testing.assert_close(gpu[real], cpu[real], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", GPU_ARCHS)
+@pytest.mark.parametrize("surgery", CAUSAL)
+def test_cached_decode_on_cuda_equals_full_forward(arch, surgery):
+    model = tiny_model(arch).to("cuda")
+    ids = random_ids(2, 20).cuda()
+    with patch(model, surgery, **_example(surgery)), torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :14], use_cache=True)
+        cache, steps = out.past_key_values, [out.logits]
+        for t in range(14, 20):
+            out = model(ids[:, t : t + 1], use_cache=True, **{cache_kwarg(model): cache})
+            cache = out.past_key_values
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("surgery", SURGERIES)
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_low_precision_on_cuda_within_twice_the_stock(arch, surgery, dtype):
+    """test_lowprec's bound (error vs the surgery's own fp32 result <= 2x what precision allows) on the GPU's
+    kernels: the fused CUDA attention, cuBLAS in bf16/fp16."""
+    import copy
+
+    from test_lowprec import EXTREME, LOW, _check
+
+    args = {"layers": "1:", **EXTREME.get(surgery, _example(surgery))}
+    model = tiny_model(arch)
+    models = {"fp32": model.to("cuda"), dtype: copy.deepcopy(model).to("cuda", LOW[dtype])}
+    inputs = {"input_ids": random_ids(2, 32).cuda()}
+    _check(models, {"fp32": inputs, dtype: inputs}, surgery, args, dtype)
+
+
+def test_fused_cuda_long_padded_gqa_and_chunked_queries_stay_fused():
+    """Real shapes (head_dim 128, 2k keys, GQA 4:1, left padding, a chunk of queries against a longer cache): the
+    fused kernel takes them (no fallback warning) and matches the exact tiled pass."""
+    import warnings
+
+    g = torch.Generator().manual_seed(0)
+    for q_len, k_len in ((2048, 2048), (64, 2048), (1, 2047)):
+        q = torch.randn(2, 8, q_len, 128, generator=g).to("cuda", torch.bfloat16)
+        k = torch.randn(2, 2, k_len, 128, generator=g).to("cuda", torch.bfloat16)
+        v = torch.randn(2, 2, k_len, 128, generator=g).to("cuda", torch.bfloat16)
+        allowed = torch.ones(k_len, k_len, dtype=torch.bool, device="cuda").tril()[-q_len:][None, None]
+        allowed = allowed.repeat(2, 1, 1, 1)
+        allowed[0, :, :, :100] = False  # row 0 is left-padded by 100 tokens
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a refusal would warn and take the tiled pass
+            out, lse = sdpa_with_lse(q, k, v, allowed, 128**-0.5, True, out_dtype=torch.float32)
+        stats = AttentionStats()
+        ref = tiled_attention(
+            q.float(), k.float(), v.float(), allowed, 128**-0.5, is_causal=True, stats=stats
+        )
+        rows = allowed.any(-1)[:, 0]  # (B, Tq): rows that see a key
+        torch.testing.assert_close(out.transpose(1, 2)[rows], ref[rows], atol=2e-2, rtol=0)
+        torch.testing.assert_close(
+            lse.transpose(1, 2)[rows], stats.lse.transpose(1, 2)[rows], atol=2e-2, rtol=0
+        )
+
+
+def test_training_on_cuda_in_bf16_mixed_precision(tmp_path):
+    """The trainer on the GPU (accelerate places the model and the surgery, bf16 autocast): gates + LoRA train,
+    the run folder reloads onto a fresh model on the GPU with the same logits, and remove() restores the model."""
+    from tiny import tiny_tokenizer
+
+    from attnsurgery.api import SurgeryHandle
+    from attnsurgery.train import TrainConfig, prepare_data, train
+
+    data = prepare_data(tiny_tokenizer(), "gutenberg_ppl", 32, max_val_windows=4)
+    model = tiny_model("llama").to("cuda")
+    ids = random_ids(2, 24).cuda()
+    with torch.no_grad():
+        stock = model(ids).logits
+    gates = patch(model, "gated_attention", form="headwise")
+    lora = patch(model, "lora", r=2, targets="q_proj,v_proj")
+    handle = SurgeryHandle(model, gates.surgeries + lora.surgeries)
+    config = TrainConfig(
+        objective="lm", steps=6, batch_size=4, seq_len=32, lr=0.05, lora_lr=0.01, val_every=3,
+        mixed_precision="bf16",
+    )  # fmt: skip
+    result = train(model, handle, data, config, out_dir=tmp_path / "run", progress=False)
+    losses = result.train_loss
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
+    weights = [p for s in gates.surgeries for p in s.parameters()]
+    assert all(p.is_cuda for p in weights) and any(p.abs().sum() > 0 for p in weights)
+    with torch.no_grad():
+        trained = model(ids).logits
+    handle.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, stock, atol=0, rtol=0)
+    fresh = tiny_model("llama").to("cuda")
+    with patch(fresh, str(tmp_path / "run")), torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, trained, atol=1e-5, rtol=1e-5)

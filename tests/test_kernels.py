@@ -123,3 +123,14 @@ def test_fp32_output_of_low_precision_inputs(dtype):
     out = tiled_attention(q, k, v, mask, 0.3, is_causal=True, stats=stats, out_dtype=torch.float32)
     torch.testing.assert_close(out.transpose(1, 2)[rows], ref_out.float()[rows], atol=1e-5, rtol=1e-5)
     assert tiled_attention(q, k, v, mask, 0.3, is_causal=True).dtype == dtype  # default: the model's dtype
+
+
+def test_cuda_bias_buffer_is_aligned_and_shared_across_heads():
+    """The memory-efficient CUDA kernel's bias: last dimension 16-aligned in memory, one copy for all heads (the
+    mask's broadcast dimensions kept), values those of the mask."""
+    from attnsurgery.kernels import _aligned_bias
+
+    mask = torch.randn(2, 1, 5, 21)
+    bias = _aligned_bias(mask, (2, 8, 5, 21))
+    assert bias.shape == (2, 8, 5, 21) and bias.stride(1) == 0 and bias.stride(2) % 16 == 0
+    assert torch.equal(bias, mask.expand(2, 8, 5, 21))

@@ -480,3 +480,15 @@ def test_attention_maps_leave_out_layers_moh_computes():
     with patch(model, "moh", router="learned", active=0.75, layers=[0]):
         maps = attention_maps(model, ids)
     assert 0 not in maps and set(maps) == set(range(1, model.config.num_hidden_layers))
+
+
+def test_gpu_blocks_run_without_cudnn_sdpa():
+    """The routed heads' blocks change shape from block to block; cuDNN's SDPA would plan each new shape, so the
+    GPU path switches it off (and only it) for those calls, and restores it afterwards."""
+    from attnsurgery.patches.moh.kernel import _fixed_plan_backends
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with _fixed_plan_backends():
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before

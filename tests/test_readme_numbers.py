@@ -68,7 +68,9 @@ def test_readme_outlier_retrofit_rows_match_table_json():
     the baseline) straight from evals/results/outliers/table.json."""
     text = (ROOT / "README.md").read_text()
     cell = r"([\d.]+) \(([+-]\d+)%\)"
-    rows = re.findall(rf"^\| outliers \| (\S+) \| {cell} \| {cell} \| {cell} \| {cell} \| ([\d,]+) \|$", text, re.M)
+    rows = re.findall(
+        rf"^\| outliers \| (\S+) \| {cell} \| {cell} \| {cell} \| {cell} \| ([\d,]+) \|$", text, re.M
+    )
     assert len(rows) >= 3, "the README's outlier retrofit rows are missing"
     data = json.loads((ROOT / "evals/results/outliers/table.json").read_text())["rows"]
     base = next(r for r in data if r["arm"] == "baseline" and r["model"] == "smollm2-135m")
@@ -81,3 +83,45 @@ def test_readme_outlier_retrofit_rows_match_table_json():
             assert fmt.format(row[key]) == value, (arm, key)
             assert f"{(row[key] - base[key]) / base[key] * 100:+.0f}" == rel, (arm, key)
         assert f"{row['train_tokens']:,}" == tokens, arm
+
+
+def test_gpu_page_figures_match_committed_results():
+    """docs/gpu.md's benchmark ratios and tile timings are those of docs/benchmarks-gpu.json and gpu-tiles.json."""
+    text = (ROOT / "docs/gpu.md").read_text()
+    bench = json.loads((ROOT / "docs/benchmarks-gpu.json").read_text())["results"]
+    ratio = {(r["arm"], r["tokens"]): r for r in bench}
+    names = {  # the page's row labels -> the benchmark's arm names
+        "identity (": "identity (all surgeries, every layer)",
+        "temperature τ=0.9": "temperature tau=0.9 (query stage)",
+        "head_scale 0.5": "head_scale 0.5 (head-output stage)",
+        "gated_attention headwise": "gated_attention headwise (head-output stage)",
+        "gated_attention elementwise": "gated_attention elementwise (head-output stage)",
+        "clipped_softmax (tiled": "clipped_softmax (tiled)",
+        "ACT β=0.4": "act beta=0.4 thr=0.1 (fused + correction)",
+        "ACT without": "act beta=0.4 thr=0.1 (tiled, no fused kernel)",
+    }
+    rows = re.findall(r"^\| (.+?) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", text, re.M)
+    checked = 0
+    for label, t2k, t8k, m8k in rows:
+        arm = next((v for k, v in names.items() if label.startswith(k)), None)
+        if arm is None:
+            continue
+        assert f"{ratio[(arm, 2048)]['time_ratio']:.2f}" == t2k, label
+        assert f"{ratio[(arm, 8192)]['time_ratio']:.2f}" == t8k, label
+        assert f"{ratio[(arm, 8192)]['memory_ratio']:.2f}" == m8k, label
+        checked += 1
+    assert checked == len(names), "docs/gpu.md's benchmark table lost rows"
+    tiles = {
+        (r["tokens"], r["block_rows"]): r
+        for r in json.loads((ROOT / "evals/results/gpu/gpu-tiles.json").read_text())["rows"]
+    }
+    tile_rows = re.findall(
+        r"^\| (?:\*\*)?([\d,]+)(?: \(the default\)\*\*)? \| ([\d.]+) ms \| ([\d,]+) \| (?:\*\*)?([\d.]+) ms(?:\*\*)? \| ([\d,]+) \|$",
+        text,
+        re.M,
+    )
+    assert len(tile_rows) == 6, tile_rows
+    for rows, ms2k, mib2k, ms8k, mib8k in tile_rows:
+        short, long = tiles[(2048, int(rows.replace(",", "")))], tiles[(8192, int(rows.replace(",", "")))]
+        assert f"{short['seconds'] * 1e3:.2f}" == ms2k and f"{long['seconds'] * 1e3:.1f}" == ms8k, rows
+        assert f"{short['peak_mib']:,.0f}" == mib2k and f"{long['peak_mib']:,.0f}" == mib8k, rows

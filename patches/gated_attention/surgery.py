@@ -19,7 +19,10 @@ class GateProjection(nn.Module):
     ``elementwise``: ``X @ weight.T + bias`` with weight (H*D, hidden) -> (B, T, H, D);
     ``headwise``: weight (H, hidden) -> (B, T, H, 1);
     ``head_slice``: head h reads only X's h-th slice of width hidden/H, weight (H, hidden/H) -> (B, T, H, 1).
-    Parameters are fp32 whatever the model's dtype (sigmoid gates near 1 need the precision to train).
+    Parameters are fp32 whatever the model's dtype (sigmoid gates near 1 need the precision to train). The
+    product ``X W`` runs in the activations' dtype when that is bf16/fp16 (tensor cores: an fp32 GEMM of the
+    elementwise form's hidden -> H*D size made a bf16 7B prefill 1.8x slower on an H200, docs/gpu.md), as autocast
+    runs it in training; the bias is added in fp32, so zero weights give exactly the fp32 bias (the identity init).
     """
 
     def __init__(
@@ -36,11 +39,14 @@ class GateProjection(nn.Module):
         self.bias = nn.Parameter(torch.zeros(shape[0], dtype=torch.float32, device=device))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        x = hidden_states.to(device=self.weight.device, dtype=self.weight.dtype)  # (B, T, hidden)
+        low = hidden_states.dtype in (torch.bfloat16, torch.float16)
+        dtype = hidden_states.dtype if low else self.weight.dtype
+        x = hidden_states.to(device=self.weight.device, dtype=dtype)  # (B, T, hidden)
+        weight = self.weight.to(dtype)
         if self.form == "head_slice":
             x = x.unflatten(-1, (self.num_heads, -1))  # (B, T, H, hidden/H)
-            return (torch.einsum("bths,hs->bth", x, self.weight) + self.bias)[..., None]  # (B, T, H, 1)
-        logits = nn.functional.linear(x, self.weight, self.bias)  # (B, T, H*D) or (B, T, H)
+            return (torch.einsum("bths,hs->bth", x, weight).float() + self.bias)[..., None]  # (B, T, H, 1)
+        logits = nn.functional.linear(x, weight).float() + self.bias  # (B, T, H*D) or (B, T, H)
         if self.form == "elementwise":
             return logits.unflatten(-1, (self.num_heads, self.head_dim))  # (B, T, H, D)
         return logits[..., None]  # (B, T, H, 1)

@@ -15,6 +15,7 @@ semantics for eager models, softcapped layers and biased masks.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -138,30 +139,44 @@ def gathered_head_attention(
         and _flash_cpu_ok(query)
     )
     outs = []
-    for s in range(0, n, block):
-        e = min(s + block, n)
-        if split:
-            outs.append(_causal_block(query[:, s:e], key, value, rows[:, s:e], scaling))
-            continue
-        bias, k0, k1 = _block_mask(attention_mask, head, rows[:, s:e], k_len, q_len, is_causal, mask_dtype)
-        qb, kb, vb = query[:, s:e], key[:, k0:k1], value[:, k0:k1]
-        if not manual:
-            out = F.scaled_dot_product_attention(
-                qb[:, None],
-                kb[:, None],
-                vb[:, None],
-                attn_mask=None if bias is None else bias[:, None],
-                scale=scaling,
-            )[:, 0]  # (B, bq, Dv)
-        else:
-            scores = torch.matmul(qb.float(), kb.float().transpose(-1, -2)) * scaling  # (B, bq, bk)
-            scores = softcapped(scores, softcap)
-            if bias is not None:  # clamped: a score plus the minimum must not overflow to -inf (NaN rows)
-                scores = (scores + bias).clamp_(min=torch.finfo(scores.dtype).min)
-            probs = torch.softmax(scores, dim=-1).to(value.dtype)
-            out = torch.matmul(probs, vb)  # (B, bq, Dv)
-        outs.append(out)
+    # on a GPU without cuDNN's SDPA: it plans every new shape, and each block here has a key length of its own
+    with _fixed_plan_backends() if query.is_cuda else contextlib.nullcontext():
+        for s in range(0, n, block):
+            e = min(s + block, n)
+            if split:
+                outs.append(_causal_block(query[:, s:e], key, value, rows[:, s:e], scaling))
+                continue
+            bias, k0, k1 = _block_mask(
+                attention_mask, head, rows[:, s:e], k_len, q_len, is_causal, mask_dtype
+            )
+            qb, kb, vb = query[:, s:e], key[:, k0:k1], value[:, k0:k1]
+            if not manual:
+                out = F.scaled_dot_product_attention(
+                    qb[:, None],
+                    kb[:, None],
+                    vb[:, None],
+                    attn_mask=None if bias is None else bias[:, None],
+                    scale=scaling,
+                )[:, 0]  # (B, bq, Dv)
+            else:
+                scores = torch.matmul(qb.float(), kb.float().transpose(-1, -2)) * scaling  # (B, bq, bk)
+                scores = softcapped(scores, softcap)
+                if bias is not None:  # clamped: a score plus the minimum must not overflow to -inf (NaN rows)
+                    scores = (scores + bias).clamp_(min=torch.finfo(scores.dtype).min)
+                probs = torch.softmax(scores, dim=-1).to(value.dtype)
+                out = torch.matmul(probs, vb)  # (B, bq, Dv)
+            outs.append(out)
     return torch.cat(outs, dim=1)
+
+
+def _fixed_plan_backends() -> contextlib.AbstractContextManager:
+    """SDPA without its cuDNN backend, which builds an execution plan for every new shape (hundreds of ms each: see
+    pytorch#155958, sglang#4650): the routed heads' blocks change key length from block to block, so one prefill
+    would build thousands. On an H200 a 7B-shaped MoH prefill of 2,048 tokens had not finished its first forward
+    after 50 s (docs/gpu.md); that cuDNN planning is the cause is this fix's hypothesis, not yet measured there."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _causal_block(
