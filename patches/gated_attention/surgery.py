@@ -126,7 +126,8 @@ class GatedAttentionSurgery(Surgery):
                 self, module.register_forward_pre_hook(self._capture(layer), with_kwargs=True)
             )
         self._inputs: dict[int, torch.Tensor] = {}  # layer -> this call's X (B, Tq, hidden)
-        self._means: dict[int, torch.Tensor] = {}  # layer -> mean gate of the last forward (scalar)
+        # layer -> the last forward's mean gate (scalar), or what it is computed from (gates, query_valid)
+        self._means: dict[int, Any] = {}
 
     def _capture(self, layer: int) -> Any:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -159,19 +160,31 @@ class GatedAttentionSurgery(Surgery):
         return attn_output * gate.to(device=attn_output.device, dtype=attn_output.dtype)
 
     def _record(self, layer: int, gate: torch.Tensor, call: AttentionCall) -> None:
-        """Mean gate over this layer's targeted heads and real (unpadded) query tokens. Kept in the autograd graph
-        only when the regulariser needs it, so evaluation without ``no_grad`` holds no graph alive."""
+        """Mean gate over this layer's targeted heads and real (unpadded) query tokens. With a sparsity penalty the
+        mean is computed now, in the autograd graph; otherwise the call keeps only what the mean needs (at most
+        (B, Tq, H, 1), detached) and :meth:`mean_gates` computes it when asked: no extra kernels on the inference
+        path, and evaluation without ``no_grad`` holds no graph alive."""
+        if self.config.sparsity > 0:
+            self._means[layer] = self._mean(layer, gate, call.query_valid)
+            return
+        per_head = gate if gate.shape[-1] == 1 else gate.mean(dim=-1, keepdim=True)  # equal channels per head
+        self._means[layer] = (per_head.detach(), call.query_valid)
+
+    def _mean(self, layer: int, gate: torch.Tensor, query_valid: torch.Tensor) -> torch.Tensor:
         mask = self._head_masks[layer]
         per_token = (gate if mask is None else gate[:, :, mask.to(gate.device)]).mean(dim=(-1, -2))  # (B, Tq)
-        # a weighted mean, not boolean indexing: no host sync and no gather on the inference path
-        weight = call.query_valid.to(device=per_token.device, dtype=per_token.dtype).expand_as(per_token)
+        # a weighted mean, not boolean indexing: no host sync and no gather
+        weight = query_valid.to(device=per_token.device, dtype=per_token.dtype).expand_as(per_token)
         count = weight.sum()
-        mean = torch.where(count > 0, (per_token * weight).sum() / count.clamp(min=1), per_token.mean())
-        self._means[layer] = mean if self.config.sparsity > 0 else mean.detach()
+        return torch.where(count > 0, (per_token * weight).sum() / count.clamp(min=1), per_token.mean())
 
     def mean_gates(self) -> dict[int, float]:
         """{layer: mean gate} of the last forward, over targeted heads (and channels) and real tokens."""
-        return {layer: float(mean.detach()) for layer, mean in sorted(self._means.items())}
+        out = {}
+        for layer, kept in sorted(self._means.items()):
+            mean = self._mean(layer, *kept) if isinstance(kept, tuple) else kept
+            out[layer] = float(mean.detach())
+        return out
 
     def regularizer(self) -> torch.Tensor | None:
         """``sparsity * mean gate`` over the targeted layers of the last forward (differentiable); ``None`` when
