@@ -25,8 +25,8 @@ echo "== tests/test_cuda.py"
 timeout "${TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider -n 8 "$REPO/tests/test_cuda.py" -rfE \
     > "$OUT/cuda-tests.log" 2>&1
 echo "pytest rc $?"; tail -25 "$OUT/cuda-tests.log"
-echo "== tile sweep"
-timeout "${TILE_S:-45}" python3 "$REPO/evals/gpu_tiles.py" --out "$OUT/gpu-tiles.json" 2>&1 | tail -14
+echo "== tile sweep (TILE_S=0 skips it)"
+[ "${TILE_S:-45}" = 0 ] || timeout "${TILE_S:-45}" python3 "$REPO/evals/gpu_tiles.py" --out "$OUT/gpu-tiles.json" 2>&1 | tail -14
 echo "== bench 2k/8k, every arm but MoH"
 timeout "${BENCH_S:-150}" python3 "$REPO/evals/bench.py" --device cuda --dtype bfloat16 --model shape:llama-7b \
     --lengths 2048 8192 --repeats 2 --arms identity temperature head_scale clipped act gated \
@@ -35,8 +35,10 @@ echo "== bench MoH 2k"
 timeout "${BENCHMOH_S:-50}" python3 "$REPO/evals/bench.py" --device cuda --dtype bfloat16 --model shape:llama-7b \
     --lengths 2048 --repeats 2 --arms moh --out "$OUT/benchmarks-gpu-moh.json" 2>>"$OUT/bench.log" | tail -8
 echo "== bench 32k, the arms that stay on fused kernels"
-timeout "${BENCH32_S:-90}" python3 "$REPO/evals/bench.py" --device cuda --dtype bfloat16 --model shape:llama-7b \
-    --lengths 32768 --repeats 2 --arms identity temperature head_scale "act beta=0.4 thr=0.1 (fused" gated \
+timeout "${BENCH32_S:-150}" python3 "$REPO/evals/bench.py" --device cuda --dtype bfloat16 --model shape:llama-7b \
+    --lengths 32768 --repeats 1 --arms identity temperature head_scale "act beta=0.4 thr=0.1 (fused" gated \
     --no-memory --out "$OUT/benchmarks-gpu-32k.json" 2>>"$OUT/bench.log" | tail -12
 tail -40 "$OUT/bench.log"
+# the lent machine hands back at most 8 files: the two short runs keep their JSON (which holds every figure)
+rm -f "$OUT/benchmarks-gpu-moh.md" "$OUT/benchmarks-gpu-32k.md"
 ls -la "$OUT"
