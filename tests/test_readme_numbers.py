@@ -73,9 +73,10 @@ def test_readme_outlier_retrofit_rows_match_table_json():
     )
     assert len(rows) >= 3, "the README's outlier retrofit rows are missing"
     data = json.loads((ROOT / "evals/results/outliers/table.json").read_text())["rows"]
-    base = next(r for r in data if r["arm"] == "baseline" and r["model"] == "smollm2-135m")
-    for arm, *cells, tokens in rows:
-        row = next(r for r in data if r["arm"] == arm and r["model"] == "smollm2-135m")
+    for label, *cells, tokens in rows:  # "arm" (SmolLM2-135M) or "model/arm"
+        model, arm = label.split("/") if "/" in label else ("smollm2-135m", label)
+        base = next(r for r in data if r["arm"] == "baseline" and r["model"] == model)
+        row = next(r for r in data if r["arm"] == arm and r["model"] == model)
         for (value, rel), (key, fmt) in zip(
             zip(cells[::2], cells[1::2]),
             [("ppl_fp", "{:.2f}"), ("ppl_ood", "{:.2f}"), ("w8a8_gap", "{:.1f}"), ("sink_share", "{:.3f}")],
