@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import ARCHS, cache_kwarg, force_real_path, padded_batch, random_ids, tiny_model
+from tiny import ARCHS, decode_stepwise, force_real_path, padded_batch, random_ids, tiny_model
 
 from attnsurgery import list_surgeries, load_surgery, patch, save_surgery
 from attnsurgery.registry import get_surgery_class
@@ -135,13 +135,8 @@ def test_cached_decode_equals_full_forward(arch, surgery):
     ids = random_ids(2, 20)
     with patch(model, surgery, **get_surgery_class(surgery).example_args), torch.no_grad():
         full = model(ids).logits
-        out = model(ids[:, :14], use_cache=True)
-        cache, steps = out.past_key_values, [out.logits]
-        for t in range(14, 20):
-            out = model(ids[:, t : t + 1], use_cache=True, **{cache_kwarg(model): cache})
-            cache = out.past_key_values
-            steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=ATOL, rtol=1e-4)
+        stepwise, _ = decode_stepwise(model, ids, 14)
+    torch.testing.assert_close(stepwise, full, atol=ATOL, rtol=1e-4)
 
 
 @pytest.mark.parametrize("surgery", CAUSAL)

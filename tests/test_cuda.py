@@ -89,7 +89,7 @@ def test_flash_attention_model_keeps_flash_and_matches_sdpa(arch, surgery, args)
 # -- every shipped surgery on the GPU: the same logits as on the CPU, cached decode, bf16/fp16 error, training ---
 
 from test_contract import CAUSAL, SURGERIES  # noqa: E402  (the shipped text surgeries, as the CPU contract runs them)
-from tiny import cache_kwarg, padded_batch  # noqa: E402
+from tiny import decode_stepwise, padded_batch  # noqa: E402
 
 from attnsurgery.registry import get_surgery_class  # noqa: E402
 
@@ -125,13 +125,8 @@ def test_cached_decode_on_cuda_equals_full_forward(arch, surgery):
     ids = random_ids(2, 20).cuda()
     with patch(model, surgery, **_example(surgery)), torch.no_grad():
         full = model(ids).logits
-        out = model(ids[:, :14], use_cache=True)
-        cache, steps = out.past_key_values, [out.logits]
-        for t in range(14, 20):
-            out = model(ids[:, t : t + 1], use_cache=True, **{cache_kwarg(model): cache})
-            cache = out.past_key_values
-            steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)
+        stepwise, _ = decode_stepwise(model, ids, 14)
+    torch.testing.assert_close(stepwise, full, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])

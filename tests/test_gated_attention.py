@@ -8,7 +8,7 @@ import pytest
 import torch
 from attnsurgery.patches.gated_attention import FORMS, GatedAttentionSurgery
 from attnsurgery.patches.gated_attention.reference import gated_reference
-from tiny import ARCHS, cache_kwarg, padded_batch, random_ids, tiny_model
+from tiny import ARCHS, decode_stepwise, padded_batch, random_ids, tiny_model
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from attnsurgery import load_surgery, patch, save_surgery
@@ -193,13 +193,8 @@ def test_cached_decode_equals_full_forward(arch, form):
     ids = random_ids(2, 18)
     with patch(model, "gated_attention", form=form, **EXAMPLE), torch.no_grad():
         full = model(ids).logits
-        out = model(ids[:, :12], use_cache=True)
-        cache, steps = out.past_key_values, [out.logits]
-        for t in range(12, 18):
-            out = model(ids[:, t : t + 1], use_cache=True, **{cache_kwarg(model): cache})
-            cache = out.past_key_values
-            steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-4)
+        stepwise, _ = decode_stepwise(model, ids, 12)
+    torch.testing.assert_close(stepwise, full, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch,form", PAIRS)

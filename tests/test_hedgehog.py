@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from tiny import cache_kwarg, random_ids, tiny_model, tiny_tokenizer
+from tiny import cache_kwarg, decode_stepwise, random_ids, tiny_model, tiny_tokenizer
 
 from attnsurgery import load_surgery, patch, save_surgery
 from attnsurgery.errors import AttnSurgeryError, SurgeryConfigError
@@ -278,14 +278,9 @@ def test_an_all_sliding_model_is_linearized_whole():
         torch.testing.assert_close(logits(model, ids), ref, atol=1e-5, rtol=0)
     with patch(model, "hedgehog", window=4, feature_dim=8, init="random"), torch.no_grad():
         full = model(ids).logits
-        out = model(ids[:, :14], use_cache=True)
-        cache, steps = out.past_key_values, [out.logits]
-        for t in range(14, 20):
-            out = model(ids[:, t : t + 1], use_cache=True, **{cache_kwarg(model): cache})
-            cache = out.past_key_values
-            steps.append(out.logits)
+        stepwise, cache = decode_stepwise(model, ids, 14)
         assert all(isinstance(layer, HedgehogCacheLayer) for layer in cache.layers)
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(stepwise, full, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize(

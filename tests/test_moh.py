@@ -14,7 +14,7 @@ import pytest
 import torch
 from attnsurgery.patches.moh import kernel as moh_kernel
 from attnsurgery.patches.moh.reference import moh_reference
-from tiny import ARCHS, cache_kwarg, padded_batch, random_ids, tiny_model, tiny_tokenizer
+from tiny import ARCHS, decode_stepwise, padded_batch, random_ids, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from attnsurgery import load_surgery, patch, save_surgery
@@ -170,13 +170,8 @@ def test_query_norm_cached_decode_and_generate(arch):
     ids = random_ids(2, 18)
     with patch(model, "moh"), torch.no_grad():
         full = model(ids).logits
-        out = model(ids[:, :12], use_cache=True)
-        cache, steps = out.past_key_values, [out.logits]
-        for t in range(12, 18):
-            out = model(ids[:, t : t + 1], use_cache=True, **{cache_kwarg(model): cache})
-            cache = out.past_key_values
-            steps.append(out.logits)
-        torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-4)
+        stepwise, _ = decode_stepwise(model, ids, 12)
+        torch.testing.assert_close(stepwise, full, atol=1e-5, rtol=1e-4)
         prompt, kw = padded([9, 13], "left")
         gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, attention_mask=kw["attention_mask"])
         assert torch.equal(

@@ -129,6 +129,18 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def decode_stepwise(model, ids: torch.Tensor, prefix: int):
+    """Logits of ``ids`` from a cached run: a prefill of the first ``prefix`` tokens, then one token per step
+    (what ``generate`` does); ``(logits (B, T, V), cache)``, to compare with a full forward. Call under no_grad."""
+    out = model(ids[:, :prefix], use_cache=True)
+    cache, steps = out.past_key_values, [out.logits]
+    for t in range(prefix, ids.shape[1]):
+        out = model(ids[:, t : t + 1], use_cache=True, **{cache_kwarg(model): cache})
+        cache = out.past_key_values
+        steps.append(out.logits)
+    return torch.cat(steps, dim=1), cache
+
+
 def tiny_tokenizer():
     """A character-level fast tokenizer that fits VOCAB (printable ASCII + newline), for lm-eval tests."""
     from tokenizers import Tokenizer, decoders, models
