@@ -354,8 +354,15 @@ def test_training_table_trains_scores_and_reuses(tmp_path, monkeypatch):
     assert len(json.loads((out / "table.json").read_text())["rows"]) == 2
     # a measure added to the finished table: only it is measured, the rows keep their other numbers
     spec = yaml.safe_load(table.read_text())
-    table.write_text(yaml.safe_dump({**spec, "measure": ["perplexity", "ood", "w8a8", "outliers"],
-                                     "eval": {**spec["eval"], "ood_windows": 2}}))
+    table.write_text(
+        yaml.safe_dump(
+            {
+                **spec,
+                "measure": ["perplexity", "ood", "w8a8", "outliers"],
+                "eval": {**spec["eval"], "ood_windows": 2},
+            }
+        )
+    )
     calls = []
     real_measure = training_table._measure
 
@@ -413,6 +420,43 @@ def test_gradients_flow_through_every_trainable_path(surgery):
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+def test_validation_curves_plot_every_trained_arm_and_term(tmp_path):
+    """One panel per recorded validation term (ppl left out: it repeats lm), one line per arm with a curve; arms
+    without a finished run, or with a single validation, are left out; no curve at all draws nothing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from attnsurgery.eval.training_table import plot_validation_curves
+
+    def history(*terms):
+        return [
+            {"step": s, "objective": 1.0 / (s + 1), "ppl": 9.0, **{t: 0.5 for t in terms}} for s in (0, 5, 10)
+        ]
+
+    for name, validation in [
+        ("a", history("lm", "sink")),
+        ("b", history("lm", "outlier")),
+        ("c", history()[:1]),
+    ]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "training.json").write_text(json.dumps({"validation": validation}))
+    arms = [{"name": n} for n in ("baseline", "a", "b", "c")]
+    drawn = {}
+    real_subplots = plt.subplots
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plt, "subplots", lambda *a, **k: drawn.setdefault("fig", real_subplots(*a, **k)))
+        path = plot_validation_curves(tmp_path, arms, tmp_path / "v.png", "tiny")
+    assert path.is_file()
+    axes = drawn["fig"][1][0]
+    assert [ax.get_title() for ax in axes] == ["objective", "lm", "sink", "outlier"]
+    assert [len(ax.get_lines()) for ax in axes] == [2, 2, 1, 1]
+    assert [t.get_text() for t in axes[-1].get_legend().get_texts()] == ["a", "b"]
+    assert plot_validation_curves(tmp_path, [{"name": "c"}], tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
+
+
 def test_training_table_stages_training_free_arms_measure_and_tasks(tmp_path):
     """The training-table arms a conversion needs: a training-free arm (patched as is), an arm trained `from` an
     earlier one (its surgeries loaded and frozen, a LoRA stage on top; costs add up), `measure:` choosing the
@@ -463,6 +507,7 @@ def test_training_table_stages_training_free_arms_measure_and_tasks(tmp_path):
     assert rows["free"]["train_steps"] == 0 and rows["free"]["ppl_fp"] != rows["baseline"]["ppl_fp"]
     assert rows["stage2"]["train_steps"] == 4  # its own 2 steps plus stage 1's
     runs = out / "runs" / next((out / "runs").iterdir()).name
+    assert (out / f"validation-{runs.name}.png").is_file()  # the trained arms' validation curves
     stage1 = load_file(str(runs / "stage1" / "state-0-gated_attention.safetensors"))
     stage2 = load_file(str(runs / "stage2" / "state-0-gated_attention.safetensors"))
     assert stage1.keys() == stage2.keys() and all(torch.equal(stage1[k], stage2[k]) for k in stage1)  # frozen
@@ -581,7 +626,11 @@ def test_training_table_checks_goals_that_name_a_column():
         name="t",
         models=["m"],
         arms=[],
-        goals={"first-token share": "-50% relative", "FP ppl": "within +2%", "hybrid": "within +10% of softmax"},
+        goals={
+            "first-token share": "-50% relative",
+            "FP ppl": "within +2%",
+            "hybrid": "within +10% of softmax",
+        },
     )
     common = {"model": "m", "train_steps": 1, "train_tokens": 1, "train_minutes": 0.1, "test_windows": 2}
     rows = [

@@ -25,7 +25,8 @@ is a training-free arm (patched as is); ``from: <arm>`` starts from another
 LoRA stage after a feature-map stage); ``surgeries`` then lists only what this arm adds (may be empty).
 
 Results: ``table.json`` (everything), ``table.md`` (the comparison with relative changes vs the baseline), one
-``outliers-<model>.png`` per model (per-layer curves of every arm, when outliers are measured), and
+``outliers-<model>.png`` per model (per-layer curves of every arm, when outliers are measured), one
+``validation-<model>.png`` (each trained arm's validation terms over its steps), and
 ``runs/<model>/<arm>/`` (each arm's recipe folder: ``patch(model, folder)`` loads it).
 """
 
@@ -430,6 +431,7 @@ def run_training_table(
             _write_results(out, results, table)
         if all_stats:
             plot_outliers(all_stats, out / f"outliers-{_slug(model_name)}.png")
+        plot_validation_curves(runs, table.arms, out / f"validation-{_slug(model_name)}.png", model_name)
         if table.tasks:
             reports.append(_score_tasks(model_name, (model, tokenizer), table, runs, out))
             from .text import write_report
@@ -437,6 +439,49 @@ def run_training_table(
             write_report(reports, out, name="tasks")
         del model
     return out
+
+
+def plot_validation_curves(runs: Path, arms: list[dict], out: Path, title: str = "") -> Path | None:
+    """One panel per validation term (``objective``, ``lm``, each penalty: what ``training.json`` recorded on the
+    held-back calibration slice), one line per trained arm over its steps; ``None`` when no arm has a finished run.
+    The curves show *when* a run changed (a collapse, a plateau), which the table's end-of-run scores cannot."""
+    curves = {}
+    for arm in arms:
+        path = runs / arm["name"] / "training.json"
+        if path.is_file():
+            history = json.loads(path.read_text()).get("validation") or []
+            if len(history) > 1:
+                curves[arm["name"]] = history
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .report import save_figure
+
+    terms = []  # in first-seen order; ppl repeats lm
+    for history in curves.values():
+        terms += [k for k in history[0] if k not in ("step", "ppl") and k not in terms]
+    fig, axes = plt.subplots(1, len(terms), figsize=(3.6 * len(terms) + 2.4, 3.2), squeeze=False)
+    palette = plt.get_cmap("tab10")
+    # one colour and line style per arm in every panel: ten colours, solid, then dashed, then dotted
+    style = {
+        name: dict(color=palette(i % 10), ls=("-", "--", ":")[i // 10 % 3]) for i, name in enumerate(curves)
+    }
+    for ax, term in zip(axes[0], terms):
+        for name, history in curves.items():
+            points = [(h["step"], h[term]) for h in history if term in h]
+            if points:
+                ax.plot(*zip(*points), marker=".", lw=1, **style[name])
+        ax.set_title(term, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    handles = [plt.Line2D([], [], marker=".", lw=1, **style[name]) for name in curves]
+    axes[0][-1].legend(handles, list(curves), fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle(f"{title}: validation on the held-back calibration slice", fontsize=9)
+    return save_figure(fig, out, dpi=110)
 
 
 def _write_results(out: Path, results: dict, table: TrainingTable) -> None:
