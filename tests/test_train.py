@@ -150,6 +150,59 @@ def test_resume_continues_exactly(data, tmp_path):
             torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, msg=k)
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_lr_schedule_matches_transformers_after_the_warmup(schedule):
+    """The decays are transformers' (get_scheduler, the reference) once the warm-up is over; the warm-up is linear
+    from 1/warm (step 0 already trains, unlike transformers' 0); constant stays 1."""
+    from transformers import get_scheduler
+
+    from attnsurgery.train.trainer import _lr_factor
+
+    config = TrainConfig(steps=20, warmup=0.2, schedule=schedule)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    reference = get_scheduler(schedule, optimizer, num_warmup_steps=4, num_training_steps=20)
+    want = []
+    for _ in range(20):
+        want.append(reference.get_last_lr()[0])
+        optimizer.step()
+        reference.step()
+    got = [_lr_factor(step, config) for step in range(20)]
+    assert got[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert got[4:] == pytest.approx(want[4:], abs=1e-12)
+    assert got[4] == 1.0 and 0 < got[-1] < got[10] < 1  # decays, still above 0 at the last step
+    assert [_lr_factor(s, TrainConfig(steps=20)) for s in range(20)] == [1.0] * 20
+    with pytest.raises(TrainingError, match="schedule='cosinus' is out of range"):
+        TrainConfig(schedule="cosinus").validate()
+
+
+def test_lr_schedule_reaches_the_optimizer_and_binds_resume_to_steps(data, tmp_path, monkeypatch):
+    """Every optimiser step runs at its scheduled rate (both parameter groups); a decaying run's checkpoint is
+    refused for another number of steps (the decay would change), a constant-rate run may be continued further."""
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        seen.append([g["lr"] for g in self.param_groups])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    model = tiny_model("llama")
+    train(model, scale_and_lora(model), data, cfg(schedule="linear"), out_dir=tmp_path / "r", progress=False)
+    assert seen == [[0.05 * f, 0.01 * f] for f in (1.0, 0.75, 0.5, 0.25)]
+    monkeypatch.undo()
+    model = tiny_model("llama")
+    with pytest.raises(TrainingError, match="steps: checkpoint 4, this run 6"):
+        train(
+            model,
+            scale_and_lora(model),
+            data,
+            cfg(schedule="linear", steps=6),
+            out_dir=tmp_path / "r",
+            resume=True,
+            progress=False,
+        )
+
+
 def test_resume_refuses_another_run(data, tmp_path):
     model = tiny_model("llama")
     train(

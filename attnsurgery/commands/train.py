@@ -44,6 +44,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--warmup", type=float, default=0.0, help="fraction of steps with a linear warm-up")
+    p.add_argument(
+        "--schedule",
+        choices=("constant", "cosine", "linear"),
+        default="constant",
+        help="learning rate after the warm-up: constant, or a cosine / linear decay to 0 at the last step",
+    )
     p.add_argument("--val-every", type=int, default=25)
     p.add_argument("--val-windows", type=int, default=32, help="held-back windows scored at each validation")
     p.add_argument("--save-every", type=int, default=25)
@@ -96,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         grad_accum=args.grad_accum,
         seq_len=args.seq_len,
         warmup=args.warmup,
+        schedule=args.schedule,
         val_every=args.val_every,
         save_every=args.save_every,
         keep=args.keep,

@@ -66,6 +66,9 @@ class TrainingInterrupted(AttnSurgeryError):
     exit_code = 130
 
 
+SCHEDULES = ("constant", "cosine", "linear")
+
+
 @dataclass
 class TrainConfig:
     """How to train. ``batch_size`` is global (all processes x accumulation steps together)."""
@@ -80,6 +83,9 @@ class TrainConfig:
     grad_accum: int = 1
     seq_len: int = 256
     warmup: float = 0.0  # fraction of steps with a linear warm-up
+    schedule: str = (
+        "constant"  # after the warm-up: "constant", or a "cosine" / "linear" decay towards 0 at ``steps``
+    )
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     kd_temperature: float = 1.0
@@ -100,6 +106,7 @@ class TrainConfig:
             ("grad_accum", self.grad_accum >= 1),
             ("seq_len", self.seq_len >= 8),
             ("warmup", 0 <= self.warmup < 1),
+            ("schedule", self.schedule in SCHEDULES),
             ("val_every", self.val_every >= 1),
             ("save_every", self.save_every >= 1),
             ("kd_temperature", self.kd_temperature > 0),
@@ -177,9 +184,13 @@ class _Trainee(nn.Module):
                 out = self.model(input_ids=input_ids, use_cache=False)
                 teacher_logits = out.logits if "kd" in w else None
         if "lm" in w or "kd" in w or "sink" in w or "outlier" in w:
-            reader = OutlierReader(self._engine[0].info.layers) if "outlier" in w else contextlib.nullcontext()
+            reader = (
+                OutlierReader(self._engine[0].info.layers) if "outlier" in w else contextlib.nullcontext()
+            )
             with reader:
-                out = self.model(input_ids=input_ids, labels=input_ids if "lm" in w else None, use_cache=False)
+                out = self.model(
+                    input_ids=input_ids, labels=input_ids if "lm" in w else None, use_cache=False
+                )
             if "outlier" in w:
                 crest = reader.take()
                 parts["outlier"] = crest if crest is not None else out.logits.new_zeros(())
@@ -264,7 +275,11 @@ def _fingerprint(model: nn.Module, surgeries: list[Surgery], config: TrainConfig
                 "seed",
                 "warmup",
             )
-        },
+        }
+        # the learning rate at a step depends on ``steps`` only with a warm-up or a decay: only then does a resumed
+        # run have to keep them (a constant-rate run may be continued to more steps; older checkpoints still match)
+        | ({"schedule": config.schedule} if config.schedule != "constant" else {})
+        | ({"steps": config.steps} if config.schedule != "constant" or config.warmup > 0 else {}),
         "data": {"source": data.source, "train_windows": int(data.train.shape[0])},
     }
 
@@ -304,8 +319,18 @@ def _batch_indices(step: int, n: int, batch: int, seed: int) -> torch.Tensor:
 
 
 def _lr_factor(step: int, config: TrainConfig) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) relative to the configured one: a pure function of the
+    step (resumed runs and every process agree). A linear warm-up over the first ``warmup`` fraction of the steps,
+    then constant, or a cosine / linear decay reaching 0 at step ``steps`` (as transformers' ``get_scheduler``)."""
     warm = int(config.warmup * config.steps)
-    return min(1.0, (step + 1) / warm) if warm else 1.0
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, config.steps - warm)
+    if config.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if config.schedule == "linear":
+        return 1.0 - progress
+    return 1.0
 
 
 def train(
