@@ -510,6 +510,26 @@ def test_validation_curves_plot_every_trained_arm_and_term(tmp_path):
     assert not (tmp_path / "none.png").exists()
 
 
+def test_training_table_keeps_rows_another_process_wrote(tmp_path):
+    """Two `reproduce --model` runs of one table at once: each read table.json when it started, and the one that
+    writes last must not drop the other's rows (it adds and updates only its own)."""
+    from attnsurgery.eval.training_table import TrainingTable, _write_results
+
+    table = TrainingTable(name="t", models=["a", "b"], arms=[{"name": "x"}], measure=("perplexity",))
+    row = {"ppl_fp": 1.0, "train_steps": 0, "train_tokens": 0, "train_minutes": 0.0, "test_windows": 2}
+    mine = {"rows": [{"model": "a", "arm": "x", **row}]}  # what process A read at its start, plus its new row
+    (tmp_path / "table.json").write_text(
+        json.dumps(
+            {"rows": [{"model": "a", "arm": "x", **row, "ppl_fp": 9.0}, {"model": "b", "arm": "x", **row}]}
+        )
+    )
+    _write_results(tmp_path, mine, table)
+    rows = json.loads((tmp_path / "table.json").read_text())["rows"]
+    assert [(r["model"], r["arm"], r["ppl_fp"]) for r in rows] == [("a", "x", 1.0), ("b", "x", 1.0)]
+    assert "| b | x |" in (tmp_path / "table.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.json", "table.md"]  # no temporary left
+
+
 def test_training_table_stages_training_free_arms_measure_and_tasks(tmp_path):
     """The training-table arms a conversion needs: a training-free arm (patched as is), an arm trained `from` an
     earlier one (its surgeries loaded and frozen, a LoRA stage on top; costs add up), `measure:` choosing the

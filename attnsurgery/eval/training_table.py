@@ -485,6 +485,13 @@ def plot_validation_curves(runs: Path, arms: list[dict], out: Path, title: str =
 
 
 def _write_results(out: Path, results: dict, table: TrainingTable) -> None:
+    """Write ``table.json`` and ``table.md``. Rows another process wrote since this one read the file (a second
+    ``reproduce --model`` on the same table) are kept: each run only adds or updates its own rows."""
+    path = out / "table.json"
+    if path.is_file():
+        mine = {(r["model"], r["arm"]) for r in results["rows"]}
+        on_disk = json.loads(path.read_text()).get("rows", [])
+        results["rows"] += [r for r in on_disk if (r["model"], r["arm"]) not in mine]
     results["table"] = {
         "name": table.name,
         "data": table.data,
@@ -492,8 +499,13 @@ def _write_results(out: Path, results: dict, table: TrainingTable) -> None:
         "eval": table.eval,
         "measure": list(table.measure),
     }
-    (out / "table.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "table.md").write_text(render_training_table(results, table))
+    for name, text in (
+        ("table.json", json.dumps(results, indent=2) + "\n"),
+        ("table.md", render_training_table(results, table)),
+    ):
+        tmp = out / f".{name}.tmp"  # replaced whole: a reader (or a second writer) never sees half a file
+        tmp.write_text(text)
+        tmp.replace(out / name)
 
 
 def _score_tasks(
