@@ -83,9 +83,8 @@ class TrainConfig:
     grad_accum: int = 1
     seq_len: int = 256
     warmup: float = 0.0  # fraction of steps with a linear warm-up
-    schedule: str = (
-        "constant"  # after the warm-up: "constant", or a "cosine" / "linear" decay towards 0 at ``steps``
-    )
+    # after the warm-up: "constant", or a "cosine" / "linear" decay towards 0 at ``steps``
+    schedule: str = "constant"
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     kd_temperature: float = 1.0
