@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from attnsurgery.patches.act.reference import act_reference
-from tiny import ARCHS, cache_kwarg, random_ids, tiny_model
+from tiny import ARCHS, NOISE_FACTOR, cache_kwarg, logit_atol, random_ids, tiny_model
 
 from attnsurgery import SurgeryConfigError, attention_maps, patch
 from attnsurgery.engine import Engine
@@ -21,6 +21,23 @@ def maps_and_logits(model, ids, **kw):
     finally:
         maps = engine.stop_recording()
     return {k: v[0] for k, v in maps.items()}, out
+
+
+_MAP_ATOL: dict[str, float] = {}
+
+
+def map_atol(arch: str) -> float:
+    """Absolute tolerance for attention probabilities of the tiny ``arch`` model: NOISE_FACTOR x the stock model's own
+    float32 rounding of its maps (fp32 against fp64, every layer) on this machine."""
+    import copy
+
+    if arch not in _MAP_ATOL:
+        model, ids = tiny_model(arch), random_ids(2, 24)
+        single, _ = maps_and_logits(model, ids)
+        double, _ = maps_and_logits(copy.deepcopy(model).double(), ids)
+        noise = max(float((single[k].double() - double[k]).abs().max()) for k in single)
+        _MAP_ATOL[arch] = NOISE_FACTOR * noise
+    return _MAP_ATOL[arch]
 
 
 def test_golden_4x4():
@@ -48,9 +65,9 @@ def test_fused_matches_reference_and_tiled(arch):
         with torch.no_grad():
             fused = model(ids).logits
         tiled_maps, tiled = maps_and_logits(model, ids)
-    torch.testing.assert_close(fused, tiled, atol=1e-5, rtol=1e-4)  # fused correction == explicit edit
+    torch.testing.assert_close(fused, tiled, atol=logit_atol(arch), rtol=1e-4)  # fused correction == explicit edit
     expected = act_reference(base[0], 0.3, 0.08).float()
-    torch.testing.assert_close(tiled_maps[0], expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(tiled_maps[0], expected, atol=map_atol(arch), rtol=1e-4)
     assert not torch.allclose(expected, base[0].float(), atol=1e-4)  # something was edited
     assert handle.surgeries[0].prompt_adaptive is True
 
@@ -63,7 +80,8 @@ def test_invariants_on_a_layer():
     with patch(model, "act", beta=beta, threshold=thr, layers=[1]):
         maps, _ = maps_and_logits(model, ids)
     a, new = base[1][0].double(), maps[1][0].double()  # (H, T, T)
-    torch.testing.assert_close(new.sum(-1), torch.ones_like(new.sum(-1)), atol=1e-5, rtol=0)  # rows sum to 1
+    tol = map_atol("llama")
+    torch.testing.assert_close(new.sum(-1), torch.ones_like(new.sum(-1)), atol=tol, rtol=0)  # rows sum to 1
     assert torch.all(new[a == 0] == 0) and torch.all(new >= 0)  # causal zeros, non-negative
     edited_any = False
     for h in range(a.shape[0]):
@@ -74,12 +92,12 @@ def test_invariants_on_a_layer():
         if len(sinks):
             edited_any = True
             torch.testing.assert_close(
-                new[h][rows][:, sinks], beta * a[h][rows][:, sinks], atol=1e-6, rtol=1e-4
+                new[h][rows][:, sinks], beta * a[h][rows][:, sinks], atol=tol / 10, rtol=1e-4
             )
             others = torch.tensor([j for j in range(30) if j not in sinks.tolist()])
             # proportional redistribution: ratios among non-sinks unchanged
             ratio = new[h][29, others] / a[h][29, others]
-            torch.testing.assert_close(ratio, ratio[0].expand_as(ratio), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(ratio, ratio[0].expand_as(ratio), atol=tol, rtol=1e-4)
             if first is not None:
                 assert new[h][29, first] >= a[h][29, first] - 1e-7  # the first sink is never scaled down
     assert edited_any
@@ -91,9 +109,9 @@ def test_identity_beta_one_and_empty_heads():
     with torch.no_grad():
         ref = model(ids).logits
         with patch(model, "act", beta=1.0, threshold=0.05):  # actually applied, not skipped
-            torch.testing.assert_close(model(ids).logits, ref, atol=1e-5, rtol=0)
+            torch.testing.assert_close(model(ids).logits, ref, atol=logit_atol("qwen2"), rtol=0)
         with patch(model, "act", beta=0.2, threshold=0.05, heads={1: []}):
-            torch.testing.assert_close(model(ids).logits, ref, atol=1e-5, rtol=0)
+            torch.testing.assert_close(model(ids).logits, ref, atol=logit_atol("qwen2"), rtol=0)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -111,7 +129,7 @@ def test_batched_padded_equals_one_by_one(side):
         batched = model(ids, attention_mask=mask, position_ids=position_ids).logits
         for i, s in enumerate(seqs):
             single = model(s[None]).logits
-            torch.testing.assert_close(batched[i, mask[i].bool()], single[0], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(batched[i, mask[i].bool()], single[0], atol=logit_atol("llama"), rtol=1e-4)
 
 
 def test_alpha_form_matches_equivalent_threshold():
@@ -137,7 +155,7 @@ def test_decode_frozen_keeps_prefill_sinks_and_rows_sum_to_one():
     with patch(model, "act", beta=beta, threshold=0.08, layers=[layer]) as handle, torch.no_grad():
         out = model(ids[:, :12], use_cache=True)
         # the prompt part is exactly a full forward of the prompt
-        torch.testing.assert_close(out.logits, model(ids[:, :12]).logits, atol=1e-6, rtol=0)
+        torch.testing.assert_close(out.logits, model(ids[:, :12]).logits, atol=logit_atol("llama"), rtol=0)
         engine = Engine.of(model)
         frozen = {k: v.clone() for k, v in engine.request.extras.items()}
         assert frozen and all(v.shape[-1] == 12 for v in frozen.values())
@@ -158,8 +176,8 @@ def test_decode_frozen_keeps_prefill_sinks_and_rows_sum_to_one():
                 stock = engine.stop_recording()[layer][0]
         assert handle.surgeries[0].config.decode == "frozen"
     assert row.shape[-2:] == (1, 13)
-    torch.testing.assert_close(fused, recorded, atol=1e-5, rtol=0)
-    torch.testing.assert_close(row.sum(-1), torch.ones_like(row.sum(-1)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(fused, recorded, atol=logit_atol("llama"), rtol=0)
+    torch.testing.assert_close(row.sum(-1), torch.ones_like(row.sum(-1)), atol=map_atol("llama"), rtol=0)
     sinks = next(v for k, v in frozen.items() if k[-1] == layer)  # (B, H, 12) bool
     sinks = torch.cat([sinks, torch.zeros_like(sinks[..., :1])], dim=-1)[
         :, :, None, :
@@ -167,7 +185,7 @@ def test_decode_frozen_keeps_prefill_sinks_and_rows_sum_to_one():
     assert sinks.any()  # the check below is not vacuous
     p = (stock * sinks).sum(-1, keepdim=True)
     expected = torch.where(sinks, beta * stock, stock * (1 - beta * p) / (1 - p))
-    torch.testing.assert_close(row, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(row, expected, atol=map_atol("llama"), rtol=1e-4)
     assert not torch.allclose(row, stock, atol=1e-4)
 
 
@@ -348,7 +366,7 @@ def test_fused_equals_tiled_on_softcapped_gemma2_prefill_and_decode():
     with torch.no_grad():
         stock = model(ids, attention_mask=mask).logits
     real = mask.bool()
-    torch.testing.assert_close(fused[real], tiled[real], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fused[real], tiled[real], atol=logit_atol("gemma2"), rtol=1e-4)
     assert (fused[real] - stock[real]).abs().max() > 1e-3
 
 
@@ -373,8 +391,8 @@ def test_fused_equals_reference_with_additive_float_mask(arch):
             fused = model(ids, attention_mask=mask).logits
             unbiased = model(ids, attention_mask=plain).logits
         tiled_maps, tiled = maps_and_logits(model, ids, attention_mask=mask)
-    torch.testing.assert_close(fused, tiled, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fused, tiled, atol=logit_atol(arch), rtol=1e-4)
     expected = act_reference(base[1], 0.3, 0.08).float()
-    torch.testing.assert_close(tiled_maps[1], expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(tiled_maps[1], expected, atol=map_atol(arch), rtol=1e-4)
     assert not torch.allclose(expected, base[1].float(), atol=1e-4)  # something was edited
     assert (fused - unbiased).abs().max() > 1e-3  # the bias matters

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import ARCHS, decode_stepwise, force_real_path, padded_batch, random_ids, tiny_model
+from tiny import ARCHS, decode_stepwise, force_real_path, logit_atol, padded_batch, random_ids, tiny_model
 
 from attnsurgery import list_surgeries, load_surgery, patch, save_surgery
 from attnsurgery.registry import get_surgery_class
@@ -24,7 +24,6 @@ SURGERIES = [
 # surgeries whose outputs at a position depend only on the tokens up to it; prompt-adaptive ones (ACT) test
 # their causal and decode semantics in their own files
 CAUSAL = [name for name in SURGERIES if not get_surgery_class(name).prompt_adaptive]
-ATOL = 1e-5
 
 
 def logits(model, ids, **kw):
@@ -65,7 +64,7 @@ def test_identity_reproduces_logits(arch, surgery):
     ref = logits(model, ids)
     with patch(model, surgery, **get_surgery_class(surgery).identity_args):
         out = logits(model, ids)
-    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out, ref, atol=logit_atol(arch), rtol=0)
 
 
 def test_identity_through_the_real_path(arch, surgery):
@@ -77,7 +76,7 @@ def test_identity_through_the_real_path(arch, surgery):
     with patch(model, surgery, **get_surgery_class(surgery).identity_args) as handle:
         force_real_path(handle)
         out = logits(model, ids)
-    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out, ref, atol=logit_atol(arch), rtol=0)
 
 
 def test_example_args_change_the_model(arch, surgery):
@@ -126,7 +125,7 @@ def test_batched_padded_equals_one_by_one(arch, surgery, side):
         for i, s in enumerate(seqs):
             single = logits(model, s[None])
             real = mask[i].bool()
-            torch.testing.assert_close(batched[i, real], single[0], atol=ATOL, rtol=1e-4)
+            torch.testing.assert_close(batched[i, real], single[0], atol=logit_atol(arch), rtol=1e-4)
 
 
 @pytest.mark.parametrize("surgery", CAUSAL)
@@ -136,7 +135,7 @@ def test_cached_decode_equals_full_forward(arch, surgery):
     with patch(model, surgery, **get_surgery_class(surgery).example_args), torch.no_grad():
         full = model(ids).logits
         stepwise, _ = decode_stepwise(model, ids, 14)
-    torch.testing.assert_close(stepwise, full, atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(stepwise, full, atol=logit_atol(arch), rtol=1e-4)
 
 
 @pytest.mark.parametrize("surgery", CAUSAL)
@@ -159,7 +158,7 @@ def test_causal_mask_is_kept(arch, surgery):
     changed[0, 10:] = (changed[0, 10:] + 7) % 120 + 3
     with patch(model, surgery, **get_surgery_class(surgery).example_args):
         a, b = logits(model, ids), logits(model, changed)
-    torch.testing.assert_close(a[:, :10], b[:, :10], atol=ATOL, rtol=0)
+    torch.testing.assert_close(a[:, :10], b[:, :10], atol=logit_atol(arch), rtol=0)
     assert (a[:, 10:] - b[:, 10:]).abs().max() > 1e-4
 
 

@@ -180,3 +180,36 @@ def _weights_stage():
     from attnsurgery.surgery import Stage
 
     return Stage.WEIGHTS
+
+
+# -- tolerances scaled to this machine's float noise ----------------------------------------------------------------
+#: how many times the stock model's own float32 rounding a surgery path may deviate (a fused kernel, a tiled pass and
+#: an O(n |S|) correction each round differently from the stock kernel, and ACT's correction amplifies rounding by
+#: 1 / (1 - P) where sinks hold most of a row); a wrong surgery misses by orders of magnitude more (>= 1e-3 here)
+NOISE_FACTOR = 50.0
+
+
+def stock_noise(model, ids: torch.Tensor, **kw) -> float:
+    """The float32 rounding this machine's BLAS gives the *unpatched* model on these inputs: max |fp32 - fp64| of its
+    logits. Call before patching. A different CPU, BLAS or thread count moves this and every tolerance with it."""
+    import copy
+
+    with torch.no_grad():
+        single = model(ids, **kw).logits.double()
+        double = copy.deepcopy(model).double()
+        kw64 = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()}
+        exact = double(ids, **kw64).logits
+    noise = float((single - exact).abs().max())
+    assert noise > 0, "fp32 and fp64 logits agree exactly: the noise probe measured nothing"
+    return noise
+
+
+_ATOL: dict[str, float] = {}
+
+
+def logit_atol(arch: str) -> float:
+    """Absolute tolerance for logits of the tiny ``arch`` model: NOISE_FACTOR x its stock float32 noise, measured once
+    per process on a fixed batch."""
+    if arch not in _ATOL:
+        _ATOL[arch] = NOISE_FACTOR * stock_noise(tiny_model(arch), random_ids(2, 24))
+    return _ATOL[arch]

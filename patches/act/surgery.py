@@ -210,7 +210,9 @@ class ActSurgery(Surgery):
             call.scratch["act"] = sinks
         cols = sinks[:, :, None, tile.k_start : tile.k_end]  # (B, H, 1, bk)
         mass = (probs * cols).sum(-1, keepdim=True)
-        rest = 1.0 - mass
-        factor = (1.0 - self.config.beta * mass) / rest.clamp(min=_EPS)
+        # the non-sink mass summed directly, not as 1 - mass: that cancels where the sinks hold most of the row and
+        # its rounding would be amplified by 1 / rest (the reference sums the rest the same way)
+        rest = (probs * ~cols).sum(-1, keepdim=True)
+        factor = (rest + (1.0 - self.config.beta) * mass) / rest.clamp(min=_EPS)
         edited = torch.where(cols, probs * self.config.beta, probs * factor)
         return torch.where(rest > _EPS, edited, probs)
