@@ -179,6 +179,16 @@ def test_query_norm_cached_decode_and_generate(arch):
         )
 
 
+@pytest.mark.parametrize("heads", [1, 2, 3, 4, 7, 8, 9, 11, 15, 16, 32])
+def test_default_split_is_moh_llama3s(heads):
+    """MoH-LLaMA3 (modeling_llama.py): shared_head = int(0.5 H), routed_head = int(0.25 H) per token."""
+    from attnsurgery.patches.moh.config import MoHConfig
+
+    shared, top_k = MoHConfig().resolve(heads)
+    assert shared == int(0.5 * heads)
+    assert top_k == max(1, min(int(0.25 * heads), heads - shared))
+
+
 # -- the mask ---------------------------------------------------------------------------------------------------
 
 
@@ -187,7 +197,7 @@ def test_query_norm_cached_decode_and_generate(arch):
     [
         ({}, (2, 1)),
         ({"active": 0.5, "shared": 1}, (1, 1)),
-        ({"shared": 0}, (0, 2)),
+        ({"shared": 0}, (0, 1)),  # top_k stays a quarter of all heads (MoH-LLaMA3), whatever is shared
         ({"shared": 0.25}, (1, 1)),
     ],
 )

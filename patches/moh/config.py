@@ -17,8 +17,8 @@ class MoHConfig(SurgeryConfig):
     """Arguments of ``moh``. Head counts depend on the model, so ``shared`` / ``top_k`` / ``active`` are resolved
     (and checked against its number of heads) when the surgery is set up; see :meth:`resolve`.
 
-    Defaults are MoH-LLaMA3's: the first half of the heads shared, a quarter of all heads (half of the routed
-    ones) picked per token by the parameter-free query-norm router, binary gates: 75% of heads active.
+    Defaults are MoH-LLaMA3's: the first half of the heads shared (int(0.5 H)), a quarter of all heads (int(0.25 H))
+    picked per token by the parameter-free query-norm router, binary gates: 75% of heads active.
     """
 
     router: str = arg(
@@ -39,8 +39,8 @@ class MoHConfig(SurgeryConfig):
     top_k: int | None = arg(
         None,
         doc="Routed heads each token activates, out of the heads - shared routed ones. None: from 'active' if "
-        "given, else half of the routed heads rounded down, at least 1 (MoH-LLaMA3: 8 of 16). top_k = all routed "
-        "heads is the identity.",
+        "given, else a quarter of all heads rounded down (MoH-LLaMA3's int(0.25 H): 8 of 32), at least 1 and at "
+        "most every routed head. top_k = all routed heads is the identity.",
         low=1,
     )
     active: float | None = arg(
@@ -142,7 +142,7 @@ class MoHConfig(SurgeryConfig):
         elif self.active is not None:
             top_k = math.floor(self.active * num_heads + 0.5) - shared
         else:
-            top_k = max(1, routed // 2)
+            top_k = min(routed, max(1, num_heads // 4))  # MoH-LLaMA3's routed_head = int(0.25 H)
         if not 1 <= top_k <= routed:
             what = f"top_k={top_k}" if self.active is None else f"active={self.active} (top_k={top_k})"
             raise SurgeryConfigError(
