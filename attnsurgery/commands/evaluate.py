@@ -99,6 +99,14 @@ def run_reproduce(args: argparse.Namespace) -> int:
         )
         print_report(paths["md"].read_text(), paths)
         return 0
+    from ..eval.budget import is_budget_table
+
+    if is_budget_table(args.table):  # trained arms against their training budget: curve.json / .md / .png
+        from ..eval.budget import run_budget_table
+
+        out = run_budget_table(args.table, out_dir=args.out)
+        print_report((out / "curve.md").read_text(), {"json": out / "curve.json", "md": out / "curve.md", "png": out / "curve.png"})
+        return 0
     from ..eval.training_table import is_training_table
 
     if is_training_table(args.table):  # arms that train (gates, LoRA ...), scored on outliers and W8A8

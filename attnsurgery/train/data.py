@@ -7,7 +7,9 @@ A source is one of
   refused, so a trained surgery is never scored on text it saw;
 * a local ``.jsonl`` / ``.json`` file (a ``text`` field, or multiple-choice ``query`` + ``choices`` + ``gold``)
   or a ``.txt`` file (one document per blank-line-separated block);
-* a Hub dataset id (``wikitext:wikitext-2-raw-v1`` with an optional config after ``:``) for users with the Hub.
+* a Hub dataset id (``wikitext:wikitext-2-raw-v1`` with an optional config after ``:``) for users with the Hub;
+* a corpus built from registry packages (``pydocs``: :mod:`attnsurgery.train.corpora`), for longer budgets;
+* several of these joined with ``+`` (``gutenberg_ppl+pydocs``): their documents evenly interleaved.
 
 Texts are joined with EOS and cut into fixed windows, each starting with the tokenizer's own prefix (BOS),
 as perplexity evaluation sees them. The validation slice is held back *by text* (whole documents), so no
@@ -82,9 +84,15 @@ def load_texts(source: str) -> list[str]:
     """The non-empty texts of a source (see the module docstring), loaded with ``datasets``."""
     import datasets
 
-    name, _, option = str(source).partition(":")
     path = Path(source)
-    if name in _offline_tasks():
+    if "+" in str(source) and not path.exists():  # a mixture: every part's documents, evenly interleaved
+        return _interleave([load_texts(part) for part in str(source).split("+")])
+    name, _, option = str(source).partition(":")
+    if name in _corpora():
+        from .corpora import build
+
+        kind, files = "json", str(build(name))
+    elif name in _offline_tasks():
         if option and option != "calibration":
             raise DataError(
                 f"{source!r}: only the calibration split of offline tasks can be trained on; the {option!r} split "
@@ -114,8 +122,9 @@ def load_texts(source: str) -> list[str]:
         return _texts_of(ds, source)
     else:
         raise DataError(
-            f"unknown training data {source!r}: not an offline task, a file, or a Hub dataset id."
-            f"{did_you_mean(name, _offline_tasks())} Offline tasks: {', '.join(_offline_tasks())}."
+            f"unknown training data {source!r}: not an offline task, a corpus, a file, or a Hub dataset id."
+            f"{did_you_mean(name, _offline_tasks() + _corpora())} Offline tasks: {', '.join(_offline_tasks())}; "
+            f"corpora: {', '.join(_corpora())}; join sources with '+'."
         )
     if kind == "text":
         # one document per blank-line-separated block, so validation can hold back whole documents
@@ -123,6 +132,19 @@ def load_texts(source: str) -> list[str]:
     else:
         ds = datasets.load_dataset("json", data_files=files, split="train")
     return _texts_of(ds, source)
+
+
+def _corpora() -> list[str]:
+    from .corpora import CORPORA
+
+    return list(CORPORA)
+
+
+def _interleave(parts: list[list[str]]) -> list[str]:
+    """Documents of several sources in one list, each source spread evenly over it (document i of a source with n
+    sits at i / n), so the held-back tail that validation takes draws from every source."""
+    keyed = [((i + 0.5) / len(texts), k, text) for k, texts in enumerate(parts) for i, text in enumerate(texts)]
+    return [text for _, _, text in sorted(keyed, key=lambda item: (item[0], item[1]))]
 
 
 def _texts_of(ds: Any, source: str) -> list[str]:

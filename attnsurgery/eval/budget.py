@@ -1,0 +1,472 @@
+"""Budget curves: where a trained surgery lands as its training budget grows.
+
+A budget table (``kind: budget``, e.g. ``evals/budget.yaml``) lists arms, each a model and one or more training
+stages, and budgets in tokens. For every arm and budget the runner trains to that many tokens and scores the
+test-split perplexity of the state it reached, against the unpatched model on the same windows::
+
+    attnsurgery reproduce evals/budget.yaml                         # every arm, every budget (resumable)
+    python -m attnsurgery.eval.budget evals/budget.yaml --arm moh-learned-75 --up-to 100000
+
+Stage 1 of an arm is one run that each budget *continues* (constant learning rate, data order a function of the
+step: a run continued to more steps is the run trained that long at once; ``test_resume_continues_exactly``).
+Later stages start from stage 1's state at that budget (kept as a snapshot) and train their share of the budget
+afresh. Every point is written as it lands (``curve.json``, ``curve.md``, ``curve.png``), each stage's state at
+each budget is kept as a recipe folder (``runs/<arm>/<stage>-<tokens>/``) and an interrupted run continues from
+its checkpoint, so a curve grows across sessions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import AttnSurgeryError, did_you_mean
+from ..recipe import RecipeError
+
+_TABLE_KEYS = {"name", "kind", "description", "data", "test_data", "budgets", "arms", "dtype"}
+_ARM_KEYS = {"name", "model", "note", "goal_pct", "seq_len", "eval", "stages"}
+_STAGE_KEYS = {"name", "surgeries", "train", "share"}
+_EVAL_KEYS = {"seq_len", "windows"}
+
+
+class BudgetError(RecipeError):
+    """A budget table that cannot run as written (exit code 5, like any bad recipe)."""
+
+
+@dataclass
+class Stage:
+    name: str
+    surgeries: list[dict[str, Any]]
+    train: dict[str, Any]
+    share: float
+
+
+@dataclass
+class BudgetArm:
+    name: str
+    model: str
+    goal_pct: float
+    stages: list[Stage]
+    seq_len: int = 256  # training windows
+    eval_seq_len: int = 256  # test windows
+    eval_windows: int = 24
+    note: str = ""
+
+    @property
+    def tokens_per_step(self) -> int:
+        return int(self.stages[0].train.get("batch_size", 4)) * self.seq_len
+
+    def stage_steps(self, budget: int) -> list[int]:
+        """Optimiser steps of each stage at ``budget`` tokens (each at least 1)."""
+        tps = [int(s.train.get("batch_size", 4)) * self.seq_len for s in self.stages]
+        return [max(1, round(s.share * budget / t)) for s, t in zip(self.stages, tps)]
+
+    def tokens(self, budget: int) -> int:
+        tps = [int(s.train.get("batch_size", 4)) * self.seq_len for s in self.stages]
+        return sum(n * t for n, t in zip(self.stage_steps(budget), tps))
+
+
+@dataclass
+class BudgetTable:
+    name: str
+    arms: list[BudgetArm]
+    budgets: list[int]
+    data: str = "gutenberg_ppl"
+    test_data: str = "gutenberg_ppl"
+    dtype: str = "float32"
+    description: str = ""
+    path: Path = field(default_factory=Path)
+
+
+def is_budget_table(path: str | Path) -> bool:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and data.get("kind") == "budget"
+
+
+def _check(where: str, data: Any, allowed: set[str]) -> None:
+    if not isinstance(data, dict):
+        raise BudgetError(f"{where}: expected a mapping, got {type(data).__name__}.")
+    for key in data:
+        if key not in allowed:
+            raise BudgetError(
+                f"{where}: unknown key {key!r}.{did_you_mean(str(key), allowed)} Allowed: {', '.join(sorted(allowed))}."
+            )
+
+
+def _positive_int(where: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BudgetError(f"{where}: {value!r} must be a whole number >= 1.")
+    return value
+
+
+def load_budget_table(path: str | Path) -> BudgetTable:
+    """Read and check a budget table: every key, surgery and training setting fails here, before a model loads."""
+    from ..recipe import parse_recipe
+    from ..train import TrainConfig
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise BudgetError(f"{path}: cannot read the budget table ({err}).") from None
+    _check(str(path), data, _TABLE_KEYS)
+    budgets = data.get("budgets")
+    if not isinstance(budgets, list) or not budgets:
+        raise BudgetError(f"{path}: 'budgets' is a non-empty list of token counts, e.g. [25000, 100000, 400000].")
+    budgets = [_positive_int(f"{path}: budgets[{i}]", b) for i, b in enumerate(budgets)]
+    if budgets != sorted(set(budgets)):
+        raise BudgetError(f"{path}: 'budgets' must be increasing without repeats; got {budgets}.")
+    train_fields = (set(TrainConfig.__dataclass_fields__) | {"lora"}) - {"steps", "seq_len", "keep"}
+    arms, names = [], set()
+    for i, raw in enumerate(data.get("arms") or []):
+        where = f"{path}: arms[{i}]"
+        _check(where, raw, _ARM_KEYS)
+        name = raw.get("name")
+        if not isinstance(name, str) or not name:
+            raise BudgetError(f"{where}: each arm needs a 'name'.")
+        if name in names:
+            raise BudgetError(f"{where}: duplicate arm name {name!r}.")
+        names.add(name)
+        if not isinstance(raw.get("model"), str):
+            raise BudgetError(f"{where} ({name}): 'model' names the model (an alias, hub id or path).")
+        goal = raw.get("goal_pct")
+        if isinstance(goal, bool) or not isinstance(goal, (int, float)) or not math.isfinite(goal):
+            raise BudgetError(f"{where} ({name}): 'goal_pct' is the goal's relative perplexity change in %, e.g. 5.")
+        eval_cfg = raw.get("eval") or {}
+        _check(f"{where}.eval", eval_cfg, _EVAL_KEYS)
+        stages_raw = raw.get("stages")
+        if not isinstance(stages_raw, list) or not stages_raw:
+            raise BudgetError(f"{where} ({name}): 'stages' is a non-empty list of {{surgeries, train, share}}.")
+        stages = []
+        for k, st in enumerate(stages_raw):
+            swhere = f"{where}.stages[{k}]"
+            _check(swhere, st, _STAGE_KEYS)
+            train = dict(st.get("train") or {})
+            _check(f"{swhere}.train", train, train_fields)
+            if k == 0 and not st.get("surgeries") and not train.get("lora"):
+                raise BudgetError(f"{swhere}: the first stage needs 'surgeries' (or 'train: {{lora: ...}}').")
+            if st.get("surgeries"):
+                try:
+                    parse_recipe({"surgeries": st["surgeries"]}, swhere)
+                except AttnSurgeryError as err:  # unknown surgery, bad argument: a bad table
+                    raise BudgetError(str(err)) from None
+            config = TrainConfig(**{k2: v for k2, v in train.items() if k2 != "lora"})
+            try:
+                config.validate()
+            except AttnSurgeryError as err:
+                raise BudgetError(f"{swhere}: {err}") from None
+            if config.warmup or config.schedule != "constant":
+                raise BudgetError(
+                    f"{swhere}: budget curves continue one run to each budget, which needs a constant learning rate "
+                    "(no warmup, schedule: constant)."
+                )
+            share = st.get("share", 1.0 / len(stages_raw))
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+                raise BudgetError(f"{swhere}: 'share' is the stage's fraction of each budget, in (0, 1]; got {share!r}.")
+            stages.append(Stage(str(st.get("name") or f"stage{k + 1}"), list(st.get("surgeries") or []), train, float(share)))
+        if abs(sum(s.share for s in stages) - 1) > 1e-6:
+            raise BudgetError(f"{where} ({name}): the stages' shares must add up to 1; got {[s.share for s in stages]}.")
+        arms.append(
+            BudgetArm(
+                name=name,
+                model=raw["model"],
+                goal_pct=float(goal),
+                stages=stages,
+                seq_len=_positive_int(f"{where}.seq_len", raw.get("seq_len", 256)),
+                eval_seq_len=_positive_int(f"{where}.eval.seq_len", eval_cfg.get("seq_len", 256)),
+                eval_windows=_positive_int(f"{where}.eval.windows", eval_cfg.get("windows", 24)),
+                note=str(raw.get("note") or ""),
+            )
+        )
+    if not arms:
+        raise BudgetError(f"{path}: 'arms' is a non-empty list.")
+    return BudgetTable(
+        name=str(data.get("name") or path.stem),
+        arms=arms,
+        budgets=budgets,
+        data=str(data.get("data", "gutenberg_ppl")),
+        test_data=str(data.get("test_data", "gutenberg_ppl")),
+        dtype=str(data.get("dtype", "float32")),
+        description=str(data.get("description") or ""),
+        path=path,
+    )
+
+
+# -- running ------------------------------------------------------------------------------------------------------
+def _trained_steps(run_dir: Path) -> int:
+    """Steps a finished run folder reached (0 when there is none)."""
+    recipe = run_dir / "recipe.yaml"
+    if not recipe.is_file():
+        return 0
+    return int(((yaml.safe_load(recipe.read_text()) or {}).get("training") or {}).get("steps") or 0)
+
+
+def _snapshot(run_dir: Path, dest: Path) -> None:
+    """The recipe and state files of a finished run (no checkpoint), written whole."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(run_dir, tmp, ignore=shutil.ignore_patterns("checkpoint.pt", "*.tmp"))
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
+def _read_curve(path: Path) -> dict[str, Any]:
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"arms": {}, "baselines": {}}
+
+
+def _write_curve(out: Path, curve: dict[str, Any], table: BudgetTable) -> None:
+    for name, suffix, text in (
+        ("curve.json", ".json", json.dumps(curve, indent=2, sort_keys=True) + "\n"),
+        ("curve.md", ".md", render_curve(curve, table)),
+    ):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out / name)  # whole or the previous one: never half-written
+    plot_curve(curve, out / "curve.png", title=table.description.split(".")[0] if table.description else table.name)
+
+
+def _stage_surgeries(model: Any, stage: Stage, prior: Path | None) -> Any:
+    """Patch a stage's trainable surgeries onto ``model`` (after the frozen earlier stage, if any)."""
+    from ..api import SurgeryHandle, patch
+    from ..recipe import find_recipe, parse_recipe
+
+    surgeries: list[Any] = []
+    try:
+        if prior is not None:
+            surgeries += patch(model, find_recipe(prior)).surgeries
+            for surgery in surgeries:  # the earlier stage stays as trained
+                for p in surgery.parameters():
+                    p.requires_grad_(False)
+        if stage.surgeries:
+            surgeries += patch(model, parse_recipe({"surgeries": stage.surgeries})).surgeries
+        lora = stage.train.get("lora")
+        if lora:
+            surgeries += patch(model, "lora", **lora).surgeries
+    except BaseException:
+        SurgeryHandle(model, surgeries).remove()
+        raise
+    return SurgeryHandle(model, surgeries)
+
+
+def _train_stage(model: Any, arm: BudgetArm, stage: Stage, steps: int, run_dir: Path, prior: Path | None, data: Any) -> Any:
+    """Train (or continue) one stage's run to ``steps``; returns the patched handle holding the trained state."""
+    from ..train import TrainConfig, train
+
+    handle = _stage_surgeries(model, stage, prior)
+    try:
+        done = _trained_steps(run_dir)
+        settings = {k: v for k, v in stage.train.items() if k != "lora"}
+        settings.setdefault("val_every", max(1, steps))
+        settings.setdefault("save_every", 25)
+        config = TrainConfig(steps=steps, seq_len=arm.seq_len, keep="last", **settings)
+        if done == steps:  # reached before: load what it shipped
+            from ..recipe import find_recipe
+
+            handle.remove()
+            from ..api import patch
+
+            return patch(model, find_recipe(run_dir))
+        if done > steps:
+            raise BudgetError(
+                f"arm {arm.name!r}: {run_dir} is already at {done} steps, past this budget's {steps}; its earlier "
+                "points were measured when it passed them (curve.json keeps them)."
+            )
+        resume = (run_dir / "checkpoint.pt").is_file()
+        train(model, handle, data, config, out_dir=run_dir, resume=resume, overwrite=not resume, model_name=arm.model)
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+def run_budget_table(
+    path: str | Path,
+    out_dir: str | Path | None = None,
+    arms: list[str] | None = None,
+    up_to: int | None = None,
+    on_point: Any = None,
+) -> Path:
+    """Train and score every (arm, budget) not in ``curve.json`` yet, in budget order per arm; ``up_to`` stops at
+    that many tokens. Returns the output folder."""
+    import torch
+
+    from ..models import load_model
+    from ..train import prepare_data
+    from .quant import perplexity
+    from .training_table import _test_windows
+
+    table = load_budget_table(path)
+    chosen = table.arms
+    if arms:
+        known = [a.name for a in table.arms]
+        for name in arms:
+            if name not in known:
+                raise BudgetError(f"{table.path}: no arm {name!r}.{did_you_mean(name, known)} Arms: {', '.join(known)}.")
+        chosen = [a for a in table.arms if a.name in arms]
+    out = Path(out_dir) if out_dir else Path("evals/results") / table.name
+    out.mkdir(parents=True, exist_ok=True)
+    curve = _read_curve(out / "curve.json")
+    loaded: dict[str, Any] = {}
+    for arm in chosen:
+        budgets = [b for b in table.budgets if up_to is None or arm.tokens(b) <= up_to]
+        entry = curve["arms"].setdefault(arm.name, {"model": arm.model, "goal_pct": arm.goal_pct, "points": []})
+        entry.update(model=arm.model, goal_pct=arm.goal_pct, eval_seq_len=arm.eval_seq_len, note=arm.note)
+        done = {p["budget"] for p in entry["points"]}
+        todo = [b for b in budgets if b not in done]
+        if not todo:
+            continue
+        if arm.model not in loaded:
+            loaded.clear()  # one model in memory at a time
+            loaded[arm.model] = load_model(arm.model, dtype=table.dtype)
+        model, tokenizer = loaded[arm.model]
+        max_context = getattr(model.config, "max_position_embeddings", None)
+        data = prepare_data(tokenizer, table.data, arm.seq_len, max_context=max_context, max_val_windows=8)
+        test = _test_windows(tokenizer, table.test_data, arm.eval_seq_len, arm.eval_windows)
+        key = f"{arm.model}|{table.test_data}|{arm.eval_seq_len}x{len(test)}"
+        if key not in curve["baselines"]:
+            with torch.no_grad():
+                curve["baselines"][key] = perplexity(model, test)
+        baseline = curve["baselines"][key]
+        runs = out / "runs" / arm.name
+        for budget in todo:
+            started = time.perf_counter()
+            steps = arm.stage_steps(budget)
+            prior: Path | None = None
+            for k, (stage, n) in enumerate(zip(arm.stages, steps)):
+                # stage 1 is one run continued across budgets; a later stage starts afresh from the earlier
+                # stage's state at this budget
+                run_dir = runs / stage.name if k == 0 else runs / f"{stage.name}-{budget}"
+                handle = _train_stage(model, arm, stage, n, run_dir, prior, data)
+                snapshot = runs / f"{stage.name}@{budget}"
+                try:
+                    if k < len(arm.stages) - 1:
+                        handle.remove()
+                    else:
+                        with torch.no_grad():
+                            ppl = perplexity(model, test)
+                finally:
+                    handle.remove()
+                _snapshot(run_dir, snapshot)
+                prior = snapshot
+            point = {
+                "budget": budget,
+                "tokens": arm.tokens(budget),
+                "steps": steps,
+                "ppl": ppl,
+                "baseline_ppl": baseline,
+                "rel_pct": 100.0 * (ppl / baseline - 1.0),
+                "seconds": round(time.perf_counter() - started, 1),
+                "device": "cuda" if torch.cuda.is_available() else "cpu",
+                "state": str(prior.relative_to(out)),
+            }
+            entry["points"] = sorted([*entry["points"], point], key=lambda p: p["tokens"])
+            _write_curve(out, curve, table)
+            if on_point is not None:
+                on_point(arm, point)
+    if not (out / "curve.json").is_file():
+        _write_curve(out, curve, table)
+    return out
+
+
+# -- reporting ----------------------------------------------------------------------------------------------------
+def render_curve(curve: dict[str, Any], table: BudgetTable | None = None) -> str:
+    lines = [f"# {table.name if table else 'budget'}", ""]
+    if table is not None and table.description:
+        lines += [table.description.strip(), ""]
+    lines += [
+        "Test-split perplexity of each arm's state after the given number of training tokens, relative to the "
+        "unpatched model on the same windows. Regenerate: `attnsurgery reproduce evals/budget.yaml`.",
+        "",
+        "| arm | model | goal | tokens | ppl | baseline | change | met |",
+        "|---|---|---:|---:|---:|---:|---:|:-:|",
+    ]
+    for name, arm in curve["arms"].items():
+        for p in arm["points"]:
+            met = "yes" if p["rel_pct"] <= arm["goal_pct"] else "no"
+            lines.append(
+                f"| {name} | {arm['model']} | +{arm['goal_pct']:g}% | {p['tokens']:,} | {p['ppl']:.3f} | "
+                f"{p['baseline_ppl']:.3f} | {p['rel_pct']:+.1f}% | {met} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot_curve(curve: dict[str, Any], path: Path, title: str = "") -> Path | None:
+    """Relative perplexity change against training tokens (log x; symlog y so +2% and +300% both read), one colour
+    per arm, its goal as a dashed line of the same colour."""
+    arms = {k: v for k, v in curve["arms"].items() if v["points"]}
+    if not arms:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, arm) in enumerate(arms.items()):
+        c = colours[i % len(colours)]
+        xs = [p["tokens"] for p in arm["points"]]
+        ys = [p["rel_pct"] for p in arm["points"]]
+        ax.plot(xs, ys, "o-", color=c, label=f"{name} ({arm['model']})")
+        ax.axhline(arm["goal_pct"], color=c, ls="--", lw=1, alpha=0.8)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("symlog", linthresh=10)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("test perplexity vs unpatched (%)")
+    ax.set_title(title or "budget curves", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, title="dashed: each arm's goal", title_fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+
+    parser = argparse.ArgumentParser(prog="python -m attnsurgery.eval.budget", description=__doc__.split("\n\n")[0])
+    parser.add_argument("table", help="a budget table (kind: budget), e.g. evals/budget.yaml")
+    parser.add_argument("--arm", action="append", help="only this arm (repeatable)")
+    parser.add_argument("--up-to", type=int, default=None, help="stop after the budgets of at most this many tokens")
+    parser.add_argument("--out", default=None, help="output folder (default evals/results/<table name>)")
+    args = parser.parse_args(argv)
+    console = Console(stderr=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+    def report(arm: BudgetArm, point: dict[str, Any]) -> None:
+        console.print(
+            f"[bold]{arm.name}[/bold] {point['tokens']:,} tokens: ppl {point['ppl']:.3f} "
+            f"({point['rel_pct']:+.1f}% vs {point['baseline_ppl']:.3f}; goal +{arm.goal_pct:g}%) in "
+            f"{point['seconds'] / 60:.1f} min"
+        )
+
+    try:
+        out = run_budget_table(args.table, args.out, args.arm, args.up_to, on_point=report)
+    except AttnSurgeryError as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 5 if isinstance(err, RecipeError) else 2
+    console.print(f"curve: {out / 'curve.json'}, {out / 'curve.md'}, {out / 'curve.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

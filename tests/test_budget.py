@@ -1,0 +1,159 @@
+"""Budget curves (attnsurgery.eval.budget): each point is the state a run reaches at that many tokens, continued
+across budgets exactly as one run trained that long; later stages start from the earlier stage's state at the same
+budget; points land as they finish and a rerun trains nothing twice; bad tables fail before any model loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from tiny import tiny_model, tiny_tokenizer
+
+from attnsurgery.eval.budget import BudgetError, load_budget_table, run_budget_table
+
+SEQ = 32
+GATES = [{"surgery": "gated_attention", "args": {"form": "headwise", "init_std": 0.3}}]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Plain text with enough windows for a few steps (the offline tasks are word-level; the tiny tokenizer is not)."""
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    words = "the cat sat on a mat while a dog ran past the old red barn and the sun set".split()
+    g = torch.Generator().manual_seed(0)
+    docs = [" ".join(words[i] for i in torch.randint(len(words), (60,), generator=g).tolist()) for _ in range(40)]
+    path.write_text("\n\n".join(docs))
+    return path
+
+
+def write_table(path, model_dir, corpus, budgets, arms=None):
+    arms = arms or [
+        {
+            "name": "gates",
+            "model": str(model_dir),
+            "goal_pct": 5,
+            "seq_len": SEQ,
+            "eval": {"seq_len": SEQ, "windows": 2},
+            "stages": [{"surgeries": GATES, "train": {"objective": "kd", "batch_size": 2, "lr": 0.05}}],
+        },
+        {
+            "name": "gates-then-lora",
+            "model": str(model_dir),
+            "goal_pct": 2,
+            "seq_len": SEQ,
+            "eval": {"seq_len": SEQ, "windows": 2},
+            "stages": [
+                {"name": "gates", "surgeries": GATES, "train": {"objective": "kd", "batch_size": 2, "lr": 0.05},
+                 "share": 0.5},
+                {"name": "lora", "train": {"objective": "kd", "batch_size": 2, "lora": {"r": 2}}, "share": 0.5},
+            ],
+        },
+    ]
+    path.write_text(
+        yaml.safe_dump(
+            {"name": "b", "kind": "budget", "data": str(corpus), "test_data": "gutenberg_ppl", "budgets": budgets,
+             "arms": arms}
+        )
+    )
+    return path
+
+
+def test_points_continue_one_run_and_stages_start_from_the_earlier_stage(tmp_path, model_dir, corpus):
+    tokens = 2 * SEQ  # one step of 2 windows
+    table = write_table(tmp_path / "b.yaml", model_dir, corpus, [2 * tokens, 4 * tokens])
+    out = run_budget_table(table, tmp_path / "out")
+    curve = json.loads((out / "curve.json").read_text())
+    gates = curve["arms"]["gates"]
+    assert gates["model"] == str(model_dir) and gates["goal_pct"] == 5
+    assert [p["tokens"] for p in gates["points"]] == [2 * tokens, 4 * tokens]
+    assert [p["steps"] for p in gates["points"]] == [[2], [4]]
+    base = {p["baseline_ppl"] for p in gates["points"]}
+    assert len(base) == 1  # one baseline, the unpatched model on the same windows
+    assert all(p["ppl"] != p["baseline_ppl"] for p in gates["points"])
+    assert all(p["rel_pct"] == pytest.approx(100 * (p["ppl"] / p["baseline_ppl"] - 1)) for p in gates["points"])
+    assert (out / "curve.png").is_file() and "| gates |" in (out / "curve.md").read_text()
+
+    # the 4-step point continued the 2-step run: it equals one run trained 4 steps at once
+    once = write_table(tmp_path / "once.yaml", model_dir, corpus, [4 * tokens])
+    alone = json.loads((run_budget_table(once, tmp_path / "once", arms=["gates"]) / "curve.json").read_text())
+    assert alone["arms"]["gates"]["points"][0]["ppl"] == pytest.approx(gates["points"][1]["ppl"], rel=1e-6)
+
+    # the second stage starts from the first stage's state at the same budget, kept frozen
+    staged = curve["arms"]["gates-then-lora"]["points"]
+    assert [p["steps"] for p in staged] == [[1, 1], [2, 2]]
+    runs = out / "runs" / "gates-then-lora"
+    for budget in (2 * tokens, 4 * tokens):
+        first = load_file(str(runs / f"gates@{budget}" / "state-0-gated_attention.safetensors"))
+        second = load_file(str(runs / f"lora@{budget}" / "state-0-gated_attention.safetensors"))
+        assert all(torch.equal(first[k], second[k]) for k in first)
+        recipe = yaml.safe_load((runs / f"lora@{budget}" / "recipe.yaml").read_text())
+        assert [s["surgery"] for s in recipe["surgeries"]] == ["gated_attention", "lora"]
+    assert not (runs / f"lora@{2 * tokens}" / "checkpoint.pt").exists()  # snapshots hold states, not optimisers
+
+    # a rerun trains nothing twice; a larger budget continues the runs
+    stamp = (out / "curve.json").stat().st_mtime_ns
+    run_budget_table(table, tmp_path / "out")
+    assert (out / "curve.json").stat().st_mtime_ns == stamp
+    write_table(table, model_dir, corpus, [2 * tokens, 4 * tokens, 6 * tokens])
+    grown = json.loads((run_budget_table(table, tmp_path / "out", arms=["gates"]) / "curve.json").read_text())
+    assert [p["tokens"] for p in grown["arms"]["gates"]["points"]] == [2 * tokens, 4 * tokens, 6 * tokens]
+    assert grown["arms"]["gates"]["points"][:2] == gates["points"]
+
+
+def test_up_to_stops_early(tmp_path, model_dir, corpus):
+    tokens = 2 * SEQ
+    table = write_table(tmp_path / "b.yaml", model_dir, corpus, [tokens, 4 * tokens])
+    out = run_budget_table(table, tmp_path / "out", arms=["gates"], up_to=2 * tokens)
+    curve = json.loads((out / "curve.json").read_text())
+    assert [p["tokens"] for p in curve["arms"]["gates"]["points"]] == [tokens]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"budgets": [100, 50]}, "increasing"),
+        ({"budgets": []}, "non-empty list"),
+        ({"budgets": [0]}, "whole number >= 1"),
+        ({"bugdets": [1]}, "Did you mean 'budgets'"),
+        ({"arms": [{"name": "a", "model": "m", "goal_pct": 5, "stages": [{"surgeries": GATES, "train": {"warmup": 0.1}}]}]},
+         "constant learning rate"),
+        ({"arms": [{"name": "a", "model": "m", "goal_pct": 5, "stages": [{"surgeries": GATES, "train": {"steps": 3}}]}]},
+         "unknown key 'steps'"),
+        ({"arms": [{"name": "a", "model": "m", "goal_pct": "low", "stages": [{"surgeries": GATES}]}]}, "goal_pct"),
+        ({"arms": [{"name": "a", "model": "m", "goal_pct": 5,
+                    "stages": [{"surgeries": GATES, "share": 0.5}, {"train": {"lora": {"r": 2}}, "share": 0.2}]}]},
+         "add up to 1"),
+        ({"arms": [{"name": "a", "model": "m", "goal_pct": 5, "stages": [{"surgeries": [{"surgery": "gatd"}]}]}]},
+         "gated_attention"),
+    ],
+)
+def test_bad_tables_fail_before_a_model_loads(tmp_path, change, message):
+    data = {"name": "b", "kind": "budget", "budgets": [100],
+            "arms": [{"name": "a", "model": "no-such-model", "goal_pct": 5, "stages": [{"surgeries": GATES}]}]}
+    data.update(change)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(BudgetError, match=message):
+        load_budget_table(path)
+
+
+def test_shipped_budget_table_loads():
+    """evals/budget.yaml names the issue's arms, each with a goal, and budgets spaced x4 up to >= 1.6M tokens."""
+    from pathlib import Path
+
+    table = load_budget_table(Path(__file__).parent.parent / "evals" / "budget.yaml")
+    assert {"moh-learned-75", "moh-learned-75+lora", "hedgehog-linear", "hedgehog-hybrid-w64",
+            "gates-gemma-soft"} <= {a.name for a in table.arms}
+    assert len(table.budgets) >= 5 and table.budgets[-1] >= 1_600_000
+    assert all(b / a == pytest.approx(4, rel=0.01) for a, b in zip(table.budgets, table.budgets[1:]))
