@@ -65,7 +65,9 @@ def test_fused_matches_reference_and_tiled(arch):
         with torch.no_grad():
             fused = model(ids).logits
         tiled_maps, tiled = maps_and_logits(model, ids)
-    torch.testing.assert_close(fused, tiled, atol=logit_atol(arch), rtol=1e-4)  # fused correction == explicit edit
+    torch.testing.assert_close(
+        fused, tiled, atol=logit_atol(arch), rtol=1e-4
+    )  # fused correction == explicit edit
     expected = act_reference(base[0], 0.3, 0.08).float()
     torch.testing.assert_close(tiled_maps[0], expected, atol=map_atol(arch), rtol=1e-4)
     assert not torch.allclose(expected, base[0].float(), atol=1e-4)  # something was edited
@@ -129,7 +131,9 @@ def test_batched_padded_equals_one_by_one(side):
         batched = model(ids, attention_mask=mask, position_ids=position_ids).logits
         for i, s in enumerate(seqs):
             single = model(s[None]).logits
-            torch.testing.assert_close(batched[i, mask[i].bool()], single[0], atol=logit_atol("llama"), rtol=1e-4)
+            torch.testing.assert_close(
+                batched[i, mask[i].bool()], single[0], atol=logit_atol("llama"), rtol=1e-4
+            )
 
 
 def test_alpha_form_matches_equivalent_threshold():

@@ -32,7 +32,9 @@ def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "text.txt"
     words = "the cat sat on a mat while a dog ran past the old red barn and the sun set".split()
     g = torch.Generator().manual_seed(0)
-    docs = [" ".join(words[i] for i in torch.randint(len(words), (60,), generator=g).tolist()) for _ in range(40)]
+    docs = [
+        " ".join(words[i] for i in torch.randint(len(words), (60,), generator=g).tolist()) for _ in range(40)
+    ]
     path.write_text("\n\n".join(docs))
     return path
 
@@ -54,16 +56,30 @@ def write_table(path, model_dir, corpus, budgets, arms=None):
             "seq_len": SEQ,
             "eval": {"seq_len": SEQ, "windows": 2},
             "stages": [
-                {"name": "gates", "surgeries": GATES, "train": {"objective": "kd", "batch_size": 2, "lr": 0.05},
-                 "share": 0.5},
-                {"name": "lora", "train": {"objective": "kd", "batch_size": 2, "lora": {"r": 2}}, "share": 0.5},
+                {
+                    "name": "gates",
+                    "surgeries": GATES,
+                    "train": {"objective": "kd", "batch_size": 2, "lr": 0.05},
+                    "share": 0.5,
+                },
+                {
+                    "name": "lora",
+                    "train": {"objective": "kd", "batch_size": 2, "lora": {"r": 2}},
+                    "share": 0.5,
+                },
             ],
         },
     ]
     path.write_text(
         yaml.safe_dump(
-            {"name": "b", "kind": "budget", "data": str(corpus), "test_data": "gutenberg_ppl", "budgets": budgets,
-             "arms": arms}
+            {
+                "name": "b",
+                "kind": "budget",
+                "data": str(corpus),
+                "test_data": "gutenberg_ppl",
+                "budgets": budgets,
+                "arms": arms,
+            }
         )
     )
     return path
@@ -81,7 +97,9 @@ def test_points_continue_one_run_and_stages_start_from_the_earlier_stage(tmp_pat
     base = {p["baseline_ppl"] for p in gates["points"]}
     assert len(base) == 1  # one baseline, the unpatched model on the same windows
     assert all(p["ppl"] != p["baseline_ppl"] for p in gates["points"])
-    assert all(p["rel_pct"] == pytest.approx(100 * (p["ppl"] / p["baseline_ppl"] - 1)) for p in gates["points"])
+    assert all(
+        p["rel_pct"] == pytest.approx(100 * (p["ppl"] / p["baseline_ppl"] - 1)) for p in gates["points"]
+    )
     assert (out / "curve.png").is_file() and "| gates |" in (out / "curve.md").read_text()
 
     # the 4-step point continued the 2-step run: it equals one run trained 4 steps at once
@@ -99,7 +117,9 @@ def test_points_continue_one_run_and_stages_start_from_the_earlier_stage(tmp_pat
         assert all(torch.equal(first[k], second[k]) for k in first)
         recipe = yaml.safe_load((runs / f"lora@{budget}" / "recipe.yaml").read_text())
         assert [s["surgery"] for s in recipe["surgeries"]] == ["gated_attention", "lora"]
-    assert not (runs / f"lora@{2 * tokens}" / "checkpoint.pt").exists()  # snapshots hold states, not optimisers
+    assert not (
+        runs / f"lora@{2 * tokens}" / "checkpoint.pt"
+    ).exists()  # snapshots hold states, not optimisers
 
     # a rerun trains nothing twice; a larger budget continues the runs
     stamp = (out / "curve.json").stat().st_mtime_ns
@@ -126,21 +146,74 @@ def test_up_to_stops_early(tmp_path, model_dir, corpus):
         ({"budgets": []}, "non-empty list"),
         ({"budgets": [0]}, "whole number >= 1"),
         ({"bugdets": [1]}, "Did you mean 'budgets'"),
-        ({"arms": [{"name": "a", "model": "m", "goal_pct": 5, "stages": [{"surgeries": GATES, "train": {"warmup": 0.1}}]}]},
-         "constant learning rate"),
-        ({"arms": [{"name": "a", "model": "m", "goal_pct": 5, "stages": [{"surgeries": GATES, "train": {"steps": 3}}]}]},
-         "unknown key 'steps'"),
-        ({"arms": [{"name": "a", "model": "m", "goal_pct": "low", "stages": [{"surgeries": GATES}]}]}, "goal_pct"),
-        ({"arms": [{"name": "a", "model": "m", "goal_pct": 5,
-                    "stages": [{"surgeries": GATES, "share": 0.5}, {"train": {"lora": {"r": 2}}, "share": 0.2}]}]},
-         "add up to 1"),
-        ({"arms": [{"name": "a", "model": "m", "goal_pct": 5, "stages": [{"surgeries": [{"surgery": "gatd"}]}]}]},
-         "gated_attention"),
+        (
+            {
+                "arms": [
+                    {
+                        "name": "a",
+                        "model": "m",
+                        "goal_pct": 5,
+                        "stages": [{"surgeries": GATES, "train": {"warmup": 0.1}}],
+                    }
+                ]
+            },
+            "constant learning rate",
+        ),
+        (
+            {
+                "arms": [
+                    {
+                        "name": "a",
+                        "model": "m",
+                        "goal_pct": 5,
+                        "stages": [{"surgeries": GATES, "train": {"steps": 3}}],
+                    }
+                ]
+            },
+            "unknown key 'steps'",
+        ),
+        (
+            {"arms": [{"name": "a", "model": "m", "goal_pct": "low", "stages": [{"surgeries": GATES}]}]},
+            "goal_pct",
+        ),
+        (
+            {
+                "arms": [
+                    {
+                        "name": "a",
+                        "model": "m",
+                        "goal_pct": 5,
+                        "stages": [
+                            {"surgeries": GATES, "share": 0.5},
+                            {"train": {"lora": {"r": 2}}, "share": 0.2},
+                        ],
+                    }
+                ]
+            },
+            "add up to 1",
+        ),
+        (
+            {
+                "arms": [
+                    {
+                        "name": "a",
+                        "model": "m",
+                        "goal_pct": 5,
+                        "stages": [{"surgeries": [{"surgery": "gatd"}]}],
+                    }
+                ]
+            },
+            "gated_attention",
+        ),
     ],
 )
 def test_bad_tables_fail_before_a_model_loads(tmp_path, change, message):
-    data = {"name": "b", "kind": "budget", "budgets": [100],
-            "arms": [{"name": "a", "model": "no-such-model", "goal_pct": 5, "stages": [{"surgeries": GATES}]}]}
+    data = {
+        "name": "b",
+        "kind": "budget",
+        "budgets": [100],
+        "arms": [{"name": "a", "model": "no-such-model", "goal_pct": 5, "stages": [{"surgeries": GATES}]}],
+    }
     data.update(change)
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -153,7 +226,30 @@ def test_shipped_budget_table_loads():
     from pathlib import Path
 
     table = load_budget_table(Path(__file__).parent.parent / "evals" / "budget.yaml")
-    assert {"moh-learned-75", "moh-learned-75+lora", "hedgehog-linear", "hedgehog-hybrid-w64",
-            "gates-gemma-soft"} <= {a.name for a in table.arms}
+    assert {
+        "moh-learned-75",
+        "moh-learned-75+lora",
+        "hedgehog-linear",
+        "hedgehog-hybrid-w64",
+        "gates-gemma-soft",
+    } <= {a.name for a in table.arms}
     assert len(table.budgets) >= 5 and table.budgets[-1] >= 1_600_000
     assert all(b / a == pytest.approx(4, rel=0.01) for a, b in zip(table.budgets, table.budgets[1:]))
+
+
+def test_mixed_training_sources_interleave_and_still_refuse_test_splits(tmp_path):
+    """'a+b' joins sources document by document, each spread evenly, so the held-back validation tail draws from all
+    of them; a test split inside a mixture is refused as it is alone."""
+    from attnsurgery.train.data import DataError, load_texts
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("\n".join(json.dumps({"text": f"a{i}"}) for i in range(4)) + "\n")
+    b.write_text("\n".join(json.dumps({"text": f"b{i}"}) for i in range(8)) + "\n")
+    texts = load_texts(f"{a}+{b}")
+    assert sorted(texts) == sorted([f"a{i}" for i in range(4)] + [f"b{i}" for i in range(8)])
+    assert {t[0] for t in texts[-3:]} == {"a", "b"}  # the tail holds both sources
+    assert [t for t in texts if t[0] == "a"] == [f"a{i}" for i in range(4)]  # each source keeps its order
+    with pytest.raises(DataError, match="test"):
+        load_texts(f"{a}+gutenberg_ppl:test")
+    with pytest.raises(DataError, match="corpora: pydocs"):
+        load_texts(f"{a}+pydcos")

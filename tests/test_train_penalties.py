@@ -159,3 +159,30 @@ def test_training_on_outlier_lowers_the_crest_factor(data):
     after = crest()
     assert after < before - 0.1, (before, after)
     handle.remove()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_fused_kd_equals_the_textbook_kl_and_its_gradient(temperature):
+    """kd_loss (one logsumexp pass forward, one softmax pass backward) against KL(teacher || student) written out with
+    log_softmax, in float64: value and gradient at float64 noise; a wrong teacher fails."""
+    import torch.nn.functional as F
+
+    from attnsurgery.train.objectives import kd_loss
+
+    g = torch.Generator().manual_seed(0)
+    student = (torch.randn(3, 9, 40, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    teacher = torch.randn(3, 9, 40, generator=g, dtype=torch.float64) * 3
+    plain = student.detach().clone().requires_grad_()
+    log_s = F.log_softmax(plain[:, :-1] / temperature, -1)
+    log_t = F.log_softmax(teacher[:, :-1] / temperature, -1)
+    expected = (log_t.exp() * (log_t - log_s)).sum(-1).mean() * temperature**2
+    expected.backward()
+    got = kd_loss(student, teacher, temperature)
+    got.backward()
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(student.grad, plain.grad, atol=1e-12, rtol=1e-12)
+    assert abs(float(kd_loss(student, teacher.flip(-1), temperature)) - float(expected)) > 1e-3
+    assert torch.autograd.gradcheck(
+        lambda x: kd_loss(x, teacher[:, :3, :6], temperature),
+        (torch.randn(3, 3, 6, dtype=torch.float64, requires_grad=True),),
+    )

@@ -105,7 +105,10 @@ def run_reproduce(args: argparse.Namespace) -> int:
         from ..eval.budget import run_budget_table
 
         out = run_budget_table(args.table, out_dir=args.out)
-        print_report((out / "curve.md").read_text(), {"json": out / "curve.json", "md": out / "curve.md", "png": out / "curve.png"})
+        print_report(
+            (out / "curve.md").read_text(),
+            {"json": out / "curve.json", "md": out / "curve.md", "png": out / "curve.png"},
+        )
         return 0
     from ..eval.training_table import is_training_table
 

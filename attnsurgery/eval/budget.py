@@ -124,7 +124,9 @@ def load_budget_table(path: str | Path) -> BudgetTable:
     _check(str(path), data, _TABLE_KEYS)
     budgets = data.get("budgets")
     if not isinstance(budgets, list) or not budgets:
-        raise BudgetError(f"{path}: 'budgets' is a non-empty list of token counts, e.g. [25000, 100000, 400000].")
+        raise BudgetError(
+            f"{path}: 'budgets' is a non-empty list of token counts, e.g. [25000, 100000, 400000]."
+        )
     budgets = [_positive_int(f"{path}: budgets[{i}]", b) for i, b in enumerate(budgets)]
     if budgets != sorted(set(budgets)):
         raise BudgetError(f"{path}: 'budgets' must be increasing without repeats; got {budgets}.")
@@ -143,12 +145,16 @@ def load_budget_table(path: str | Path) -> BudgetTable:
             raise BudgetError(f"{where} ({name}): 'model' names the model (an alias, hub id or path).")
         goal = raw.get("goal_pct")
         if isinstance(goal, bool) or not isinstance(goal, (int, float)) or not math.isfinite(goal):
-            raise BudgetError(f"{where} ({name}): 'goal_pct' is the goal's relative perplexity change in %, e.g. 5.")
+            raise BudgetError(
+                f"{where} ({name}): 'goal_pct' is the goal's relative perplexity change in %, e.g. 5."
+            )
         eval_cfg = raw.get("eval") or {}
         _check(f"{where}.eval", eval_cfg, _EVAL_KEYS)
         stages_raw = raw.get("stages")
         if not isinstance(stages_raw, list) or not stages_raw:
-            raise BudgetError(f"{where} ({name}): 'stages' is a non-empty list of {{surgeries, train, share}}.")
+            raise BudgetError(
+                f"{where} ({name}): 'stages' is a non-empty list of {{surgeries, train, share}}."
+            )
         stages = []
         for k, st in enumerate(stages_raw):
             swhere = f"{where}.stages[{k}]"
@@ -174,10 +180,21 @@ def load_budget_table(path: str | Path) -> BudgetTable:
                 )
             share = st.get("share", 1.0 / len(stages_raw))
             if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
-                raise BudgetError(f"{swhere}: 'share' is the stage's fraction of each budget, in (0, 1]; got {share!r}.")
-            stages.append(Stage(str(st.get("name") or f"stage{k + 1}"), list(st.get("surgeries") or []), train, float(share)))
+                raise BudgetError(
+                    f"{swhere}: 'share' is the stage's fraction of each budget, in (0, 1]; got {share!r}."
+                )
+            stages.append(
+                Stage(
+                    str(st.get("name") or f"stage{k + 1}"),
+                    list(st.get("surgeries") or []),
+                    train,
+                    float(share),
+                )
+            )
         if abs(sum(s.share for s in stages) - 1) > 1e-6:
-            raise BudgetError(f"{where} ({name}): the stages' shares must add up to 1; got {[s.share for s in stages]}.")
+            raise BudgetError(
+                f"{where} ({name}): the stages' shares must add up to 1; got {[s.share for s in stages]}."
+            )
         arms.append(
             BudgetArm(
                 name=name,
@@ -206,11 +223,14 @@ def load_budget_table(path: str | Path) -> BudgetTable:
 
 # -- running ------------------------------------------------------------------------------------------------------
 def _trained_steps(run_dir: Path) -> int:
-    """Steps a finished run folder reached (0 when there is none)."""
-    recipe = run_dir / "recipe.yaml"
-    if not recipe.is_file():
+    """Steps a finished run folder reached: 0 when there is none, or when its state files are absent (a fresh clone
+    holds the committed recipe.yaml of a run, not its weights)."""
+    from .training_table import _finished
+
+    if not _finished(run_dir):
         return 0
-    return int(((yaml.safe_load(recipe.read_text()) or {}).get("training") or {}).get("steps") or 0)
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
+    return int((recipe.get("training") or {}).get("steps") or 0)
 
 
 def _snapshot(run_dir: Path, dest: Path) -> None:
@@ -229,14 +249,16 @@ def _read_curve(path: Path) -> dict[str, Any]:
 
 
 def _write_curve(out: Path, curve: dict[str, Any], table: BudgetTable) -> None:
-    for name, suffix, text in (
-        ("curve.json", ".json", json.dumps(curve, indent=2, sort_keys=True) + "\n"),
-        ("curve.md", ".md", render_curve(curve, table)),
+    for name, text in (
+        ("curve.json", json.dumps(curve, indent=2, sort_keys=True) + "\n"),
+        ("curve.md", render_curve(curve, table)),
     ):
         tmp = out / (name + ".tmp")
         tmp.write_text(text)
         tmp.replace(out / name)  # whole or the previous one: never half-written
-    plot_curve(curve, out / "curve.png", title=table.description.split(".")[0] if table.description else table.name)
+    plot_curve(
+        curve, out / "curve.png", title=table.description.split(".")[0] if table.description else table.name
+    )
 
 
 def _stage_surgeries(model: Any, stage: Stage, prior: Path | None) -> Any:
@@ -262,7 +284,9 @@ def _stage_surgeries(model: Any, stage: Stage, prior: Path | None) -> Any:
     return SurgeryHandle(model, surgeries)
 
 
-def _train_stage(model: Any, arm: BudgetArm, stage: Stage, steps: int, run_dir: Path, prior: Path | None, data: Any) -> Any:
+def _train_stage(
+    model: Any, arm: BudgetArm, stage: Stage, steps: int, run_dir: Path, prior: Path | None, data: Any
+) -> Any:
     """Train (or continue) one stage's run to ``steps``; returns the patched handle holding the trained state."""
     from ..train import TrainConfig, train
 
@@ -286,7 +310,16 @@ def _train_stage(model: Any, arm: BudgetArm, stage: Stage, steps: int, run_dir: 
                 "points were measured when it passed them (curve.json keeps them)."
             )
         resume = (run_dir / "checkpoint.pt").is_file()
-        train(model, handle, data, config, out_dir=run_dir, resume=resume, overwrite=not resume, model_name=arm.model)
+        train(
+            model,
+            handle,
+            data,
+            config,
+            out_dir=run_dir,
+            resume=resume,
+            overwrite=not resume,
+            model_name=arm.model,
+        )
     except BaseException:
         handle.remove()
         raise
@@ -315,7 +348,9 @@ def run_budget_table(
         known = [a.name for a in table.arms]
         for name in arms:
             if name not in known:
-                raise BudgetError(f"{table.path}: no arm {name!r}.{did_you_mean(name, known)} Arms: {', '.join(known)}.")
+                raise BudgetError(
+                    f"{table.path}: no arm {name!r}.{did_you_mean(name, known)} Arms: {', '.join(known)}."
+                )
         chosen = [a for a in table.arms if a.name in arms]
     out = Path(out_dir) if out_dir else Path("evals/results") / table.name
     out.mkdir(parents=True, exist_ok=True)
@@ -323,7 +358,9 @@ def run_budget_table(
     loaded: dict[str, Any] = {}
     for arm in chosen:
         budgets = [b for b in table.budgets if up_to is None or arm.tokens(b) <= up_to]
-        entry = curve["arms"].setdefault(arm.name, {"model": arm.model, "goal_pct": arm.goal_pct, "points": []})
+        entry = curve["arms"].setdefault(
+            arm.name, {"model": arm.model, "goal_pct": arm.goal_pct, "points": []}
+        )
         entry.update(model=arm.model, goal_pct=arm.goal_pct, eval_seq_len=arm.eval_seq_len, note=arm.note)
         done = {p["budget"] for p in entry["points"]}
         todo = [b for b in budgets if b not in done]
@@ -442,10 +479,14 @@ def plot_curve(curve: dict[str, Any], path: Path, title: str = "") -> Path | Non
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
-    parser = argparse.ArgumentParser(prog="python -m attnsurgery.eval.budget", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m attnsurgery.eval.budget", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("table", help="a budget table (kind: budget), e.g. evals/budget.yaml")
     parser.add_argument("--arm", action="append", help="only this arm (repeatable)")
-    parser.add_argument("--up-to", type=int, default=None, help="stop after the budgets of at most this many tokens")
+    parser.add_argument(
+        "--up-to", type=int, default=None, help="stop after the budgets of at most this many tokens"
+    )
     parser.add_argument("--out", default=None, help="output folder (default evals/results/<table name>)")
     args = parser.parse_args(argv)
     console = Console(stderr=True)

@@ -114,7 +114,9 @@ def build(name: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m attnsurgery.train.corpora", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m attnsurgery.train.corpora", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("name", choices=sorted(CORPORA))
     args = parser.parse_args(argv)
     try:

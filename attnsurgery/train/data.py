@@ -143,7 +143,9 @@ def _corpora() -> list[str]:
 def _interleave(parts: list[list[str]]) -> list[str]:
     """Documents of several sources in one list, each source spread evenly over it (document i of a source with n
     sits at i / n), so the held-back tail that validation takes draws from every source."""
-    keyed = [((i + 0.5) / len(texts), k, text) for k, texts in enumerate(parts) for i, text in enumerate(texts)]
+    keyed = [
+        ((i + 0.5) / len(texts), k, text) for k, texts in enumerate(parts) for i, text in enumerate(texts)
+    ]
     return [text for _, _, text in sorted(keyed, key=lambda item: (item[0], item[1]))]
 
 

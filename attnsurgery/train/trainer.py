@@ -41,7 +41,7 @@ from ..engine import Engine
 from ..errors import AttnSurgeryError
 from ..surgery import Stage, Surgery
 from .data import TrainingData
-from .objectives import parse_objective
+from .objectives import kd_loss, parse_objective
 from .outlier import OutlierReader
 from .sink import FIRST_SINK_LAYER, SinkProbe, attach_probe
 
@@ -196,11 +196,7 @@ class _Trainee(nn.Module):
             if "lm" in w:
                 parts["lm"] = out.loss
             if "kd" in w:
-                t = self.kd_t
-                student = F.log_softmax(out.logits[:, :-1].float() / t, dim=-1)
-                teacher = F.log_softmax(teacher_logits[:, :-1].float() / t, dim=-1)
-                kl = (teacher.exp() * (teacher - student)).sum(-1)  # (B, T-1)
-                parts["kd"] = kl.mean() * t * t
+                parts["kd"] = kd_loss(out.logits, teacher_logits, self.kd_t)
             if "sink" in w:
                 share = self._probe[0].take()
                 parts["sink"] = share if share is not None else out.logits.new_zeros(())
