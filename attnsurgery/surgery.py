@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -71,9 +72,17 @@ def arg(
     low_open: bool = False,
     high_open: bool = False,
     choices: tuple | None = None,
+    kind: str | None = None,
     default_factory: Any = dataclasses.MISSING,
 ) -> Any:
-    """A documented config field with an optional numeric range ``[low, high]`` (ends open on request)."""
+    """A documented config field with an optional numeric range ``[low, high]`` (ends open on request).
+
+    The field's type hint says what values it takes, and :meth:`SurgeryConfig.validate` coerces them once (numbers
+    in any float syntax, as YAML 1.1 and ``--arg`` leave ``5e-1`` a string) or refuses them with the name, the value
+    and the expected type. A field typed ``Any`` declares ``kind``: ``"numbers"`` (a number, a per-head list or
+    ``{layer: number | list}``) or ``"names"`` (a string, comma-separated, or a list of strings)."""
+    if kind not in (None, "numbers", "names"):
+        raise ValueError(f"arg(kind={kind!r}): use 'numbers', 'names' or None")
     meta = {
         "doc": doc,
         "low": low,
@@ -81,6 +90,7 @@ def arg(
         "low_open": low_open,
         "high_open": high_open,
         "choices": choices,
+        "kind": kind,
     }
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=meta)
@@ -92,6 +102,110 @@ def _range_text(meta: Mapping[str, Any]) -> str:
     left = "(" if meta["low_open"] else "["
     right = ")" if meta["high_open"] or hi is None else "]"
     return f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+
+
+_EXPECTED = {
+    bool: "true or false",
+    int: "a whole number (e.g. 8)",
+    float: "a number (e.g. 0.5 or 5e-1)",
+    str: "a string",
+    "numbers": "a number, a list of numbers (one per head) or {layer: number | list}",
+    "names": "a name, comma-separated names or a list of names",
+}
+
+
+class _Refused(Exception):
+    """A value that is not of the field's type (turned into a SurgeryConfigError naming the field)."""
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool) or value is None:
+        raise _Refused
+    if isinstance(value, (int, float)):
+        x = float(value)
+    elif isinstance(value, str):
+        try:
+            x = float(value.strip())
+        except ValueError:
+            raise _Refused from None
+    else:
+        raise _Refused
+    if math.isnan(x):
+        raise _Refused
+    return x
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    x = _to_float(value)
+    if not x.is_integer():
+        raise _Refused
+    return int(x)
+
+
+def _to_numbers(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point() or bool(torch.isnan(value).any()):
+            raise _Refused
+        return value
+    if isinstance(value, Mapping):
+        return {k: _to_numbers(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise _Refused
+        return [_to_numbers(v) if isinstance(v, (list, tuple)) else _to_float(v) for v in value]
+    return _to_float(value)
+
+
+def _to_names(value: Any) -> Any:
+    if value is None or isinstance(value, str) and value.strip():
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v.strip() for v in value):
+        return list(value)
+    raise _Refused
+
+
+def _field_type(hint: Any, kind: str | None) -> tuple[Any, bool]:
+    """``(base type, accepts None)`` of a config field: bool, int, float, str, "ints", "numbers", "names" or None
+    (anything)."""
+    if kind is not None:
+        return kind, kind == "names"
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+    if optional:
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = inner[0] if len(inner) == 1 else None
+    if typing.get_origin(hint) is list and typing.get_args(hint) == (int,):
+        return "ints", optional
+    return (hint if hint in (bool, int, float, str) else None), optional
+
+
+def _expected(base: Any, optional: bool) -> str:
+    what = {**_EXPECTED, "ints": "a list of whole numbers"}.get(base, "a value of the documented type")
+    return what + (" or none" if optional and base != "names" else "")
+
+
+def _coerce(base: Any, optional: bool, value: Any) -> Any:
+    """``value`` as the field's type; raises :class:`_Refused`."""
+    if optional and (value is None or isinstance(value, str) and value.strip().lower() in ("none", "null")):
+        return None
+    if base == "numbers":
+        return _to_numbers(value)
+    if base == "names":
+        return _to_names(value)
+    if base == "ints":
+        if not isinstance(value, (list, tuple)):
+            raise _Refused
+        return [_to_int(v) for v in value]
+    if base is bool and not isinstance(value, bool):  # not 1 / 0 / 'maybe': bools only as bools
+        raise _Refused
+    if base is str and not isinstance(value, str):
+        raise _Refused
+    if base is int:
+        return _to_int(value)
+    if base is float:
+        return _to_float(value)
+    return value
 
 
 def _numbers(value: Any) -> list[float]:
@@ -137,9 +251,18 @@ class SurgeryConfig:
             meta = f.metadata
             if not meta:
                 continue
-            hint = hints.get(f.name)
-            if hint is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
+            base, optional = _field_type(hints.get(f.name), meta.get("kind"))
+            try:
+                coerced = _coerce(base, optional, value)
+            except _Refused:
+                what = _expected(base, optional)
+                if meta.get("choices") is not None:
+                    what = f"one of {list(meta['choices'])}"
+                raise SurgeryConfigError(
+                    f"argument {f.name}={value!r} ({type(value).__name__}) must be {what}. {meta['doc']}"
+                ) from None
+            if coerced is not value:
+                value = coerced
                 object.__setattr__(self, f.name, value)
             if meta.get("choices") is not None and value not in meta["choices"]:
                 raise SurgeryConfigError(

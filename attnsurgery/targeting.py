@@ -86,6 +86,8 @@ def _one(spec: Any, num_layers: int) -> Iterable[int]:
                 bounds = [int(p) if p.strip() else None for p in parts]
             except ValueError:
                 raise SurgeryConfigError(f"layers: {spec!r} is not a slice like '2:30' or '-14:'.") from None
+            if len(bounds) == 3 and bounds[2] == 0:
+                raise SurgeryConfigError(f"layers: slice {spec!r} has step 0; use a step of 1 or more ('2:30:2').")
             for b in bounds[:2]:
                 if b is not None and not -num_layers <= b <= num_layers:
                     raise SurgeryConfigError(
@@ -96,11 +98,12 @@ def _one(spec: Any, num_layers: int) -> Iterable[int]:
                 raise SurgeryConfigError(f"layers: slice {spec!r} selects no layer of {num_layers}.")
             return picked
         try:
-            return _one(int(spec), num_layers)
+            index = int(spec)
         except ValueError:
             raise SurgeryConfigError(
                 f"layers: {spec!r} is not a layer index, slice ('2:30') or list ('1,18:32')."
             ) from None
+        return _one(index, num_layers)  # its range error names the model's layers
     raise SurgeryConfigError(f"layers: {spec!r} is not a layer index, slice or list.")
 
 
@@ -110,6 +113,10 @@ def parse_layers(spec: Any, num_layers: int) -> frozenset[int]:
     if isinstance(spec, str) and "," in spec:
         spec = [s for s in spec.split(",") if s.strip()]
     if isinstance(spec, (list, tuple, set, frozenset, range)):
+        if len(spec) == 0:  # patching nothing without a word would hide a mistake
+            raise SurgeryConfigError(
+                "layers: an empty list selects no layer; omit layers (every layer) or name some ('2:', [0, 5])."
+            )
         out: set[int] = set()
         for s in spec:
             out.update(_one(s, num_layers))
@@ -120,10 +127,19 @@ def parse_layers(spec: Any, num_layers: int) -> frozenset[int]:
 def _head_list(spec: Any, num_heads: int, where: str) -> tuple[int, ...]:
     if isinstance(spec, int) and not isinstance(spec, bool):
         spec = [spec]
-    if isinstance(spec, str):
-        spec = [s for s in spec.split(",") if s.strip()]
+    text = spec if isinstance(spec, str) else None
+    if text is not None:
+        if text.strip().startswith("[") != text.strip().endswith("]"):
+            raise SurgeryConfigError(
+                f"heads{where}: {text!r} is not a list of head indices; write '0,3' or '[0, 3]' (brackets closed)."
+            )
+        spec = [s.strip(" []") for s in text.split(",") if s.strip(" []")]
     if not isinstance(spec, (list, tuple, set, frozenset, range)):
         raise SurgeryConfigError(f"heads{where}: {spec!r} is not a list of head indices.")
+    if len(spec) == 0 and not where:  # {layer: []} is a calibrated layer where no head passed: kept
+        raise SurgeryConfigError(
+            f"heads{where}: an empty list selects no head; omit heads (every head) or name some ([0, 3])."
+        )
     out = []
     for h in spec:
         try:

@@ -218,7 +218,7 @@ def test_generate_with_cache_equals_without(arch, form):
         ({"gate_init": "half"}, "gate_init"),
         ({"gate_scale": 0.0}, "gate_scale"),
         ({"gate_scale": -2.0}, "gate_scale"),
-        ({"gate_scale": "2"}, "gate_scale"),
+        ({"gate_scale": "two"}, "gate_scale"),  # "2" is a number in any syntax, coerced
         ({"init_std": -0.1}, "init_std"),
         ({"seed": 1.5}, "seed"),
         ({"sparsity": -1e-3}, "sparsity"),

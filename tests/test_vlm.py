@@ -320,7 +320,7 @@ def test_var_bad_input():
         patch(model, "var")
     with pytest.raises(SurgeryConfigError, match="p=1.5 is out of range"):
         patch(model, "var", p=1.5, sink_dims=[0])
-    with pytest.raises(SurgeryConfigError, match="integers"):
+    with pytest.raises(SurgeryConfigError, match="whole numbers"):
         patch(model, "var", sink_dims=["a"])
     assert Engine.of(model, create=False) is None  # nothing half-applied
     text_only = vlm_inputs(model, [torch.tensor([1, 5, 6, 7, 8, 9])])

@@ -16,6 +16,7 @@ class FinetuneConfig(SurgeryConfig):
         doc="Projection modules whose weights train, by their name inside a decoder layer (comma-separated or a "
         "list), as for `lora`. Default: every projection of the attention module (`attnsurgery train "
         "--train-base attention`).",
+        kind="names",
     )
     bias: bool = arg(True, doc="Train the projections' biases too (where they have one).")
     init: str = arg(

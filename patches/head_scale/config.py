@@ -15,5 +15,6 @@ class HeadScaleConfig(SurgeryConfig):
         doc="Factor on each targeted head's output (0 silences it, 2 doubles it). A number, a per-head list, "
         "or {layer: number | list}.",
         low=0.0,
+        kind="numbers",
     )
     trainable: bool = arg(False, doc="Make the per-head scales trainable parameters (e.g. to learn gates).")

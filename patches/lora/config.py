@@ -23,6 +23,7 @@ class LoraSurgeryConfig(SurgeryConfig):
         doc="Projection modules that get adapters, by their name inside a decoder layer (comma-separated or a "
         "list): q_proj,k_proj,v_proj,o_proj on Llama-likes, c_attn,c_proj on GPT-2, out_proj on OPT; MLP names "
         "(gate_proj, up_proj, down_proj ...) work too. Default: every projection of the attention module.",
+        kind="names",
     )
     init: str = arg(
         "identity",

@@ -30,7 +30,7 @@ class MoHConfig(SurgeryConfig):
         "trainable (fp32), with the load-balance loss as regularizer().",
         choices=ROUTERS,
     )
-    shared: int | None = arg(
+    shared: int | float | None = arg(
         None,
         doc="Number of shared heads (heads 0 .. shared-1, always active). None: half of the heads, rounded down "
         "(MoH-LLaMA3's int(0.5 H)). Must be below the number of heads.",

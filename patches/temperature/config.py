@@ -17,11 +17,13 @@ class TemperatureConfig(SurgeryConfig):
         "per query head, or {layer: number | list}.",
         low=0.0,
         low_open=True,
+        kind="numbers",
     )
     c: Any = arg(
         0.0,
         doc="Selective Attention position coefficient: logits_i *= 1 + c * log(n_i), n_i = real tokens visible "
         "to query i (absolute under a KV cache). A number, per-head list, or {layer: ...}. At least min_c.",
+        kind="numbers",
     )
     min_c: float = arg(
         0.0,
