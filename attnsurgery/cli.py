@@ -9,7 +9,9 @@ Exit codes: 0 success, 1 unexpected error, 2 bad input in general, 3 unknown sur
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from .commands import apply, calibrate, evaluate, inspect, linearize, listing, train
 from .commands._common import CalibrateTools, make_console
@@ -55,6 +57,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         make_console(stderr=True).print("interrupted")
         return 130
+    except Exception as err:  # a bug, not a user error: one line here, the traceback in a log file
+        if os.environ.get("ATTNSURGERY_DEBUG"):
+            raise
+        log = _write_traceback(argv)
+        make_console(stderr=True).print(
+            f"[bold red]unexpected error[/bold red] ({type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}). "
+            f"This is a bug in attnsurgery or a library it calls; the traceback is in {log} (ATTNSURGERY_DEBUG=1 "
+            "shows it here). Please report it with that file."
+        )
+        return 1
+
+
+def _write_traceback(argv: list[str]) -> Path:
+    import traceback
+
+    root = os.environ.get("ATTNSURGERY_CACHE")
+    folder = (Path(root).expanduser() if root else Path.home() / ".cache" / "attnsurgery") / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "last-error.log"
+    path.write_text(f"attnsurgery {' '.join(argv)}\n\n{traceback.format_exc()}")
+    return path
 
 
 if __name__ == "__main__":

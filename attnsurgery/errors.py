@@ -54,5 +54,7 @@ class ModelNotFoundError(AttnSurgeryError, FileNotFoundError):
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """' Did you mean 'x'?' when a close match exists, else ''."""
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    choices = list(choices)
+    same_but_case = [c for c in choices if c.lower() == str(name).lower()]  # 'TEMPERATURE' -> 'temperature'
+    close = same_but_case or difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
     return f" Did you mean {close[0]!r}?" if close else ""

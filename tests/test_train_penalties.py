@@ -182,6 +182,8 @@ def test_fused_kd_equals_the_textbook_kl_and_its_gradient(temperature):
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(student.grad, plain.grad, atol=1e-12, rtol=1e-12)
     assert abs(float(kd_loss(student, teacher.flip(-1), temperature)) - float(expected)) > 1e-3
+    same = torch.randn(2, 5, 49152, generator=g) * 8  # fp32, a real vocabulary: exactly 0 at identity
+    assert float(kd_loss(same, same.clone(), temperature)) == 0.0
     assert torch.autograd.gradcheck(
         lambda x: kd_loss(x, teacher[:, :3, :6], temperature),
         (torch.randn(3, 3, 6, dtype=torch.float64, requires_grad=True),),

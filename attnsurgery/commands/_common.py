@@ -13,6 +13,49 @@ from pathlib import Path
 from typing import Any
 
 
+def bounded(
+    kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False
+) -> Callable[[str], Any]:
+    """An argparse ``type=`` that parses a whole number (``int``) or a number (``float``) and checks its range, so a bad
+    flag fails at once (exit 2, naming the value and the range) instead of after a model load."""
+    left, right = ("(" if low_open else "["), (")" if high_open or high is None else "]")
+    span = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a {'whole number' if kind is int else 'number'} (it must lie in {span})"
+            ) from None
+        bad = value != value or value in (float("inf"), float("-inf"))  # NaN, inf
+        bad = bad or (low is not None and (value < low or (low_open and value == low)))
+        bad = bad or (high is not None and (value > high or (high_open and value == high)))
+        if bad:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must lie in {span}")
+        return value
+
+    parse.__name__ = "whole number" if kind is int else "number"  # argparse names the type in its message
+    return parse
+
+
+def check_out_folder(out: Path, *, resume: bool = False, overwrite: bool = False) -> None:
+    """An output *folder*: refuse a path that is a file, and --resume with --overwrite (continue or replace, not
+    both), before any model loads."""
+    from ..errors import AttnSurgeryError
+
+    if resume and overwrite:
+        raise AttnSurgeryError(
+            f"--resume continues the run in {out} and --overwrite replaces it: give one of them, not both."
+        )
+    if out.exists() and not out.is_dir():
+        raise AttnSurgeryError(f"--out {out} is a file; the output is a folder. Name a new or existing folder.")
+    if resume and not (out / "checkpoint.pt").is_file():
+        raise AttnSurgeryError(
+            f"--resume: {out} holds no checkpoint.pt to continue; start the run without --resume."
+        )
+
+
 def model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto (default float32)")
     p.add_argument("--device-map", default=None, help="accelerate device map, e.g. auto")
@@ -27,7 +70,10 @@ def surgery_options(p: argparse.ArgumentParser) -> None:
 
 def eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--limit", type=float, default=None, help="docs per task (a quick look; same docs per arm)"
+        "--limit",
+        type=bounded(float, 0, low_open=True),
+        default=None,
+        help="docs per task (a quick look; same docs per arm); below 1, a fraction of each task",
     )
     p.add_argument("--force", action="store_true", help="re-run arms even if their results are cached")
 
@@ -66,7 +112,15 @@ def surgery_request(args: argparse.Namespace, model_name: str):
     if args.layers is not None:
         kwargs["layers"] = args.layers
     if args.heads is not None:
-        kwargs["heads"] = yaml.safe_load(args.heads)
+        try:
+            kwargs["heads"] = yaml.safe_load(args.heads)
+        except yaml.YAMLError:
+            from ..errors import SurgeryConfigError
+
+            raise SurgeryConfigError(
+                f"--heads {args.heads!r} is not a list or mapping of head indices; write '[0, 3]', '0,3' or "
+                "'{10: [0, 3]}' (brackets and braces closed)."
+            ) from None
     if args.recipe:
         return find_recipe(args.recipe, model=model_name), kwargs
     from ..registry import get_surgery_class
@@ -179,7 +233,17 @@ def calibration_records(data: list[str], limit: int | None, kind: str) -> tuple[
         if path.suffix == ".jsonl":
             if not path.is_file():
                 raise AttnSurgeryError(f"calibration data file {path} does not exist.")
-            per_source.append([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+            try:
+                records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            except json.JSONDecodeError as err:
+                raise AttnSurgeryError(
+                    f"calibration data file {path}: line {err.lineno} is not JSON ({err.msg})."
+                ) from None
+            from ..train.data import refuse_test_content
+
+            texts = [r.get("text") or r.get("query") for r in records if isinstance(r, dict)]
+            refuse_test_content([t for t in texts if isinstance(t, str)], str(path))
+            per_source.append(records)
             continue
         from ..tasks import load_split, task_info
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import ensure_recipe, load, make_console, model_options, surgery_options, surgery_request
+from ._common import bounded, ensure_recipe, load, make_console, model_options, surgery_options, surgery_request
 
 DEMO_PROMPT = "The capital of France is"
 
@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="prompt to generate from (default: a short demo prompt unless --save is given)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--max-new-tokens", type=bounded(int, 1), default=20)
     p.add_argument("--save", metavar="DIR", help="save the surgery (config + state) to DIR")
     p.add_argument(
         "--no-calibrate",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import arm_progress, ensure_recipe, eval_options, make_console, model_options, print_report
+from ._common import arm_progress, bounded, ensure_recipe, eval_options, make_console, model_options, print_report
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,8 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         required=True,
         help="lm-eval tasks, comma-separated; 'offline' is the shipped offline suite",
     )
-    p.add_argument("--num-fewshot", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-fewshot", type=bounded(int, 0), default=None)
+    p.add_argument("--batch-size", type=bounded(int, 1), default=16)
     p.add_argument("--out", default="attnsurgery-eval", help="output folder (results + per-arm cache)")
     p.add_argument(
         "--quant",

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ._common import load, make_console, model_options, surgery_options, surgery_request
+from ._common import bounded, load, make_console, model_options, surgery_options, surgery_request
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,8 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     surgery_options(p)
     p.add_argument("--prompt", default="The quick brown fox jumps over the lazy dog. The dog sleeps.")
     p.add_argument("--show-layers", default=None, help="layers to plot (default: six spread over the depth)")
-    p.add_argument("--heads-shown", type=int, default=4, help="heads per layer in the plot")
-    p.add_argument("--threshold", type=float, default=0.1, help="sink score threshold (ACT's 0.1)")
+    p.add_argument("--heads-shown", type=bounded(int, 1), default=4, help="heads per layer in the plot")
+    p.add_argument("--threshold", type=bounded(float, 0, 1, low_open=True), default=0.1, help="sink score threshold (ACT's 0.1)")
     p.add_argument(
         "--out",
         default=None,
@@ -41,9 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="--outliers text, and the text a surgery's own diagnostics (MoH head usage) run on: an offline "
         "task (its calibration split) or a .jsonl/.txt file",
     )
-    p.add_argument("--windows", type=int, default=8, help="windows of --data measured")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per window of --data")
-    p.add_argument("--batch-size", type=int, default=4, help="windows of --data per forward")
+    p.add_argument("--windows", type=bounded(int, 1), default=8, help="windows of --data measured")
+    p.add_argument("--seq-len", type=bounded(int, 8), default=256, help="tokens per window of --data")
+    p.add_argument("--batch-size", type=bounded(int, 1), default=4, help="windows of --data per forward")
     model_options(p)
     p.set_defaults(func=run)
 

@@ -119,7 +119,9 @@ def load_texts(source: str) -> list[str]:
                 f"cannot load the Hub dataset {source!r} ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
                 "Without Hub access, use an offline task (gutenberg_ppl) or a local .jsonl/.txt file."
             ) from None
-        return _texts_of(ds, source)
+        texts = _texts_of(ds, source)
+        refuse_test_content(texts, source)
+        return texts
     else:
         raise DataError(
             f"unknown training data {source!r}: not an offline task, a corpus, a file, or a Hub dataset id."
@@ -131,7 +133,23 @@ def load_texts(source: str) -> list[str]:
         ds = datasets.load_dataset("text", data_files=files, split="train", sample_by="paragraph")
     else:
         ds = datasets.load_dataset("json", data_files=files, split="train")
-    return _texts_of(ds, source)
+    texts = _texts_of(ds, source)
+    if name not in _offline_tasks():  # a file (or corpus) holding a test split under another name
+        refuse_test_content(texts, source)
+    return texts
+
+
+def refuse_test_content(texts: list[str], source: str) -> None:
+    """Refuse data that holds a record of an offline task's test split (the splits tables report), by content."""
+    from attnsurgery.tasks import test_split_overlap
+
+    hit = test_split_overlap(texts)
+    if hit is not None:
+        task, record = hit
+        raise DataError(
+            f"{source} holds record {record!r} of the test split of {task} (tables report that split, so no surgery "
+            f"may learn from it). Remove the test records, or use the calibration split: {task}."
+        )
 
 
 def _corpora() -> list[str]:

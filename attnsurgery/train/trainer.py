@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine import Engine
-from ..errors import AttnSurgeryError
+from ..errors import AttnSurgeryError, did_you_mean
 from ..surgery import Stage, Surgery
 from .data import TrainingData
 from .objectives import kd_loss, parse_objective
@@ -97,25 +97,45 @@ class TrainConfig:
 
     def validate(self) -> None:
         parse_objective(self.objective)
+        def number(value: Any, whole: bool) -> bool:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return False
+            return isinstance(value, int) if whole else math.isfinite(value)
+
+        # (name, whole number?, test, the valid values in words)
         checks = [
-            ("steps", self.steps >= 1),
-            ("lr", self.lr > 0 and math.isfinite(self.lr)),
-            ("lora_lr", self.lora_lr > 0 and math.isfinite(self.lora_lr)),
-            ("batch_size", self.batch_size >= 1),
-            ("grad_accum", self.grad_accum >= 1),
-            ("seq_len", self.seq_len >= 8),
-            ("warmup", 0 <= self.warmup < 1),
-            ("schedule", self.schedule in SCHEDULES),
-            ("val_every", self.val_every >= 1),
-            ("save_every", self.save_every >= 1),
-            ("kd_temperature", self.kd_temperature > 0),
-            ("mixed_precision", self.mixed_precision in ("no", "bf16", "fp16")),
-            ("keep", self.keep in ("last", "best")),
-            ("patience", self.patience is None or self.patience >= 1),
+            ("steps", True, lambda v: v >= 1, "a whole number >= 1"),
+            ("lr", False, lambda v: v > 0, "a number > 0"),
+            ("lora_lr", False, lambda v: v > 0, "a number > 0"),
+            ("batch_size", True, lambda v: v >= 1, "a whole number >= 1"),
+            ("grad_accum", True, lambda v: v >= 1, "a whole number >= 1"),
+            ("seq_len", True, lambda v: v >= 8, "a whole number >= 8"),
+            ("warmup", False, lambda v: 0 <= v < 1, "a fraction of the steps in [0, 1)"),
+            ("weight_decay", False, lambda v: v >= 0, "a number >= 0"),
+            ("val_every", True, lambda v: v >= 1, "a whole number >= 1"),
+            ("save_every", True, lambda v: v >= 1, "a whole number >= 1"),
+            ("kd_temperature", False, lambda v: v > 0, "a number > 0"),
+            ("seed", True, lambda v: True, "a whole number"),
         ]
-        for name, ok in checks:
-            if not ok:
-                raise TrainingError(f"train: {name}={getattr(self, name)!r} is out of range.")
+        for name, whole, ok, what in checks:
+            value = getattr(self, name)
+            if not (number(value, whole) and ok(value)):
+                raise TrainingError(f"train: {name}={value!r} is out of range: it must be {what}.")
+        choices = [
+            ("schedule", SCHEDULES),
+            ("mixed_precision", ("no", "bf16", "fp16")),
+            ("keep", ("last", "best")),
+        ]
+        for name, allowed in choices:
+            value = getattr(self, name)
+            if value not in allowed:
+                raise TrainingError(
+                    f"train: {name}={value!r} is not one of {list(allowed)}.{did_you_mean(str(value), allowed)}"
+                )
+        if self.patience is not None and not (number(self.patience, True) and self.patience >= 1):
+            raise TrainingError(f"train: patience={self.patience!r} is out of range: it must be None or a whole number >= 1.")
+        if self.max_grad_norm is not None and not (number(self.max_grad_norm, False) and self.max_grad_norm > 0):
+            raise TrainingError(f"train: max_grad_norm={self.max_grad_norm!r} must be None or a number > 0.")
 
 
 @dataclass

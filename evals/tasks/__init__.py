@@ -100,3 +100,44 @@ def task_info(task: str) -> dict[str, Any]:
         test = load_split(task, "test")
         info["chance"] = sum(1 / len(r["choices"]) for r in test) / len(test)
     return info
+
+
+# -- data hygiene: the test splits by content ------------------------------------------------------------------------
+_KEY_WORDS = 8  # test records are indexed by their first words; a candidate text is then compared in full
+
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+@cache
+def _test_index() -> dict[str, list[tuple[str, str, str]]]:
+    """{first words: [(normalised test text, task, record id)]} over the test split of every offline task: a
+    perplexity record's text, a multiple-choice record's question."""
+    index: dict[str, list[tuple[str, str, str]]] = {}
+    for task in _TASKS:
+        for record in load_split(task, "test"):
+            text = record.get("text") if isinstance(record.get("text"), str) else record.get("query")
+            words = _words(text or "")
+            if len(words) < 3:  # too short to tell apart from ordinary text
+                continue
+            key = " ".join(words[:_KEY_WORDS])
+            index.setdefault(key, []).append((" ".join(words), task, str(record.get("id", "?"))))
+    return index
+
+
+def test_split_overlap(texts: Any) -> tuple[str, str] | None:
+    """``(task, record id)`` of the first offline test record that one of ``texts`` starts with (whitespace
+    normalised: a test text itself, or a test question followed by its answer), else None. Data that holds a split
+    the tables report is refused everywhere it could teach a surgery (train, calibrate, inspect), whatever its file is
+    called."""
+    index = _test_index()
+    for text in texts:
+        words = _words(text) if isinstance(text, str) else []
+        if len(words) < 3:
+            continue
+        for n in range(3, min(len(words), _KEY_WORDS) + 1):  # test records shorter than the key, too
+            for whole, task, rid in index.get(" ".join(words[:n]), ()):
+                if " ".join(words[: len(whole.split())]) == whole:
+                    return task, rid
+    return None
