@@ -13,7 +13,7 @@ from torch import nn
 
 from . import __version__
 from .engine import Engine
-from .errors import AttnSurgeryError, RecipeError, UnknownSurgeryError
+from .errors import AttnSurgeryError, RecipeError, SurgeryConfigError, UnknownSurgeryError
 from .recipe import Recipe, SurgerySpec, find_recipe, parse_recipe
 from .registry import get_surgery_class
 from .surgery import Surgery
@@ -48,6 +48,11 @@ class SurgeryHandle:
         self.active = False
 
     def __enter__(self) -> SurgeryHandle:
+        if not self.active:  # the block would run the unpatched model while the reader believes otherwise
+            raise AttnSurgeryError(
+                "this handle was removed, so `with handle:` would run the model unpatched; patch again "
+                "(`with patch(model, ...):`) to use the surgery."
+            )
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -92,6 +97,19 @@ def patch(
     >>> handle = patch(model, "head_scale", heads={10: [0, 3]}, scale=0.0)
     >>> handle = patch(model, "temperature/sharpen")          # a shipped recipe
     """
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise AttnSurgeryError(
+            f"patch needs a transformers model (a PreTrainedModel, e.g. from load_model or "
+            f"AutoModelForCausalLM.from_pretrained), got {type(model).__name__}."
+        )
+    if isinstance(surgery, (str, Path)) and (Path(surgery) / CONFIG_NAME).is_file() and not (
+        Path(surgery) / "recipe.yaml"
+    ).is_file():  # a save_surgery folder: one folder format, accepted everywhere
+        if args or layers is not None or heads is not None:
+            raise RecipeError(
+                f"{surgery} is a saved surgery; it loads as saved (no keyword overrides). Patch by name to change it."
+            )
+        return load_surgery(model, surgery)
     recipe: Recipe | None = None
     if isinstance(surgery, Recipe):
         recipe = surgery
@@ -134,16 +152,31 @@ def patch(
     try:
         for spec in specs:
             surgery_obj = _build(engine, spec)
+            _refuse_stacking(engine, surgery_obj)
             engine.add(surgery_obj)
             added.append(surgery_obj)
             if spec.state is not None:
-                _load_state(surgery_obj, load_file(str(spec.state)), engine)
+                _load_state(surgery_obj, _read_state(Path(spec.state)), engine)
     except BaseException:
         for surgery_obj in added:  # nothing half-applied
             engine.remove(surgery_obj)
         engine.discard_if_unused()
         raise
     return SurgeryHandle(model, added, recipe)
+
+
+def _refuse_stacking(engine: Engine, new: Surgery) -> None:
+    """The same surgery twice on a layer compounds silently (two tau=0.8 give 0.64): refuse, naming the fix."""
+    for old in engine.surgeries:
+        if old.name == new.name and old is not new:
+            shared = sorted(set(old.targets.layers) & set(new.targets.layers))
+            if shared:
+                from .targeting import _compact
+
+                raise SurgeryConfigError(
+                    f"{new.name} is already patched on layers {_compact(shared)} of this model; a second one would "
+                    f"compound with it. Remove the first (handle.remove()) or target other layers."
+                )
 
 
 def _load_state(surgery: Surgery, tensors: dict[str, torch.Tensor], engine: Engine) -> None:
@@ -171,12 +204,22 @@ def _load_state(surgery: Surgery, tensors: dict[str, torch.Tensor], engine: Engi
     engine.refresh()  # loaded state can switch layers on or off
 
 
-def save_surgery(handle: SurgeryHandle, directory: str | Path) -> Path:
+def save_surgery(handle: SurgeryHandle, directory: str | Path, *, overwrite: bool = False) -> Path:
     """Save a handle's surgeries peft-style: ``attnsurgery_config.json`` + ``attnsurgery_state.safetensors``.
 
-    Only the surgery (arguments, targets, calibrated/trained tensors) is written, never the model weights.
+    Only the surgery (arguments, targets, calibrated/trained tensors) is written, never the model weights. A folder
+    that already holds a saved surgery is replaced only with ``overwrite=True``.
     """
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise AttnSurgeryError(f"{directory} is a file; save_surgery writes a folder. Name a new or existing folder.")
+    if (directory / CONFIG_NAME).exists() and not overwrite:
+        raise AttnSurgeryError(
+            f"{directory} already holds a saved surgery ({CONFIG_NAME}); pass overwrite=True (--overwrite) to "
+            "replace it, or name another folder."
+        )
+    if not handle.surgeries:
+        raise AttnSurgeryError("this handle holds no surgery to save.")
     directory.mkdir(parents=True, exist_ok=True)
     entries, tensors = [], {}
     for i, surgery in enumerate(handle.surgeries):
@@ -202,16 +245,38 @@ def save_surgery(handle: SurgeryHandle, directory: str | Path) -> Path:
     return directory
 
 
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors state file, or an error that names it (truncated, corrupt, not safetensors)."""
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own SafetensorError, or OSError
+        raise AttnSurgeryError(
+            f"{path} cannot be read as safetensors ({type(err).__name__}: {str(err)[:160]}); the file is damaged or "
+            "truncated: save or train the surgery again."
+        ) from None
+
+
 def load_surgery(model: nn.Module, directory: str | Path) -> SurgeryHandle:
     """Re-apply surgeries saved with :func:`save_surgery` onto a (fresh) model of the same shape."""
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
+    if not config_path.is_file() and (directory / "recipe.yaml").is_file():  # a training run / recipe folder
+        return patch(model, find_recipe(directory))
     if not config_path.is_file():
         raise AttnSurgeryError(
-            f"{directory} holds no {CONFIG_NAME}; save one with save_surgery(handle, dir)."
+            f"{directory} holds no {CONFIG_NAME} (nor a recipe.yaml); save one with save_surgery(handle, dir)."
         )
-    config = json.loads(config_path.read_text())
-    tensors = load_file(str(directory / STATE_NAME)) if (directory / STATE_NAME).is_file() else {}
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AttnSurgeryError(
+            f"{config_path} is not valid JSON ({err}); the saved surgery is damaged: save it again."
+        ) from None
+    if not isinstance(config, dict) or not isinstance(config.get("surgeries"), list):
+        raise AttnSurgeryError(
+            f"{config_path} has no 'surgeries' list, so it is not a file save_surgery wrote; save the surgery again."
+        )
+    tensors = _read_state(directory / STATE_NAME) if (directory / STATE_NAME).is_file() else {}
     handles = []
     try:
         for i, entry in enumerate(config["surgeries"]):

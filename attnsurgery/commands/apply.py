@@ -27,6 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-new-tokens", type=bounded(int, 1), default=20)
     p.add_argument("--save", metavar="DIR", help="save the surgery (config + state) to DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace a surgery already saved in --save DIR")
     p.add_argument(
         "--no-calibrate",
         action="store_true",
@@ -97,6 +98,6 @@ def run(args: argparse.Namespace) -> int:
             table.add_row(name, text.strip(), f"{nll:.4f}", f"{math.exp(nll):.2f}")
         console.print(table)
     if args.save:
-        path = save_surgery(handle, args.save)
+        path = save_surgery(handle, args.save, overwrite=args.overwrite)
         console.print(f"saved surgery to {path} (load with attnsurgery.load_surgery(model, {str(path)!r}))")
     return 0
