@@ -309,6 +309,20 @@ def test_reproduce_runs_a_table(include, loaded, tmp_path, monkeypatch):
     md = paths["md"].read_text()
     assert "published" in md and "sharp: 0.5" in md
     assert (tmp_path / "out" / "cache" / "tiny").is_dir()
+    assert "Limited run: 6 documents" in md  # the table's own limit, said in the title
+
+    # a quick look with another --limit never lands on those results: refused in the same folder ...
+    full = paths["json"].read_text()
+    with pytest.raises(EvalError, match="--limit 6.*--limit 3.*--overwrite"):
+        reproduce(table, out_dir=tmp_path / "out", limit=3)
+    assert paths["json"].read_text() == full
+    # ... and by default it goes to a folder of its own, marked limited in its table and plot
+    monkeypatch.chdir(tmp_path)
+    _, quick = reproduce(table, limit=3)
+    assert quick["json"].parent == Path("evals/results/tiny-table-limit3")
+    assert "Limited run: 3 documents" in quick["md"].read_text()
+    _, replaced = reproduce(table, out_dir=tmp_path / "out", limit=3, overwrite=True)
+    assert replaced["json"].read_text() != full
 
 
 def test_cli_eval_unknown_task_exits_before_loading(include, capsys):

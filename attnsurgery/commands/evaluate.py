@@ -44,7 +44,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reproduce", help="run a table definition (evals/*.yaml): models x arms x tasks")
     p.add_argument("table", help="table YAML, e.g. evals/mini.yaml")
     p.add_argument("--model", action="append", help="only this model of the table (repeatable)")
-    p.add_argument("--out", default=None, help="output folder (default evals/results/<table name>)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default evals/results/<table name>; a --limit or --model run: its own folder beside it)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace results in --out made with another --limit or models"
+    )
     eval_options(p)
     p.set_defaults(func=run_reproduce)
 
@@ -126,7 +133,13 @@ def run_reproduce(args: argparse.Namespace) -> int:
     if table.requires:
         make_console(stderr=True).print(f"[yellow]this table needs: {table.requires}[/yellow]")
     reports, paths = reproduce(
-        table, out_dir=args.out, models=args.model, limit=args.limit, force=args.force, on_arm=arm_progress
+        table,
+        out_dir=args.out,
+        models=args.model,
+        limit=args.limit,
+        force=args.force,
+        on_arm=arm_progress,
+        overwrite=args.overwrite,
     )
     print_report(paths["md"].read_text(), paths)
     return 0 if all(a.valid for r in reports for a in r.arms) else 1

@@ -314,6 +314,13 @@ class EvalReport:
 def render_markdown(reports: Sequence[EvalReport], published: Sequence[dict[str, Any]] = ()) -> str:
     """A markdown table per model: value ± stderr per arm, then delta (paired stderr, p) per patched arm."""
     out: list[str] = []
+    limits = sorted({r.settings.get("limit") for r in reports if r.settings.get("limit")})
+    if limits:  # a quick look must not pass for the full table
+        out += [
+            f"**Limited run: {', '.join(f'{x:g}' for x in limits)} documents per task (--limit), not the full "
+            "table.**",
+            "",
+        ]
     for report in reports:
         pub = [p for p in published if p.get("model") == report.model]
         rows = [
@@ -366,7 +373,8 @@ def plot_report(
                 labels.append(label)
             panels.append(
                 Panel(
-                    title=f"{report.model}\n{task}",
+                    title=f"{report.model}\n{task}"
+                    + (f" (limit {report.settings['limit']:g})" if report.settings.get("limit") else ""),
                     ylabel=f"{metric} {'↓' if metric.split(' (')[0] in _LOWER_IS_BETTER else '↑'}",
                     values=[a.metrics.get(task, {}).get(metric) or 0.0 for a in report.arms],
                     errors=[a.metrics.get(task, {}).get(f"{metric}_stderr") or 0.0 for a in report.arms],
@@ -689,8 +697,12 @@ def write_report(
     published: Sequence[dict] = (),
     primary: dict[str, str] | None = None,
     name: str = "results",
+    run: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """``<name>.json`` (our table plus lm-eval's results per arm), ``<name>.md`` and ``<name>.png``."""
+    """``<name>.json`` (our table plus lm-eval's results per arm; ``run``: the settings that made it), ``<name>.md``
+    and ``<name>.png``."""
     payload = {"reports": [r.to_json() for r in reports], "published": list(published)}
+    if run is not None:
+        payload["run"] = run
     markdown = render_markdown(reports, published)
     return write_files(out_dir, name, payload, markdown, lambda png: plot_report(reports, png, primary))

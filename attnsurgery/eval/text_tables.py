@@ -5,6 +5,7 @@ a PNG bar chart (``attnsurgery reproduce``; ``kind: vlm`` tables go to :mod:`.vi
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,6 +203,7 @@ def reproduce(
     limit: int | float | None = None,
     force: bool = False,
     on_arm: Callable[[str, str, str], None] | None = None,
+    overwrite: bool = False,
 ) -> tuple[list[EvalReport], dict[str, Path]]:
     """Run a whole table; results go to ``out_dir`` (default ``evals/results/<name>``), cached per arm."""
     if not isinstance(table, TableDef):
@@ -214,14 +216,25 @@ def reproduce(
         if m not in table.models:
             raise _table_error(table.name, f"model {m!r} is not in the table.{did_you_mean(m, table.models)}")
     plans = [(m, table.arms_for(m)) for m in chosen]  # resolves every recipe before any model loads
-    out_dir = Path(out_dir) if out_dir else Path("evals") / "results" / slug(table.name)
+    effective_limit = limit if limit is not None else table.limit
+    run = {"limit": effective_limit, "models": chosen}
+    if out_dir is None:
+        # a quick look (--limit) or a subset of the models never lands on the full table's results
+        suffix = []
+        if effective_limit != table.limit:
+            suffix.append(f"limit{effective_limit:g}")
+        if chosen != table.models:
+            suffix += [slug(m) for m in chosen]
+        out_dir = Path("evals") / "results" / "-".join([slug(table.name), *suffix])
+    out_dir = Path(out_dir)
+    refuse_other_settings(out_dir / "table.json", run, overwrite)
     reports = []
     for model, arms in plans:
         report = evaluate_arms(
             model,
             arms,
             tasks,
-            limit=limit if limit is not None else table.limit,
+            limit=effective_limit,
             num_fewshot=table.num_fewshot,
             batch_size=table.batch_size,
             dtype=table.dtype,
@@ -230,5 +243,37 @@ def reproduce(
             on_arm=(lambda arm, status, _m=model: on_arm(_m, arm, status)) if on_arm else None,
         )
         reports.append(report)
-    paths = write_report(reports, out_dir, table.published, table.metrics, name="table")
+    paths = write_report(reports, out_dir, table.published, table.metrics, name="table", run=run)
     return reports, paths
+
+
+def refuse_other_settings(path: Path, run: dict[str, Any], overwrite: bool) -> None:
+    """A results file made under other settings (another --limit, other models) is not replaced without
+    ``overwrite``: a quick look must never overwrite a full table."""
+    if overwrite or not path.is_file():
+        return
+    try:
+        previous = (json.loads(path.read_text()) or {}).get("run")
+    except json.JSONDecodeError:
+        previous = None
+    if previous is None:  # written before runs recorded their settings: judge by the reports' own limit
+        try:
+            reports = json.loads(path.read_text()).get("reports") or []
+        except json.JSONDecodeError:
+            reports = []
+        previous = {
+            "limit": next((r.get("settings", {}).get("limit") for r in reports), None),
+            "models": [r.get("model") for r in reports],
+        }
+    if previous != run:
+        raise EvalError(
+            f"{path} holds results made with {_describe_run(previous)}; this run is {_describe_run(run)}. Pass --out "
+            "DIR to write elsewhere, or --overwrite to replace them."
+        )
+
+
+def _describe_run(run: dict[str, Any]) -> str:
+    limit = run.get("limit")
+    return f"models {', '.join(map(str, run.get('models') or []))} and " + (
+        f"--limit {limit:g}" if isinstance(limit, (int, float)) else "every document"
+    )
