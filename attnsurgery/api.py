@@ -102,9 +102,11 @@ def patch(
             f"patch needs a transformers model (a PreTrainedModel, e.g. from load_model or "
             f"AutoModelForCausalLM.from_pretrained), got {type(model).__name__}."
         )
-    if isinstance(surgery, (str, Path)) and (Path(surgery) / CONFIG_NAME).is_file() and not (
-        Path(surgery) / "recipe.yaml"
-    ).is_file():  # a save_surgery folder: one folder format, accepted everywhere
+    if (
+        isinstance(surgery, (str, Path))
+        and (Path(surgery) / CONFIG_NAME).is_file()
+        and not (Path(surgery) / "recipe.yaml").is_file()
+    ):  # a save_surgery folder: one folder format, accepted everywhere
         if args or layers is not None or heads is not None:
             raise RecipeError(
                 f"{surgery} is a saved surgery; it loads as saved (no keyword overrides). Patch by name to change it."
@@ -212,7 +214,9 @@ def save_surgery(handle: SurgeryHandle, directory: str | Path, *, overwrite: boo
     """
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
-        raise AttnSurgeryError(f"{directory} is a file; save_surgery writes a folder. Name a new or existing folder.")
+        raise AttnSurgeryError(
+            f"{directory} is a file; save_surgery writes a folder. Name a new or existing folder."
+        )
     if (directory / CONFIG_NAME).exists() and not overwrite:
         raise AttnSurgeryError(
             f"{directory} already holds a saved surgery ({CONFIG_NAME}); pass overwrite=True (--overwrite) to "

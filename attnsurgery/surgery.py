@@ -171,7 +171,9 @@ def _field_type(hint: Any, kind: str | None) -> tuple[Any, bool]:
     (anything)."""
     if kind is not None:
         return kind, kind == "names"
-    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(
+        hint
+    )
     if optional:
         inner = [a for a in typing.get_args(hint) if a is not type(None)]
         hint = inner[0] if len(inner) == 1 else None

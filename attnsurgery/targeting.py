@@ -87,7 +87,9 @@ def _one(spec: Any, num_layers: int) -> Iterable[int]:
             except ValueError:
                 raise SurgeryConfigError(f"layers: {spec!r} is not a slice like '2:30' or '-14:'.") from None
             if len(bounds) == 3 and bounds[2] == 0:
-                raise SurgeryConfigError(f"layers: slice {spec!r} has step 0; use a step of 1 or more ('2:30:2').")
+                raise SurgeryConfigError(
+                    f"layers: slice {spec!r} has step 0; use a step of 1 or more ('2:30:2')."
+                )
             for b in bounds[:2]:
                 if b is not None and not -num_layers <= b <= num_layers:
                     raise SurgeryConfigError(

@@ -148,8 +148,11 @@ API_CASES = [
     ("heads-outside-layers", _p("temperature", tau=0.8, layers=[0], heads={2: [0]}), "outside layers"),
     # lifecycle and composition
     ("same-surgery-twice", _twice("temperature", {"tau": 0.8}, {"tau": 0.8}), "already patched"),
-    ("same-surgery-overlapping", _twice("head_scale", {"scale": 0.5, "layers": "0:2"}, {"scale": 0.5, "layers": "1:"}),
-     "already patched on layers 1"),
+    (
+        "same-surgery-overlapping",
+        _twice("head_scale", {"scale": 0.5, "layers": "0:2"}, {"scale": 0.5, "layers": "1:"}),
+        "already patched on layers 1",
+    ),
     ("with-removed-handle", _with_removed, "was removed"),
     ("not-a-model", lambda m, tmp: patch(object(), "temperature"), "transformers model"),
     # files
@@ -162,15 +165,38 @@ API_CASES = [
     ("load-other-shape", _load("fixtures/other-shape"), "(?i)layer|head|shape"),
     ("patch-missing-yaml", lambda m, tmp: patch(m, str(tmp / "none.yaml")), "does not exist"),
     ("patch-truncated-folder", _patch_path("fixtures/truncated"), "cannot be read as safetensors"),
-    ("patch-saved-with-overrides", lambda m, tmp: patch(m, str(tmp / "saved"), tau=0.5), "no keyword overrides"),
+    (
+        "patch-saved-with-overrides",
+        lambda m, tmp: patch(m, str(tmp / "saved"), tau=0.5),
+        "no keyword overrides",
+    ),
     ("recipe-not-mapping", _recipe("- a\n- b\n"), "mapping|recipe"),
     ("recipe-bad-yaml", _recipe("surgeries: [\n"), "YAML|yaml"),
-    ("recipe-unknown-key", _recipe({"surgeries": [{"surgery": "temperature"}], "modle": "x"}), "(?i)did you mean 'model'"),
-    ("recipe-unknown-surgery", _recipe({"surgeries": [{"surgery": "tempreature"}]}), "(?i)did you mean 'temperature'"),
-    ("recipe-bad-argument", _recipe({"surgeries": [{"surgery": "temperature", "args": {"tau": "abc"}}]}), "tau='abc'"),
-    ("recipe-layers-string", _recipe({"surgeries": [{"surgery": "temperature", "layers": "9"}]}), "layer 9 is out of range"),
-    ("recipe-missing-state", _recipe({"surgeries": [{"surgery": "head_scale", "state": "gone.safetensors"}]}),
-     "gone.safetensors"),
+    (
+        "recipe-unknown-key",
+        _recipe({"surgeries": [{"surgery": "temperature"}], "modle": "x"}),
+        "(?i)did you mean 'model'",
+    ),
+    (
+        "recipe-unknown-surgery",
+        _recipe({"surgeries": [{"surgery": "tempreature"}]}),
+        "(?i)did you mean 'temperature'",
+    ),
+    (
+        "recipe-bad-argument",
+        _recipe({"surgeries": [{"surgery": "temperature", "args": {"tau": "abc"}}]}),
+        "tau='abc'",
+    ),
+    (
+        "recipe-layers-string",
+        _recipe({"surgeries": [{"surgery": "temperature", "layers": "9"}]}),
+        "layer 9 is out of range",
+    ),
+    (
+        "recipe-missing-state",
+        _recipe({"surgeries": [{"surgery": "head_scale", "state": "gone.safetensors"}]}),
+        "gone.safetensors",
+    ),
 ]
 
 
@@ -205,7 +231,9 @@ def fixtures(tmp_path_factory):
     handle.remove()
     state = root / "fixtures" / "truncated" / "attnsurgery_state.safetensors"
     state.write_bytes(state.read_bytes()[:40])
-    other = tiny_model("qwen2")  # 3 layers too, but saved with per-layer heads that do not fit a 2-layer model
+    other = tiny_model(
+        "qwen2"
+    )  # 3 layers too, but saved with per-layer heads that do not fit a 2-layer model
     handle = patch(other, "head_scale", scale=0.5, heads={2: [3]})
     save_surgery(handle, root / "fixtures" / "other-shape")
     handle.remove()
@@ -268,37 +296,105 @@ CLI_CASES = [
     ("apply-unknown-arg", ["apply", "temperature", M, "--arg", "tua=0.8"], 4, "(?i)did you mean 'tau'"),
     ("apply-trainable-maybe", ["apply", "head_scale", M, "--arg", "trainable=maybe"], 4, "true or false"),
     ("apply-lora-r-fraction", ["apply", "lora", M, "--arg", "r=2.5"], 4, "whole number"),
-    ("apply-layer-30", ["apply", "temperature", M, "--arg", "tau=0.8", "--layers", "30"], 4, "layer 30 is out of range"),
-    ("apply-layer-minus-31", ["apply", "temperature", M, "--arg", "tau=0.8", "--layers=-31"], 4, "out of range"),
-    ("apply-layer-step-zero", ["apply", "temperature", M, "--arg", "tau=0.8", "--layers", "0:3:0"], 4, "step 0"),
-    ("apply-heads-unclosed", ["apply", "temperature", M, "--arg", "tau=0.8", "--heads", "[0, 1"], 4, "brackets"),
-    ("apply-heads-out-of-range", ["apply", "temperature", M, "--arg", "tau=0.8", "--heads", "[9]"], 4, "head 9"),
+    (
+        "apply-layer-30",
+        ["apply", "temperature", M, "--arg", "tau=0.8", "--layers", "30"],
+        4,
+        "layer 30 is out of range",
+    ),
+    (
+        "apply-layer-minus-31",
+        ["apply", "temperature", M, "--arg", "tau=0.8", "--layers=-31"],
+        4,
+        "out of range",
+    ),
+    (
+        "apply-layer-step-zero",
+        ["apply", "temperature", M, "--arg", "tau=0.8", "--layers", "0:3:0"],
+        4,
+        "step 0",
+    ),
+    (
+        "apply-heads-unclosed",
+        ["apply", "temperature", M, "--arg", "tau=0.8", "--heads", "[0, 1"],
+        4,
+        "brackets",
+    ),
+    (
+        "apply-heads-out-of-range",
+        ["apply", "temperature", M, "--arg", "tau=0.8", "--heads", "[9]"],
+        4,
+        "head 9",
+    ),
     ("apply-max-new-tokens", ["apply", "temperature", M, "--max-new-tokens", "-1"], 2, "--max-new-tokens"),
     ("apply-unknown-surgery", ["apply", "tempreature", M], 3, "(?i)did you mean 'temperature'"),
     ("apply-upper-case", ["apply", "TEMPERATURE", M], 3, "(?i)did you mean 'temperature'"),
     ("apply-missing-recipe", ["apply", "--recipe", "temperature/sharpen", M], 5, "temperature"),
     ("apply-missing-model", ["apply", "temperature", "/no/such/model"], 7, "/no/such/model"),
-    ("apply-save-onto-saved", ["apply", "temperature", M, "--arg", "tau=0.8", "--save", "{tmp}/saved"], 2, "overwrite"),
-    ("apply-save-onto-file", ["apply", "temperature", M, "--arg", "tau=0.8", "--save", "{tmp}/a-file.txt"], 2, "is a file"),
+    (
+        "apply-save-onto-saved",
+        ["apply", "temperature", M, "--arg", "tau=0.8", "--save", "{tmp}/saved"],
+        2,
+        "overwrite",
+    ),
+    (
+        "apply-save-onto-file",
+        ["apply", "temperature", M, "--arg", "tau=0.8", "--save", "{tmp}/a-file.txt"],
+        2,
+        "is a file",
+    ),
     ("eval-limit-zero", ["eval", M, "--tasks", "bb_emoji_movie", "--limit", "0"], 2, "--limit"),
     ("eval-limit-negative", ["eval", M, "--tasks", "bb_emoji_movie", "--limit", "-3"], 2, "--limit"),
-    ("eval-batch-size-zero", ["eval", M, "--tasks", "bb_emoji_movie", "--batch-size", "0"], 2, "--batch-size"),
-    ("eval-fewshot-negative", ["eval", M, "--tasks", "bb_emoji_movie", "--num-fewshot", "-1"], 2, "--num-fewshot"),
+    (
+        "eval-batch-size-zero",
+        ["eval", M, "--tasks", "bb_emoji_movie", "--batch-size", "0"],
+        2,
+        "--batch-size",
+    ),
+    (
+        "eval-fewshot-negative",
+        ["eval", M, "--tasks", "bb_emoji_movie", "--num-fewshot", "-1"],
+        2,
+        "--num-fewshot",
+    ),
     ("train-steps-zero", ["train", M, "head_scale", "--steps", "0", "--out", "{tmp}/t"], 2, r"\[1, inf\)"),
     ("train-lr-negative", ["train", M, "head_scale", "--lr", "-0.01", "--out", "{tmp}/t"], 2, r"\(0, inf\)"),
     ("train-warmup", ["train", M, "head_scale", "--warmup", "1.5", "--out", "{tmp}/t"], 2, r"\[0, 1\)"),
-    ("train-batch-zero", ["train", M, "head_scale", "--batch-size", "0", "--out", "{tmp}/t"], 2, "--batch-size"),
+    (
+        "train-batch-zero",
+        ["train", M, "head_scale", "--batch-size", "0", "--out", "{tmp}/t"],
+        2,
+        "--batch-size",
+    ),
     ("train-seq-len", ["train", M, "head_scale", "--seq-len", "4", "--out", "{tmp}/t"], 2, "--seq-len"),
     ("train-lora-r-word", ["train", M, "--lora-r", "eight", "--out", "{tmp}/t"], 2, "whole number"),
-    ("train-resume-overwrite", ["train", M, "head_scale", "--resume", "--overwrite", "--out", "{tmp}/t"], 2,
-     "not both"),
+    (
+        "train-resume-overwrite",
+        ["train", M, "head_scale", "--resume", "--overwrite", "--out", "{tmp}/t"],
+        2,
+        "not both",
+    ),
     ("train-resume-nothing", ["train", M, "head_scale", "--resume", "--out", "{tmp}/t"], 2, "no checkpoint"),
     ("train-out-file", ["train", M, "head_scale", "--out", "{tmp}/a-file.txt"], 2, "is a file"),
     ("train-nothing-to-train", ["train", M, "--out", "{tmp}/t"], 2, "name a SURGERY"),
-    ("train-objective", ["train", M, "head_scale", "--objective", "kld", "--out", "{tmp}/t"], 2, "(?i)did you mean 'kd'"),
-    ("train-test-split", ["train", M, "head_scale", "--data", "gutenberg_ppl:test", "--out", "{tmp}/t"], 2, "test"),
-    ("calibrate-test-copy", ["calibrate", "act", M, "--data", "{tmp}/copy.jsonl", "--out", "{tmp}/a.yaml"], 2,
-     "test split"),
+    (
+        "train-objective",
+        ["train", M, "head_scale", "--objective", "kld", "--out", "{tmp}/t"],
+        2,
+        "(?i)did you mean 'kd'",
+    ),
+    (
+        "train-test-split",
+        ["train", M, "head_scale", "--data", "gutenberg_ppl:test", "--out", "{tmp}/t"],
+        2,
+        "test",
+    ),
+    (
+        "calibrate-test-copy",
+        ["calibrate", "act", M, "--data", "{tmp}/copy.jsonl", "--out", "{tmp}/a.yaml"],
+        2,
+        "test split",
+    ),
 ]
 
 
@@ -319,7 +415,9 @@ def cli_root(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name, argv, code, message", CLI_CASES, ids=[c[0] for c in CLI_CASES])
-def test_cli_refuses_with_its_exit_code_and_no_traceback(name, argv, code, message, cli_root, capsys, monkeypatch):
+def test_cli_refuses_with_its_exit_code_and_no_traceback(
+    name, argv, code, message, cli_root, capsys, monkeypatch
+):
     import re
 
     from attnsurgery.cli import main
@@ -337,4 +435,6 @@ def test_cli_refuses_with_its_exit_code_and_no_traceback(name, argv, code, messa
     assert "Traceback" not in err
     assert re.search(message, " ".join(err.split())), err
     after = {k: v for k, v in _files(cli_root).items() if not k.startswith("cache")}
-    assert after == {k: v for k, v in files.items() if not k.startswith("cache")}  # no file written or replaced
+    assert after == {
+        k: v for k, v in files.items() if not k.startswith("cache")
+    }  # no file written or replaced

@@ -14,7 +14,12 @@ from typing import Any
 
 
 def bounded(
-    kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False
+    kind: type,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
 ) -> Callable[[str], Any]:
     """An argparse ``type=`` that parses a whole number (``int``) or a number (``float``) and checks its range, so a bad
     flag fails at once (exit 2, naming the value and the range) instead of after a model load."""
@@ -49,7 +54,9 @@ def check_out_folder(out: Path, *, resume: bool = False, overwrite: bool = False
             f"--resume continues the run in {out} and --overwrite replaces it: give one of them, not both."
         )
     if out.exists() and not out.is_dir():
-        raise AttnSurgeryError(f"--out {out} is a file; the output is a folder. Name a new or existing folder.")
+        raise AttnSurgeryError(
+            f"--out {out} is a file; the output is a folder. Name a new or existing folder."
+        )
     if resume and not (out / "checkpoint.pt").is_file():
         raise AttnSurgeryError(
             f"--resume: {out} holds no checkpoint.pt to continue; start the run without --resume."

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import bounded, ensure_recipe, load, make_console, model_options, surgery_options, surgery_request
+from ._common import (
+    bounded,
+    ensure_recipe,
+    load,
+    make_console,
+    model_options,
+    surgery_options,
+    surgery_request,
+)
 
 DEMO_PROMPT = "The capital of France is"
 

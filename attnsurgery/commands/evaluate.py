@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import arm_progress, bounded, ensure_recipe, eval_options, make_console, model_options, print_report
+from ._common import (
+    arm_progress,
+    bounded,
+    ensure_recipe,
+    eval_options,
+    make_console,
+    model_options,
+    print_report,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -50,7 +58,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="output folder (default evals/results/<table name>; a --limit or --model run: its own folder beside it)",
     )
     p.add_argument(
-        "--overwrite", action="store_true", help="replace results in --out made with another --limit or models"
+        "--overwrite",
+        action="store_true",
+        help="replace results in --out made with another --limit or models",
     )
     eval_options(p)
     p.set_defaults(func=run_reproduce)

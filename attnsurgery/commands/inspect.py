@@ -23,7 +23,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", default="The quick brown fox jumps over the lazy dog. The dog sleeps.")
     p.add_argument("--show-layers", default=None, help="layers to plot (default: six spread over the depth)")
     p.add_argument("--heads-shown", type=bounded(int, 1), default=4, help="heads per layer in the plot")
-    p.add_argument("--threshold", type=bounded(float, 0, 1, low_open=True), default=0.1, help="sink score threshold (ACT's 0.1)")
+    p.add_argument(
+        "--threshold",
+        type=bounded(float, 0, 1, low_open=True),
+        default=0.1,
+        help="sink score threshold (ACT's 0.1)",
+    )
     p.add_argument(
         "--out",
         default=None,

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import bounded, check_out_folder, load, make_console, model_options, surgery_options, surgery_request
+from ._common import (
+    bounded,
+    check_out_folder,
+    load,
+    make_console,
+    model_options,
+    surgery_options,
+    surgery_request,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -39,11 +47,21 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "outlier (residual-stream log crest factor) or a weighted sum: 'lm+0.5*kd', 'kd+sink+0.1*outlier'",
     )
     p.add_argument("--steps", type=bounded(int, 1), default=200)
-    p.add_argument("--lr", type=bounded(float, 0, low_open=True), default=1e-2, help="learning rate of the surgery's own parameters")
+    p.add_argument(
+        "--lr",
+        type=bounded(float, 0, low_open=True),
+        default=1e-2,
+        help="learning rate of the surgery's own parameters",
+    )
     p.add_argument("--batch-size", type=bounded(int, 1), default=4, help="global windows per optimiser step")
     p.add_argument("--grad-accum", type=bounded(int, 1), default=1)
     p.add_argument("--seq-len", type=bounded(int, 8), default=256)
-    p.add_argument("--warmup", type=bounded(float, 0, 1, high_open=True), default=0.0, help="fraction of steps with a linear warm-up")
+    p.add_argument(
+        "--warmup",
+        type=bounded(float, 0, 1, high_open=True),
+        default=0.0,
+        help="fraction of steps with a linear warm-up",
+    )
     p.add_argument(
         "--schedule",
         choices=("constant", "cosine", "linear"),
@@ -51,16 +69,24 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="learning rate after the warm-up: constant, or a cosine / linear decay to 0 at the last step",
     )
     p.add_argument("--val-every", type=bounded(int, 1), default=25)
-    p.add_argument("--val-windows", type=bounded(int, 1), default=32, help="held-back windows scored at each validation")
+    p.add_argument(
+        "--val-windows", type=bounded(int, 1), default=32, help="held-back windows scored at each validation"
+    )
     p.add_argument("--save-every", type=bounded(int, 1), default=25)
     p.add_argument(
         "--keep", choices=("last", "best"), default="last", help="ship the last or the best-validation state"
     )
-    p.add_argument("--patience", type=bounded(int, 1), default=None, help="stop after N validations without improvement")
+    p.add_argument(
+        "--patience", type=bounded(int, 1), default=None, help="stop after N validations without improvement"
+    )
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lora-r", type=bounded(int, 0), default=0, help="add LoRA adapters of this rank (peft); 0: none")
-    p.add_argument("--lora-alpha", type=bounded(float, 0, low_open=True), default=None, help="LoRA alpha (default 2 x r)")
+    p.add_argument(
+        "--lora-r", type=bounded(int, 0), default=0, help="add LoRA adapters of this rank (peft); 0: none"
+    )
+    p.add_argument(
+        "--lora-alpha", type=bounded(float, 0, low_open=True), default=None, help="LoRA alpha (default 2 x r)"
+    )
     p.add_argument(
         "--lora-targets",
         default=None,

@@ -97,6 +97,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         parse_objective(self.objective)
+
         def number(value: Any, whole: bool) -> bool:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 return False
@@ -133,8 +134,12 @@ class TrainConfig:
                     f"train: {name}={value!r} is not one of {list(allowed)}.{did_you_mean(str(value), allowed)}"
                 )
         if self.patience is not None and not (number(self.patience, True) and self.patience >= 1):
-            raise TrainingError(f"train: patience={self.patience!r} is out of range: it must be None or a whole number >= 1.")
-        if self.max_grad_norm is not None and not (number(self.max_grad_norm, False) and self.max_grad_norm > 0):
+            raise TrainingError(
+                f"train: patience={self.patience!r} is out of range: it must be None or a whole number >= 1."
+            )
+        if self.max_grad_norm is not None and not (
+            number(self.max_grad_norm, False) and self.max_grad_norm > 0
+        ):
             raise TrainingError(f"train: max_grad_norm={self.max_grad_norm!r} must be None or a number > 0.")
 
 
