@@ -253,3 +253,27 @@ def test_mixed_training_sources_interleave_and_still_refuse_test_splits(tmp_path
         load_texts(f"{a}+gutenberg_ppl:test")
     with pytest.raises(DataError, match="corpora: pydocs"):
         load_texts(f"{a}+pydcos")
+
+
+def test_gpu_train_script_runs_on_cpu_with_a_tiny_budget(tmp_path, model_dir, corpus):
+    """evals/gpu_train.sh, the one prepared script for a session with the device: on CPU with a tiny table it trains
+    every arm of the table within its time and writes the points (tagged with the device)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    table = write_table(tmp_path / "b.yaml", model_dir, corpus, [2 * SEQ * 2])
+    script = Path(__file__).parent.parent / "evals" / "gpu_train.sh"
+    env = {
+        **os.environ,
+        "GPU_TRAIN_TABLE": str(table),
+        "GPU_TRAIN_OUT": str(tmp_path / "out"),
+        "PYTHON": sys.executable,
+    }
+    done = subprocess.run(["bash", str(script), "120"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    curve = json.loads((tmp_path / "out" / "curve.json").read_text())
+    assert set(curve["arms"]) == {"gates", "gates-then-lora"}
+    assert all(p["device"] == "cpu" for a in curve["arms"].values() for p in a["points"])
+    assert "gates cpu" in done.stdout

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -356,19 +357,22 @@ def run_budget_table(
     out.mkdir(parents=True, exist_ok=True)
     curve = _read_curve(out / "curve.json")
     loaded: dict[str, Any] = {}
+    # points and runs are per device: a GPU session's points sit beside the CPU ones (tagged), never replacing them
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     for arm in chosen:
         budgets = [b for b in table.budgets if up_to is None or arm.tokens(b) <= up_to]
         entry = curve["arms"].setdefault(
             arm.name, {"model": arm.model, "goal_pct": arm.goal_pct, "points": []}
         )
         entry.update(model=arm.model, goal_pct=arm.goal_pct, eval_seq_len=arm.eval_seq_len, note=arm.note)
-        done = {p["budget"] for p in entry["points"]}
+        done = {p["budget"] for p in entry["points"] if p.get("device", "cpu") == device}
         todo = [b for b in budgets if b not in done]
         if not todo:
             continue
         if arm.model not in loaded:
             loaded.clear()  # one model in memory at a time
             loaded[arm.model] = load_model(arm.model, dtype=table.dtype)
+            loaded[arm.model][0].to(device)  # the baseline and every point are scored where training runs
         model, tokenizer = loaded[arm.model]
         max_context = getattr(model.config, "max_position_embeddings", None)
         data = prepare_data(tokenizer, table.data, arm.seq_len, max_context=max_context, max_val_windows=8)
@@ -378,7 +382,7 @@ def run_budget_table(
             with torch.no_grad():
                 curve["baselines"][key] = perplexity(model, test)
         baseline = curve["baselines"][key]
-        runs = out / "runs" / arm.name
+        runs = out / ("runs" if device == "cpu" else f"runs-{device}") / arm.name
         for budget in todo:
             started = time.perf_counter()
             steps = arm.stage_steps(budget)
@@ -407,10 +411,12 @@ def run_budget_table(
                 "baseline_ppl": baseline,
                 "rel_pct": 100.0 * (ppl / baseline - 1.0),
                 "seconds": round(time.perf_counter() - started, 1),
-                "device": "cuda" if torch.cuda.is_available() else "cpu",
+                "device": device,
                 "state": str(prior.relative_to(out)),
             }
-            entry["points"] = sorted([*entry["points"], point], key=lambda p: p["tokens"])
+            entry["points"] = sorted(
+                [*entry["points"], point], key=lambda p: (p.get("device", "cpu"), p["tokens"])
+            )
             _write_curve(out, curve, table)
             if on_point is not None:
                 on_point(arm, point)
@@ -490,6 +496,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output folder (default evals/results/<table name>)")
     args = parser.parse_args(argv)
     console = Console(stderr=True)
+
+    def stop(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    # SIGINT (also when a background shell started us with it ignored) and SIGTERM stop the run the same way: the
+    # trainer saves its checkpoint, the finished points are on disk, the next run continues
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -505,6 +519,11 @@ def main(argv: list[str] | None = None) -> int:
     except AttnSurgeryError as err:
         console.print(f"[red]error:[/red] {err}")
         return 5 if isinstance(err, RecipeError) else 2
+    except KeyboardInterrupt:
+        console.print(
+            "stopped; the finished points are in curve.json and the run continues from its checkpoint"
+        )
+        return 130
     console.print(f"curve: {out / 'curve.json'}, {out / 'curve.md'}, {out / 'curve.png'}")
     return 0
 
