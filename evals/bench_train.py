@@ -2,9 +2,10 @@
 
     python evals/bench_train.py --out docs/benchmarks-train.json     # rewrites docs/benchmarks-train.{json,md}
 
-Arms (SmolLM2-135M, fp32, objective lm): the plain step (forward, next-token loss, backward through every weight:
-what full fine-tuning pays, without the optimiser), and trainer steps that train gates only (headwise, every layer),
-LoRA only (r 8 on every attention projection), and both. The trainer's steps include its optimiser step, gradient
+Arms (SmolLM2-135M, fp32): the plain step (forward, next-token loss, backward through every weight: what full
+fine-tuning pays, without the optimiser), and trainer steps of every trainable surgery with its real objective (kd:
+the teacher's forward plus the student's forward and backward; transfer: per-layer attention MSE): gates (headwise,
+elementwise), MoH's learned router (alone and with LoRA), Hedgehog's two stages, clipped softmax with LoRA. The trainer's steps include its optimiser step, gradient
 clipping, and its two one-window validation passes (before the first step and after the last). Each arm runs ``--steps`` timed steps after one warm-up step, interleaved ``--repeats`` times;
 the best run counts. Ratios are against the plain step in the same run (machine noise hits all arms alike).
 """
@@ -39,15 +40,26 @@ def _plain(model, windows, steps):
             p.requires_grad_(False)
 
 
-def _trainer(model, windows, steps, surgeries):
+def _trainer(model, windows, steps, arm):
+    """Trainer steps of one arm: its surgeries (those in ``frozen`` patched but not trained, as a later stage sees an
+    earlier one) under its real objective."""
     from attnsurgery.train import TrainConfig, TrainingData, train
 
-    handles = [patch(model, name, **args) for name, args in surgeries]
+    handles = [patch(model, name, **args) for name, args in arm["surgeries"]]
+    for handle, (name, _) in zip(handles, arm["surgeries"]):
+        if name in arm.get("frozen", ()):
+            for p in handle.parameters():
+                p.requires_grad_(False)
     handle = SurgeryHandle(model, [s for h in handles for s in h.surgeries])
     batch = windows[0].shape[0]
     data = TrainingData(torch.cat(list(windows)), windows[0][:1], "bench", 0, 0)
     config = TrainConfig(
-        steps=steps, batch_size=batch, seq_len=windows[0].shape[1], val_every=10**9, save_every=10**9
+        objective=arm["objective"],
+        steps=steps,
+        batch_size=batch,
+        seq_len=windows[0].shape[1],
+        val_every=10**9,
+        save_every=10**9,
     )
     try:
         start = time.perf_counter()
@@ -57,11 +69,40 @@ def _trainer(model, windows, steps, surgeries):
         handle.remove()
 
 
+PLAIN = "plain forward+backward (all weights)"
+# every trainable surgery with the objective it trains on (issue 23): a surgery trains a tiny fraction of the weights,
+# so each should cost about one plain step (the kd teacher's forward replaces the weight gradients' backward)
 ARMS = {
-    "plain forward+backward (all weights)": None,
-    "trainer: gates only (headwise)": [("gated_attention", {"form": "headwise"})],
-    "trainer: LoRA only (r 8)": [("lora", {"r": 8})],
-    "trainer: gates + LoRA": [("gated_attention", {"form": "headwise"}), ("lora", {"r": 8})],
+    PLAIN: None,
+    "gates headwise (kd)": {"surgeries": [("gated_attention", {"form": "headwise"})], "objective": "kd"},
+    "gates elementwise (kd)": {
+        "surgeries": [("gated_attention", {"form": "elementwise"})],
+        "objective": "kd",
+    },
+    "MoH learned router, skipping (kd)": {
+        "surgeries": [("moh", {"router": "learned", "active": 0.75})],
+        "objective": "kd",
+    },
+    "MoH learned router + LoRA r 8 (kd)": {
+        "surgeries": [("moh", {"router": "learned", "active": 0.75}), ("lora", {"r": 8})],
+        "objective": "kd",
+    },
+    "Hedgehog stage 1 (transfer)": {
+        "surgeries": [("hedgehog", {"linear_only": True, "feature_dim": 64})],
+        "objective": "1000*transfer",
+    },
+    "Hedgehog stage 2 (LoRA r 8, kd)": {
+        "surgeries": [
+            ("hedgehog", {"linear_only": True, "feature_dim": 64}),
+            ("lora", {"r": 8, "alpha": 16}),
+        ],
+        "frozen": ("hedgehog",),
+        "objective": "kd",
+    },
+    "clipped softmax + LoRA r 8 (kd)": {
+        "surgeries": [("clipped_softmax", {"gamma": -0.03}), ("lora", {"r": 8})],
+        "objective": "kd",
+    },
 }
 
 
@@ -74,7 +115,15 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="write results JSON here (and a .md beside it)")
+    parser.add_argument(
+        "--arms", nargs="+", default=None, help="only the arms whose names contain these words"
+    )
     args = parser.parse_args(argv)
+    arms = {
+        name: arm
+        for name, arm in ARMS.items()
+        if arm is None or not args.arms or any(w.lower() in name.lower() for w in args.arms)
+    }
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, dtype="float32")
     for p in model.parameters():
@@ -85,19 +134,19 @@ def main(argv=None) -> int:
         for _ in range(2)
     ]
     best: dict[str, float] = {}
-    for surgeries in ARMS.values():  # warm-up
-        _plain(model, windows, 1) if surgeries is None else _trainer(model, windows, 1, surgeries)
+    for arm in arms.values():  # warm-up
+        _plain(model, windows, 1) if arm is None else _trainer(model, windows, 1, arm)
     for r in range(args.repeats):
-        for name, surgeries in ARMS.items():
+        for name, arm in arms.items():
             t = (
                 _plain(model, windows, args.steps)
-                if surgeries is None
-                else _trainer(model, windows, args.steps, surgeries)
+                if arm is None
+                else _trainer(model, windows, args.steps, arm)
             )
             best[name] = min(best.get(name, float("inf")), t)
             print(f"run {r + 1}/{args.repeats} {name:<40} {t:.2f}s", file=sys.stderr, flush=True)
     tokens = args.steps * args.batch * args.seq_len
-    base = best["plain forward+backward (all weights)"]
+    base = best[PLAIN]
     rows = [
         {"arm": n, "seconds": t, "tokens_per_s": tokens / t, "ratio_vs_plain": t / base}
         for n, t in best.items()
