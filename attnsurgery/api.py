@@ -13,7 +13,13 @@ from torch import nn
 
 from . import __version__
 from .engine import Engine
-from .errors import AttnSurgeryError, RecipeError, SurgeryConfigError, UnknownSurgeryError
+from .errors import (
+    AttnSurgeryError,
+    RecipeError,
+    SurgeryConfigError,
+    UnknownSurgeryError,
+    UnsupportedModelError,
+)
 from .recipe import Recipe, SurgerySpec, find_recipe, parse_recipe
 from .registry import get_surgery_class
 from .surgery import Surgery
@@ -97,10 +103,10 @@ def patch(
     >>> handle = patch(model, "head_scale", heads={10: [0, 3]}, scale=0.0)
     >>> handle = patch(model, "temperature/sharpen")          # a shipped recipe
     """
-    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
-        raise AttnSurgeryError(
-            f"patch needs a transformers model (a PreTrainedModel, e.g. from load_model or "
-            f"AutoModelForCausalLM.from_pretrained), got {type(model).__name__}."
+    if not isinstance(model, nn.Module):  # (nn.Modules without a config get the engine's own refusal)
+        raise UnsupportedModelError(
+            f"patch needs a model: {type(model).__name__} is not a transformers PreTrainedModel (load one with "
+            "load_model or AutoModelForCausalLM.from_pretrained)."
         )
     if (
         isinstance(surgery, (str, Path))

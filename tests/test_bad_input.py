@@ -154,7 +154,7 @@ API_CASES = [
         "already patched on layers 1",
     ),
     ("with-removed-handle", _with_removed, "was removed"),
-    ("not-a-model", lambda m, tmp: patch(object(), "temperature"), "transformers model"),
+    ("not-a-model", lambda m, tmp: patch(object(), "temperature"), "not a transformers PreTrainedModel"),
     # files
     ("save-onto-saved", _save("saved"), "overwrite"),
     ("save-onto-file", _save("fixtures/a-file.txt"), "is a file"),
