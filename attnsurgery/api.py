@@ -101,7 +101,7 @@ def patch(
 
     >>> handle = patch(model, "temperature", tau=0.8)
     >>> handle = patch(model, "head_scale", heads={10: [0, 3]}, scale=0.0)
-    >>> handle = patch(model, "temperature/sharpen")          # a shipped recipe
+    >>> handle = patch(model, "temperature/position")         # a shipped recipe
     """
     if not isinstance(model, nn.Module):  # (nn.Modules without a config get the engine's own refusal)
         raise UnsupportedModelError(

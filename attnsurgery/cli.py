@@ -19,12 +19,28 @@ from .commands._common import CalibrateTools, make_console
 __all__ = ["CalibrateTools", "build_parser", "main"]
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Examples keep their lines (raw description); every option with a real default shows it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        shown = default not in (None, False, argparse.SUPPRESS) and not isinstance(default, list)
+        if shown and action.option_strings and "%(default)" not in text and "default" not in text.lower():
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="attnsurgery", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="attnsurgery", description=__doc__.split("\n")[0], formatter_class=_HelpFormatter
+    )
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
     for command in (listing, apply, inspect, evaluate, calibrate, train, linearize):
         command.add_parser(sub)
+    for name, child in sub.choices.items():
+        child.formatter_class = _HelpFormatter
     sub.add_parser(
         "lm-eval",
         help="lm-eval's own CLI with `--model attnsurgery` registered and the offline tasks included",

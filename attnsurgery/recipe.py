@@ -2,7 +2,7 @@
 
 .. code-block:: yaml
 
-    name: temperature/sharpen
+    name: my-sharpening
     description: Sharper attention on all but the first two layers.
     model: smollm2-135m            # the model it was made for (an alias, hub id or path); optional
     surgeries:
@@ -12,7 +12,7 @@
         heads: null                # all heads; or [0, 3], or {10: [0, 3]}
         state: null                # optional safetensors file of calibrated/trained state, relative to the YAML
     eval:                          # optional: what `attnsurgery eval` scores it on
-      tasks: [bigbench_general_knowledge]
+      tasks: [bb_general_knowledge]
 
 Unknown keys are errors (a typo must not silently drop a surgery). Shipped recipes live in ``recipes/<surgery>/``
 and install with the package; refer to them as ``<surgery>/<file>`` or just ``<surgery>`` (the folder's
@@ -232,7 +232,7 @@ def cached_recipe_path(folder: str, model: str) -> Path:
 
 
 def find_recipe(name: str | Path, model: str | None = None) -> Recipe:
-    """A recipe from a YAML path or a shipped name (``temperature/sharpen`` or ``temperature``).
+    """A recipe from a YAML path or a shipped name (``temperature/position`` or ``temperature``).
 
     For a bare folder name, picks the recipe made for ``model`` if there is one, else one calibrated for ``model``
     earlier and cached (:func:`cached_recipe_path`), else ``default.yaml``; with several recipes and none of

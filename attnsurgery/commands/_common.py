@@ -69,7 +69,7 @@ def model_options(p: argparse.ArgumentParser) -> None:
 
 
 def surgery_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipe", help="shipped recipe (temperature, temperature/sharpen) or a YAML path")
+    p.add_argument("--recipe", help="shipped recipe (temperature, temperature/position, act) or a YAML path")
     p.add_argument("--arg", action="append", metavar="NAME=VALUE", help="surgery argument (repeatable)")
     p.add_argument("--layers", help="layers to act on, e.g. 2:30, -14:, 1,18:32")
     p.add_argument("--heads", help="heads, e.g. '[0, 3]' or '{10: [0, 3]}'")

@@ -33,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="prompt to generate from (default: a short demo prompt unless --save is given)",
     )
-    p.add_argument("--max-new-tokens", type=bounded(int, 1), default=20)
+    p.add_argument("--max-new-tokens", type=bounded(int, 1), default=20, help="tokens generated per arm")
     p.add_argument("--save", metavar="DIR", help="save the surgery (config + state) to DIR")
     p.add_argument("--overwrite", action="store_true", help="replace a surgery already saved in --save DIR")
     p.add_argument(

@@ -20,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
         help="baseline vs patched with lm-eval: table (JSON, markdown, PNG) with deltas and paired p-values",
-        description="attnsurgery eval smollm2-135m --recipe act --recipe temperature/fitted --tasks offline",
+        description="attnsurgery eval smollm2-135m --recipe act --recipe temperature/position --tasks offline",
     )
     p.add_argument("model")
     p.add_argument("--recipe", action="append", help="a patched arm (repeatable); the baseline always runs")
@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="lm-eval tasks, comma-separated; 'offline' is the shipped offline suite",
     )
     p.add_argument("--num-fewshot", type=bounded(int, 0), default=None)
-    p.add_argument("--batch-size", type=bounded(int, 1), default=16)
+    p.add_argument("--batch-size", type=bounded(int, 1), default=16, help="lm-eval batch size")
     p.add_argument("--out", default="attnsurgery-eval", help="output folder (results + per-arm cache)")
     p.add_argument(
         "--quant",

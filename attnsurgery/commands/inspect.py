@@ -20,7 +20,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model")
     p.add_argument("--surgery", help="inspect the model patched with this surgery")
     surgery_options(p)
-    p.add_argument("--prompt", default="The quick brown fox jumps over the lazy dog. The dog sleeps.")
+    p.add_argument(
+        "--prompt",
+        default="The quick brown fox jumps over the lazy dog. The dog sleeps.",
+        help="text whose attention maps are drawn",
+    )
     p.add_argument("--show-layers", default=None, help="layers to plot (default: six spread over the depth)")
     p.add_argument("--heads-shown", type=bounded(int, 1), default=4, help="heads per layer in the plot")
     p.add_argument(

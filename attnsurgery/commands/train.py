@@ -46,7 +46,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="lm, kd (KL to the unpatched model), transfer (attention-output MSE), sink (first-token attention share), "
         "outlier (residual-stream log crest factor) or a weighted sum: 'lm+0.5*kd', 'kd+sink+0.1*outlier'",
     )
-    p.add_argument("--steps", type=bounded(int, 1), default=200)
+    p.add_argument("--steps", type=bounded(int, 1), default=200, help="optimiser steps")
     p.add_argument(
         "--lr",
         type=bounded(float, 0, low_open=True),
@@ -54,8 +54,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="learning rate of the surgery's own parameters",
     )
     p.add_argument("--batch-size", type=bounded(int, 1), default=4, help="global windows per optimiser step")
-    p.add_argument("--grad-accum", type=bounded(int, 1), default=1)
-    p.add_argument("--seq-len", type=bounded(int, 8), default=256)
+    p.add_argument(
+        "--grad-accum", type=bounded(int, 1), default=1, help="micro-batches accumulated per optimiser step"
+    )
+    p.add_argument("--seq-len", type=bounded(int, 8), default=256, help="tokens per training window")
     p.add_argument(
         "--warmup",
         type=bounded(float, 0, 1, high_open=True),
@@ -68,18 +70,20 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         default="constant",
         help="learning rate after the warm-up: constant, or a cosine / linear decay to 0 at the last step",
     )
-    p.add_argument("--val-every", type=bounded(int, 1), default=25)
+    p.add_argument("--val-every", type=bounded(int, 1), default=25, help="steps between validations")
     p.add_argument(
         "--val-windows", type=bounded(int, 1), default=32, help="held-back windows scored at each validation"
     )
-    p.add_argument("--save-every", type=bounded(int, 1), default=25)
+    p.add_argument("--save-every", type=bounded(int, 1), default=25, help="steps between checkpoints")
     p.add_argument(
         "--keep", choices=("last", "best"), default="last", help="ship the last or the best-validation state"
     )
     p.add_argument(
         "--patience", type=bounded(int, 1), default=None, help="stop after N validations without improvement"
     )
-    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+    p.add_argument(
+        "--mixed-precision", choices=("no", "bf16", "fp16"), default="no", help="accelerate mixed precision"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--lora-r", type=bounded(int, 0), default=0, help="add LoRA adapters of this rank (peft); 0: none"

@@ -27,6 +27,10 @@ STAGES = ("stage1", "stage2")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from attnsurgery.commands._common import (
+        bounded,
+    )  # range-checked numbers: a bad flag fails before any load
+
     p.add_argument("model", help="model alias (smollm2-135m ...), hub id or local path")
     p.add_argument("--out", required=True, help="conversion folder (a recipe once finished)")
     p.add_argument("--window", type=int, default=64, help="softmax window of the hybrid (LoLCATs: 64)")
@@ -38,20 +42,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data", default="gutenberg_ppl", help="offline task (calibration split), .jsonl/.txt or Hub id"
     )
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=4, help="windows per optimiser step (both stages)")
-    p.add_argument("--val-windows", type=int, default=16, help="held-back windows scored at each validation")
-    p.add_argument("--stage1-steps", type=int, default=100, help="attention-transfer steps")
+    p.add_argument("--seq-len", type=bounded(int, 8), default=256, help="tokens per training window")
     p.add_argument(
-        "--stage1-lr", type=float, default=1e-2, help="feature maps' learning rate (LoLCATs: 1e-2)"
+        "--batch-size", type=bounded(int, 1), default=4, help="windows per optimiser step (both stages)"
     )
-    p.add_argument("--stage2-steps", type=int, default=100, help="LoRA steps (0: stop after stage 1)")
+    p.add_argument(
+        "--val-windows", type=bounded(int, 1), default=16, help="held-back windows scored at each validation"
+    )
+    p.add_argument("--stage1-steps", type=bounded(int, 1), default=100, help="attention-transfer steps")
+    p.add_argument(
+        "--stage1-lr",
+        type=bounded(float, 0, low_open=True),
+        default=1e-2,
+        help="feature maps' learning rate (LoLCATs: 1e-2)",
+    )
+    p.add_argument(
+        "--stage2-steps", type=bounded(int, 0), default=100, help="LoRA steps (0: stop after stage 1)"
+    )
     p.add_argument("--stage2-objective", default="lm", help="lm (next token, LoLCATs), kd, or a sum: 'lm+kd'")
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=16.0)
-    p.add_argument("--lora-lr", type=float, default=1e-4)
-    p.add_argument("--val-every", type=int, default=25)
-    p.add_argument("--save-every", type=int, default=25)
+    p.add_argument("--lora-r", type=bounded(int, 1), default=8, help="stage-2 LoRA rank")
+    p.add_argument(
+        "--lora-alpha", type=bounded(float, 0, low_open=True), default=16.0, help="stage-2 LoRA alpha"
+    )
+    p.add_argument(
+        "--lora-lr", type=bounded(float, 0, low_open=True), default=1e-4, help="stage-2 LoRA learning rate"
+    )
+    p.add_argument("--val-every", type=bounded(int, 1), default=25, help="steps between validations")
+    p.add_argument("--save-every", type=bounded(int, 1), default=25, help="steps between checkpoints")
     p.add_argument(
         "--keep", choices=("last", "best"), default="best", help="ship the last or best-validation state"
     )
