@@ -719,3 +719,18 @@ def test_training_table_checks_goals_that_name_a_column():
     assert "- m: every goal met by good" in text
     rows[1]["ppl_fp"] = 10.3
     assert "- m: no arm meets every goal" in render_training_table({"rows": rows}, table)
+
+
+@pytest.mark.parametrize("keep", ["last", "best"])
+def test_recipe_reports_the_numbers_of_the_state_it_ships(data, tmp_path, keep):
+    """recipe.yaml's description and training.validation.kept are the shipped state's (last or best), never another
+    step's numbers."""
+    model = tiny_model("llama")
+    handle = patch(model, "gated_attention", form="headwise", init_std=0.3)
+    result = train(model, handle, data, cfg(steps=6, val_every=1, lr=0.3, keep=keep), out_dir=tmp_path / "r")
+    recipe = yaml.safe_load((tmp_path / "r" / "recipe.yaml").read_text())
+    step = result.best_step if keep == "best" else result.steps
+    shipped = next(r for r in result.val_history if r["step"] == step)
+    assert recipe["training"]["validation"]["kept"] == shipped
+    assert f"-> {shipped['lm']:.4f} at step {step} (the {keep} state" in recipe["description"]
+    handle.remove()

@@ -653,11 +653,13 @@ def write_run(
             staged.append((tmp_dir, out / "adapter"))
     first, last = result.val_history[0], result.val_history[-1]
     best = next((r for r in result.val_history if r["step"] == result.best_step), last)
+    kept = best if config.keep == "best" else last  # the numbers of the state this folder ships, not another's
     recipe = {
         "name": out.name,
         "description": (
             f"Trained with `attnsurgery train` on {data.source}: {config.objective}, {result.steps} steps. "
-            f"Validation lm loss {first['lm']:.4f} -> {best['lm']:.4f} (held-back calibration text)."
+            f"Validation lm loss {first['lm']:.4f} -> {kept['lm']:.4f} at step {kept['step']} (the {config.keep} "
+            "state, which this recipe ships; held-back calibration text)."
         ),
         "model": model_name,
         "surgeries": entries,
@@ -672,7 +674,7 @@ def write_run(
             "final_train_loss": result.train_loss[-1] if result.train_loss else None,
             "validation": {
                 "before": dict(first),
-                "kept": dict(best if config.keep == "best" else last),
+                "kept": dict(kept),
                 "last": dict(last),
             },
             "world_size": int(os.environ.get("WORLD_SIZE", "1")),
