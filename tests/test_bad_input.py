@@ -390,6 +390,13 @@ CLI_CASES = [
         "test",
     ),
     (
+        "lm-eval-unknown-surgery",
+        ["lm-eval", "run", "--model", "attnsurgery", "--model_args", "pretrained={model},surgery=tempreature"]
+        + ["--tasks", "bb_emoji_movie", "--limit", "1"],
+        3,
+        "(?i)did you mean 'temperature'",
+    ),
+    (
         "calibrate-test-copy",
         ["calibrate", "act", M, "--data", "{tmp}/copy.jsonl", "--out", "{tmp}/a.yaml"],
         2,

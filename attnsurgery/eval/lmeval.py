@@ -230,7 +230,12 @@ def harness_main(argv: list[str] | None = None) -> int:
     try:
         cli_evaluate()
     except SystemExit as done:
-        return int(done.code or 0)
+        return int(done.code or 0) if not isinstance(done.code, str) else 2
+    except AttnSurgeryError as err:  # our refusal (unknown surgery, bad argument): its message, not a traceback
+        from rich.console import Console
+
+        Console(stderr=True, highlight=False).print(f"[bold red]error:[/bold red] {err}")
+        return err.exit_code
     finally:
         sys.argv = old
     return 0

