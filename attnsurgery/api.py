@@ -165,10 +165,15 @@ def patch(
             added.append(surgery_obj)
             if spec.state is not None:
                 _load_state(surgery_obj, _read_state(Path(spec.state)), engine)
-    except BaseException:
+    except BaseException as err:
         for surgery_obj in added:  # nothing half-applied
             engine.remove(surgery_obj)
         engine.discard_if_unused()
+        if recipe is not None and isinstance(err, AttnSurgeryError) and not isinstance(err, RecipeError):
+            # a recipe that does not fit this model is a bad recipe (exit 5, as documented), whatever the check that
+            # caught it; the class stays, so callers catching SurgeryConfigError still do
+            err.exit_code = RecipeError.exit_code
+            err.args = (f"recipe {recipe.name or '(unnamed)'}: {err}",)
         raise
     return SurgeryHandle(model, added, recipe)
 

@@ -390,6 +390,18 @@ CLI_CASES = [
         "test",
     ),
     (
+        "recipe-layers-out-of-range",
+        ["apply", "--recipe", "{tmp}/far.yaml", M, "--prompt", "x"],
+        5,
+        "layer 9 is out",
+    ),
+    (
+        "recipe-state-wrong-shape",
+        ["apply", "--recipe", "{tmp}/shape/recipe.yaml", M, "--prompt", "x"],
+        5,
+        "shape|size",
+    ),
+    (
         "lm-eval-unknown-surgery",
         ["lm-eval", "run", "--model", "attnsurgery", "--model_args", "pretrained={model},surgery=tempreature"]
         + ["--tasks", "bb_emoji_movie", "--limit", "1"],
@@ -416,6 +428,16 @@ def cli_root(tmp_path_factory):
     (root / "a-file.txt").write_text("not a folder")
     handle = patch(tiny_model("llama"), "temperature", tau=0.8)
     save_surgery(handle, root / "saved")
+    (root / "far.yaml").write_text(yaml.safe_dump({"surgeries": [{"surgery": "temperature", "layers": [9]}]}))
+    (root / "shape").mkdir()
+    from safetensors.torch import save_file
+
+    save_file({"scale": torch.ones(7, 7)}, str(root / "shape" / "s.safetensors"))
+    (root / "shape" / "recipe.yaml").write_text(
+        yaml.safe_dump(
+            {"surgeries": [{"surgery": "head_scale", "args": {"trainable": True}, "state": "s.safetensors"}]}
+        )
+    )
     test = Path(include_path()) / "data" / "bb_general_knowledge.test.jsonl"
     (root / "copy.jsonl").write_text(test.read_text())  # a test split under another name
     return root
