@@ -79,7 +79,9 @@ class SurgeryHandle:
 
 
 def _short_args(surgery: Surgery) -> str:
-    return ", ".join(f"{k}={v!r}" for k, v in surgery.config.to_dict().items())
+    # a config may say how its defaults resolve (ACT's threshold None is 0.1): show what applies
+    args = getattr(surgery.config, "resolved_args", surgery.config.to_dict)()
+    return ", ".join(f"{k}={v!r}" for k, v in args.items())
 
 
 def _build(engine: Engine, spec: SurgerySpec) -> Surgery:

@@ -400,3 +400,11 @@ def test_fused_equals_reference_with_additive_float_mask(arch):
     torch.testing.assert_close(tiled_maps[1], expected, atol=map_atol(arch), rtol=1e-4)
     assert not torch.allclose(expected, base[1].float(), atol=1e-4)  # something was edited
     assert (fused - unbiased).abs().max() > 1e-3  # the bias matters
+
+
+def test_handle_repr_shows_the_threshold_that_applies():
+    model = tiny_model("llama")
+    with patch(model, "act") as handle:
+        assert "threshold=0.1" in repr(handle)
+    with patch(model, "act", alpha=5.0) as handle:
+        assert "threshold=None, alpha=5.0" in repr(handle)

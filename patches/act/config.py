@@ -48,6 +48,13 @@ class ActConfig(SurgeryConfig):
                 "give the sink threshold as threshold or as alpha (alpha / N), not both."
             )
 
+    def resolved_args(self) -> dict:
+        """The arguments as they apply (what a handle's repr shows): the default threshold 0.1 named, not None."""
+        out = self.to_dict()
+        if self.threshold is None and self.alpha is None:
+            out["threshold"] = self.absolute_threshold
+        return out
+
     @property
     def absolute_threshold(self) -> float:
         return 0.1 if self.threshold is None else self.threshold
