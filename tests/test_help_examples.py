@@ -73,3 +73,24 @@ def test_help_shows_defaults():
     train = _help_texts()["train"]
     assert "default: 200" in " ".join(train.split())  # --steps
     assert "default: 32" in " ".join(train.split())  # --val-windows
+
+
+def test_readme_says_which_defaults_edit_the_model():
+    """The README's 'the defaults' column says 'edits' exactly for the surgeries whose default arguments are not
+    their identity settings (act, var, vhr, moh, hedgehog today); a new default that changes the model must say so."""
+    from attnsurgery import list_surgeries
+    from attnsurgery.registry import get_surgery_class
+
+    rows = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 5 and cells[0].startswith("`"):
+            rows[cells[0].strip("`")] = cells[4]
+    for info in list_surgeries():
+        cls = get_surgery_class(info.name)
+        if not cls.__module__.startswith("attnsurgery.patches."):
+            continue
+        defaults = {name: default for name, default, _ in cls.config_class.describe()}
+        edits = any(defaults.get(k) != repr(v) for k, v in cls.identity_args.items())
+        assert info.name in rows, f"README's surgery table lacks {info.name}"
+        assert rows[info.name].startswith("edits") == edits, (info.name, rows[info.name])
