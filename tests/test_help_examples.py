@@ -83,7 +83,9 @@ def test_readme_says_which_defaults_edit_the_model():
 
     rows = {}
     for line in (ROOT / "README.md").read_text().splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
+        cells = [
+            c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))
+        ]  # "\|" is a pipe in a cell
         if len(cells) == 5 and cells[0].startswith("`"):
             rows[cells[0].strip("`")] = cells[4]
     for info in list_surgeries():
