@@ -277,3 +277,47 @@ def test_gpu_train_script_runs_on_cpu_with_a_tiny_budget(tmp_path, model_dir, co
     assert set(curve["arms"]) == {"gates", "gates-then-lora"}
     assert all(p["device"] == "cpu" for a in curve["arms"].values() for p in a["points"])
     assert "gates cpu" in done.stdout
+
+
+def test_a_fresh_clone_continues_from_the_committed_snapshot(tmp_path, model_dir, corpus):
+    """Checkpoints (optimiser state) are not committed; snapshot states are. With only the latest snapshot's state
+    files left, a larger budget continues that run (its step count, history and data order), says so in the point,
+    and refuses a snapshot of another run."""
+    tokens = 2 * SEQ
+    table = write_table(tmp_path / "b.yaml", model_dir, corpus, [2 * tokens, 4 * tokens])
+    out = run_budget_table(table, tmp_path / "out", arms=["gates"])
+    runs = out / "runs" / "gates"
+    before = json.loads((runs / "stage1" / "training.json").read_text())["train_loss"]
+    for path in list(runs.rglob("checkpoint.pt")) + list((runs / "stage1").glob("*.safetensors")):
+        path.unlink()  # what a fresh clone lacks
+    for path in (runs / f"stage1@{2 * tokens}").glob("*.safetensors"):
+        path.unlink()  # only the latest snapshot's states are committed
+    write_table(table, model_dir, corpus, [2 * tokens, 4 * tokens, 6 * tokens])
+    curve = json.loads((run_budget_table(table, tmp_path / "out", arms=["gates"]) / "curve.json").read_text())
+    point = curve["arms"]["gates"]["points"][-1]
+    assert point["tokens"] == 6 * tokens and point["warm_start"] == f"runs/gates/stage1@{4 * tokens}"
+    after = json.loads((runs / "stage1" / "training.json").read_text())["train_loss"]
+    assert len(after) == 6 and after[:4] == before  # one history, continued
+    assert "warm_start" not in curve["arms"]["gates"]["points"][0]
+
+
+def test_warm_start_refuses_another_run(tmp_path, model_dir, corpus):
+    from attnsurgery import load_model, patch
+    from attnsurgery.train import TrainConfig, TrainingError, prepare_data, train
+
+    model, tok = load_model(str(model_dir))
+    data = prepare_data(tok, str(corpus), SEQ)
+    handle = patch(model, "gated_attention", form="headwise", init_std=0.3)
+    train(
+        model, handle, data, TrainConfig(steps=1, batch_size=2, seq_len=SEQ, lr=0.05), out_dir=tmp_path / "a"
+    )
+    with pytest.raises(TrainingError, match="another run: lr"):
+        train(
+            model,
+            handle,
+            data,
+            TrainConfig(steps=2, batch_size=2, seq_len=SEQ, lr=0.5),
+            out_dir=tmp_path / "b",
+            warm_start=tmp_path / "a",
+        )
+    handle.remove()

@@ -311,6 +311,13 @@ def _train_stage(
                 "points were measured when it passed them (curve.json keeps them)."
             )
         resume = (run_dir / "checkpoint.pt").is_file()
+        warm = None if resume or prior is not None else _latest_snapshot(run_dir.parent, stage.name, steps)
+        if warm is not None:  # a fresh clone: continue the last committed state (its optimiser starts afresh)
+            from ..api import patch
+            from ..recipe import find_recipe
+
+            handle.remove()
+            handle = patch(model, find_recipe(warm))
         train(
             model,
             handle,
@@ -320,11 +327,23 @@ def _train_stage(
             resume=resume,
             overwrite=not resume,
             model_name=arm.model,
+            warm_start=warm,
         )
+        handle.warm_start = warm
     except BaseException:
         handle.remove()
         raise
     return handle
+
+
+def _latest_snapshot(runs: Path, stage: str, steps: int) -> Path | None:
+    """The stage's committed snapshot with the most steps (at most ``steps``) whose state files are present."""
+    best: tuple[int, Path | None] = (0, None)
+    for folder in runs.glob(f"{stage}@*"):
+        done = _trained_steps(folder)
+        if best[0] < done <= steps:
+            best = (done, folder)
+    return best[1]
 
 
 def run_budget_table(
@@ -387,11 +406,13 @@ def run_budget_table(
             started = time.perf_counter()
             steps = arm.stage_steps(budget)
             prior: Path | None = None
+            warm_from: Path | None = None
             for k, (stage, n) in enumerate(zip(arm.stages, steps)):
                 # stage 1 is one run continued across budgets; a later stage starts afresh from the earlier
                 # stage's state at this budget
                 run_dir = runs / stage.name if k == 0 else runs / f"{stage.name}-{budget}"
                 handle = _train_stage(model, arm, stage, n, run_dir, prior, data)
+                warm_from = getattr(handle, "warm_start", None) or warm_from
                 snapshot = runs / f"{stage.name}@{budget}"
                 try:
                     if k < len(arm.stages) - 1:
@@ -414,6 +435,8 @@ def run_budget_table(
                 "device": device,
                 "state": str(prior.relative_to(out)),
             }
+            if warm_from is not None:  # not one uninterrupted run: say so
+                point["warm_start"] = str(warm_from.relative_to(out))
             entry["points"] = sorted(
                 [*entry["points"], point], key=lambda p: (p.get("device", "cpu"), p["tokens"])
             )

@@ -315,6 +315,45 @@ def _diff(saved: dict, now: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _warm_start(folder: Path, config: TrainConfig, data: TrainingData) -> tuple:
+    """(step, train losses, per-term losses, validations, seconds) of a finished run folder, after checking that it
+    is this run (same objective, rates, batch, windows, seed and data)."""
+    import yaml
+
+    try:
+        recipe = yaml.safe_load((folder / RECIPE).read_text()) or {}
+        hist = json.loads((folder / HISTORY).read_text())
+    except (OSError, ValueError) as err:
+        raise TrainingError(f"warm_start {folder}: not a finished run folder ({err}).") from None
+    training = recipe.get("training") or {}
+    saved, now = training.get("config") or {}, dataclasses.asdict(config)
+    keys = (
+        "objective",
+        "lr",
+        "lora_lr",
+        "batch_size",
+        "seq_len",
+        "seed",
+        "schedule",
+        "warmup",
+        "kd_temperature",
+    )
+    problems = [f"{k}: folder {saved.get(k)!r}, this run {now[k]!r}" for k in keys if saved.get(k) != now[k]]
+    seen = training.get("data") or {}
+    if (seen.get("source"), seen.get("train_windows")) != (data.source, int(data.train.shape[0])):
+        problems.append(f"data: folder {seen.get('source')!r}, this run {data.source!r}")
+    if problems:
+        raise TrainingError(f"warm_start {folder} was another run: " + "; ".join(problems[:4]) + ".")
+    history = list(hist["train_loss"])
+    return (
+        len(history),
+        history,
+        {k: list(v) for k, v in (hist.get("parts") or {}).items()},
+        list(hist.get("validation") or []),
+        float(training.get("seconds") or 0.0),
+    )
+
+
 def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -365,11 +404,18 @@ def train(
     model_name: str | None = None,
     progress: bool = True,
     after_step: Callable[[list[Surgery]], None] | None = None,
+    warm_start: str | Path | None = None,
 ) -> TrainResult:
     """Train the surgeries of ``handle`` (a :class:`SurgeryHandle` on ``model``) on ``data``.
 
     Writes ``out_dir`` (see the module docstring) when given. ``after_step(surgeries)`` runs under ``no_grad``
     after every optimiser step (e.g. a projection onto a constraint set).
+
+    ``warm_start``: a finished run folder of this same run whose checkpoint is gone (a fresh clone holds committed
+    states, not optimisers). The run continues from its step, history and data order; the surgeries must already
+    hold its state (``patch(model, folder)``). Only the optimiser's moments start afresh, so the continuation is
+    not bit-identical to an uninterrupted run (with a constant learning rate, Adam's moments refill in a few dozen
+    steps).
     """
     from accelerate import Accelerator
     from tqdm import tqdm
@@ -454,6 +500,14 @@ def train(
         start_step, history, val_history = ckpt["step"], ckpt["history"], ckpt["val_history"]
         parts_hist, elapsed = ckpt["parts"], ckpt["seconds"]
         best = (ckpt["best"][0], ckpt["best"][1], ckpt["best_state"])
+    elif warm_start is not None:
+        start_step, history, parts_hist, val_history, elapsed = _warm_start(Path(warm_start), config, data)
+        if start_step > config.steps:
+            raise TrainingError(
+                f"warm_start {warm_start} is at step {start_step}, past steps={config.steps}."
+            )
+        if val_history:
+            best = (val_history[-1]["objective"], val_history[-1]["step"], trainable_state())
 
     saved: list[int] = [start_step] if resume else []  # the step of the checkpoint on disk, if any
 
@@ -653,7 +707,9 @@ def write_run(
             staged.append((tmp_dir, out / "adapter"))
     first, last = result.val_history[0], result.val_history[-1]
     best = next((r for r in result.val_history if r["step"] == result.best_step), last)
-    kept = best if config.keep == "best" else last  # the numbers of the state this folder ships, not another's
+    kept = (
+        best if config.keep == "best" else last
+    )  # the numbers of the state this folder ships, not another's
     recipe = {
         "name": out.name,
         "description": (
