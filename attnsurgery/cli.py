@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for command in (listing, apply, inspect, evaluate, calibrate, train, linearize):
         command.add_parser(sub)
-    for name, child in sub.choices.items():
+    for child in sub.choices.values():
         child.formatter_class = _HelpFormatter
     sub.add_parser(
         "lm-eval",
@@ -55,8 +55,49 @@ def _version() -> str:
     return __version__
 
 
+def _route_library_noise() -> Path:
+    """Messages a user can do nothing about (weight-loading bars, bitsandbytes' and kernels' offline notices,
+    lm-eval's per-task hints) go to a log file instead of the console; our own progress and results stay.
+    ATTNSURGERY_VERBOSE=1 keeps everything on the console."""
+    import logging
+
+    root = os.environ.get("ATTNSURGERY_CACHE")
+    folder = (Path(root).expanduser() if root else Path.home() / ".cache" / "attnsurgery") / "logs"
+    path = folder / "libraries.log"
+    if os.environ.get("ATTNSURGERY_VERBOSE"):
+        return path
+    os.environ.setdefault(
+        "HF_HUB_DISABLE_PROGRESS_BARS", "1"
+    )  # transformers' "Loading weights", datasets' splits
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handler: logging.Handler = logging.FileHandler(path, delay=True)
+    except OSError:  # an unwritable cache: drop the noise rather than fail
+        handler = logging.NullHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    for name in (
+        "bitsandbytes",
+        "kernels",
+        "lm_eval",
+        "lm-eval",
+        "datasets",
+        "accelerate",
+        "peft",
+        "huggingface_hub",
+    ):
+        logger = logging.getLogger(name)
+        if not any(
+            getattr(h, "baseFilename", None) == getattr(handler, "baseFilename", 0) for h in logger.handlers
+        ):
+            logger.addHandler(handler)
+        logger.propagate = False
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _route_library_noise()
     if argv[:1] == ["lm-eval"]:  # everything after it belongs to lm-eval's own parser
         from .eval.lmeval import harness_main
 

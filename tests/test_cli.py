@@ -32,10 +32,18 @@ def test_list_verbose_shows_arguments(capsys):
         (["apply", "temperature", "/no/such/model/dir"], 7, "does not exist"),
         (["calibrate", "act", "smollm2-135m"], 2, "calibration data missing"),
         (["calibrate", "act", "smollm2-135m", "--data", "gutenberg_ppl"], 2, "needs multiple_choice data"),
-        (["calibrate", "temperature", "smollm2-135m", "--data", "bb_general_knowledge"], 2, "needs perplexity"),
+        (
+            ["calibrate", "temperature", "smollm2-135m", "--data", "bb_general_knowledge"],
+            2,
+            "needs perplexity",
+        ),
         (["calibrate", "act", "smollm2-135m", "--data", "bb_general_knowlege"], 2, "Did you mean"),
         (["calibrate", "act", "smollm2-135m", "--data", "/no/such.jsonl"], 2, "does not exist"),
-        (["eval", "smollm2-135m", "--tasks", "bb_general_knowlege"], 2, "Did you mean 'bb_general_knowledge'"),
+        (
+            ["eval", "smollm2-135m", "--tasks", "bb_general_knowlege"],
+            2,
+            "Did you mean 'bb_general_knowledge'",
+        ),
         (["eval", "smollm2-135m", "--tasks", "offline", "--recipe", "act/nope"], 5, "unknown recipe"),
         (["reproduce", "/no/such/table.yaml"], 2, "does not exist"),
     ],
@@ -52,3 +60,40 @@ def test_help_is_fast_and_does_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_library_noise_goes_to_a_log_file(tmp_path):
+    """Weight-loading bars and bitsandbytes' / kernels' offline notices stay off the console (a LoRA run used to print
+    three of them), in $ATTNSURGERY_CACHE/logs/libraries.log; our own lines stay."""
+    import os
+    import subprocess
+    import sys
+
+    from tiny import tiny_model, tiny_tokenizer
+
+    model_dir = tmp_path / "m"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    env = {**os.environ, "ATTNSURGERY_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    env.pop("ATTNSURGERY_VERBOSE", None)
+    env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+    cmd = [
+        sys.executable,
+        "-m",
+        "attnsurgery",
+        "apply",
+        "lora",
+        str(model_dir),
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "2",
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    console = done.stdout + done.stderr
+    assert "loaded" in console and "patched" in console  # ours
+    for noise in ("Loading weights", "gemm_4bit_forward", "Skipping publisher trust check"):
+        assert noise not in console, noise
+    log = tmp_path / "cache" / "logs" / "libraries.log"
+    assert not log.exists() or "Traceback" not in log.read_text()
