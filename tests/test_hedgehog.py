@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import yaml
 import torch
 from tiny import cache_kwarg, decode_stepwise, random_ids, tiny_model, tiny_tokenizer
 
@@ -361,6 +362,10 @@ def test_linearize_two_stages_and_resume(data, tmp_path):
     torch.testing.assert_close(logits(fresh, ids), converted, atol=1e-6, rtol=0)
     loaded.remove()
     assert torch.equal(logits(fresh, ids), ref)
+    published = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert published["name"] == "lin"  # the conversion, not its last stage
+    assert "stage 1, attention transfer (1000*transfer" in published["description"]
+    assert "; then stage 2, LoRA (lm" in published["description"]
     stamp = (out / "recipe.yaml").stat().st_mtime_ns
     again = linearize(fresh, data, out, surgery_args={"window": 4, "feature_dim": 8}, stage1=_cfg(), stage2=_cfg(), resume=True, progress=False)
     torch.testing.assert_close(logits(fresh, ids), converted, atol=1e-6, rtol=0)  # both stages reused

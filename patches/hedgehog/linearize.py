@@ -186,7 +186,27 @@ def _publish(run: Path, out: Path) -> None:
             shutil.copytree(item, target)
         else:
             shutil.copy2(item, target)
-    shutil.copy2(run / "recipe.yaml", out / "recipe.yaml")
+    # the published recipe names the conversion and both of its stages, not the last stage alone
+    import yaml
+
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    parts = []
+    for i, name in enumerate(("stage1", "stage2")):
+        path = out / name / "recipe.yaml"
+        if not path.is_file():
+            continue
+        t = yaml.safe_load(path.read_text()).get("training") or {}
+        val = t.get("validation") or {}
+        what = "attention transfer" if i == 0 else "LoRA"
+        lm = ""
+        if val.get("before") and val.get("kept"):
+            lm = f", validation lm {val['before']['lm']:.4f} -> {val['kept']['lm']:.4f}"
+        parts.append(f"stage {i + 1}, {what} ({t.get('objective')}, {t.get('steps')} steps{lm})")
+    recipe["name"] = out.name
+    recipe["description"] = f"Linearized with `attnsurgery linearize`: {'; then '.join(parts)}."
+    tmp = out / "recipe.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(recipe, sort_keys=False, width=110))
+    tmp.replace(out / "recipe.yaml")
 
 
 def run(args: argparse.Namespace) -> int:
