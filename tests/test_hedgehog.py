@@ -7,15 +7,15 @@ from __future__ import annotations
 import math
 
 import pytest
-import yaml
 import torch
+import yaml
+from attnsurgery.patches.hedgehog.cache import HedgehogCacheLayer
+from attnsurgery.patches.hedgehog.kernel import feature_map, hybrid_attention, hybrid_recurrent
+from attnsurgery.patches.hedgehog.reference import feature_map_reference, hybrid_reference
 from tiny import cache_kwarg, decode_stepwise, random_ids, tiny_model, tiny_tokenizer
 
 from attnsurgery import load_surgery, patch, save_surgery
 from attnsurgery.errors import AttnSurgeryError, SurgeryConfigError
-from attnsurgery.patches.hedgehog.cache import HedgehogCacheLayer
-from attnsurgery.patches.hedgehog.kernel import feature_map, hybrid_attention, hybrid_recurrent
-from attnsurgery.patches.hedgehog.reference import feature_map_reference, hybrid_reference
 from attnsurgery.surgery import AttentionCall
 
 SEQ = 32
