@@ -101,7 +101,9 @@ def test_inspect_without_outliers_is_unchanged(model_dir, tmp_path):
     png = tmp_path / "maps.png"
     assert main(["inspect", str(model_dir), "--out", str(png)]) == 0
     assert png.stat().st_size > 1000
-    assert set(json.loads(png.with_suffix(".json").read_text())) == {"prompt", "tokens", "layers"}
+    maps = json.loads(png.with_suffix(".json").read_text())
+    assert set(maps) == {"prompt", "tokens", "layers"}
+    assert maps["prompt"] in "".join(maps["tokens"])  # tokens as text: they join back into the prompt
 
 
 # ---------------------------------------------------------------------------------------------- eval --quant

@@ -196,7 +196,8 @@ def run(args: argparse.Namespace) -> int:
             n = _num_layers(model)
             show = sorted({round(i * (n - 1) / 5) for i in range(6)})
         maps = attention_maps(model, inputs, layers=show)
-    tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
+    # each token as text ("Ġthe" is " the"): byte-level BPE markers mean nothing to a reader of the plot or JSON
+    tokens = [tokenizer.decode([int(i)]) for i in inputs["input_ids"][0]]
     out = Path(args.out or "attention.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     if not maps:  # every shown layer runs a surgery's own attention kernel: no probabilities to draw
