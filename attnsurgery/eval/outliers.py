@@ -559,7 +559,11 @@ def plot_outliers(stats: Any, path: str | Path, title: str = "") -> Path:
 
     items = _labelled(stats)
     styles = {"attn": "-", "mlp": "--", "residual": ":"}
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    # with two or more arms a second row shows each arm against the first, per layer: arms that nearly coincide on
+    # the absolute axes (a patched model drawn exactly over its baseline) still read as two
+    compare = len(items) >= 2
+    fig, grid = plt.subplots(2 if compare else 1, 3, figsize=(15, 8.2 if compare else 4.2), squeeze=False)
+    axes = grid[0]
     for c, (name, s) in enumerate(items):
         # the default cycle repeats after 10 arms; tab20 keeps up to 20 apart
         color = f"C{c}" if len(items) <= 10 else plt.get_cmap("tab20")(c % 20)
@@ -582,6 +586,41 @@ def plot_outliers(stats: Any, path: str | Path, title: str = "") -> Path:
     for ax in axes[:2]:
         ax.set_yscale("log")  # a value of 0 (e.g. a silenced block) is left off the log axis
     axes[2].set_ylim(0, 1)
+    if compare:
+        base_name, base = items[0]
+        for c, (name, s) in enumerate(items[1:], start=1):
+            color = f"C{c}" if len(items) <= 10 else plt.get_cmap("tab20")(c % 20)
+            pairs = list(zip(base.layers, s.layers))
+            x = [row.layer for _, row in pairs]
+            for site, style in styles.items():
+                for ax, metric in zip(grid[1][:2], ("kurtosis", "inf_norm")):
+                    ratio = []
+                    for b, row in pairs:
+                        old_value, new_value = (
+                            getattr(b, f"{site}_{metric}"),
+                            getattr(row, f"{site}_{metric}"),
+                        )
+                        ok = old_value and new_value and old_value > 0 and new_value > 0
+                        ratio.append(new_value / old_value if ok else float("nan"))
+                    ax.plot(x, ratio, style, color=color, marker=".")
+            diff = [
+                (row.layer, row.sink_share - b.sink_share)
+                for b, row in pairs
+                if row.sink_share is not None and b.sink_share is not None
+            ]
+            if diff:
+                grid[1][2].plot(*zip(*diff), "-", color=color, marker="o", label=f"{name} - {base_name}")
+        for ax, what in zip(grid[1], ("kurtosis", "inf-norm")):
+            ax.set_yscale("log")
+            ax.axhline(1.0, color="black", lw=0.8)
+            ax.set_title(f"{what}: each arm / {base_name} (1 = unchanged)")
+        grid[1][2].axhline(0.0, color="black", lw=0.8)
+        grid[1][2].set_title(f"first-token share: each arm - {base_name}")
+        grid[1][2].legend(fontsize=7)
+        for ax in grid[1]:
+            ax.set_xlabel("layer")
+            ax.grid(alpha=0.3)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     # line style = site (one small legend), colour = stats label (the sink-share panel's legend): with many
     # labelled stats a legend entry per (label, site) would not fit the figure
     from matplotlib.lines import Line2D
