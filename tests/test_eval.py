@@ -309,6 +309,7 @@ def test_reproduce_runs_a_table(include, loaded, tmp_path, monkeypatch):
     md = paths["md"].read_text()
     assert "published" in md and "sharp: 0.5" in md
     assert (tmp_path / "out" / "cache" / "tiny").is_dir()
+    assert paths["png"].stat().st_size > 1000 and paths["bars"].name == "table-values.png"  # forest + values
     assert "Limited run: 6 documents" in md  # the table's own limit, said in the title
 
     # a quick look with another --limit never lands on those results: refused in the same folder ...

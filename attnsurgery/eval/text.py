@@ -351,6 +351,60 @@ def render_markdown(reports: Sequence[EvalReport], published: Sequence[dict[str,
     return "\n".join(out)
 
 
+def plot_forest(
+    reports: Sequence[EvalReport], out: str | Path, primary: dict[str, str] | None = None
+) -> Path:
+    """The main picture of a report: each patched arm's paired delta against the baseline with its 95% interval
+    (delta +- 1.96 paired standard errors), one row per (model, task, arm), a zero line, the baseline's value in the
+    row label. Independent error bars on absolute values overlap even where the paired test is significant; the
+    paired interval is the one that says whether an arm moved the score. One panel per metric direction."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []  # (label, delta, half-width, valid, significant, lower-is-better)
+    for report in reports:
+        for task in report.tasks:
+            metrics = [m for m in report.baseline.metrics.get(task, {}) if not m.endswith("_stderr")]
+            if not metrics:
+                continue
+            metric = (primary or {}).get(task) or metrics[0]
+            base_value = report.baseline.metrics.get(task, {}).get(metric)
+            lower = metric.split(" (")[0] in _LOWER_IS_BETTER
+            for arm in report.arms[1:]:
+                d = paired_delta(metric, report.baseline.per_doc.get(task, {}), arm.per_doc.get(task, {}))
+                if d["delta"] is None:
+                    continue
+                half = 1.96 * d["delta_stderr"] if d["delta_stderr"] else 0.0
+                base_text = f"{base_value:.3g}" if isinstance(base_value, (int, float)) else "?"
+                label = f"{report.model} · {task} · {arm.arm}\n{metric} {'↓' if lower else '↑'}, baseline {base_text}"
+                rows.append((label, d["delta"], half, arm.valid, (d["p"] or 1.0) < 0.05, lower))
+    if not rows:
+        return plot_report(reports, out, primary)  # a baseline alone: nothing paired to draw
+    fig, ax = plt.subplots(figsize=(10, 0.62 * len(rows) + 1.6))
+    for y, (_, delta, half, valid, significant, lower) in enumerate(reversed(rows)):
+        better = (delta < 0) if lower else (delta > 0)
+        color = "0.55" if not significant else ("tab:green" if better else "tab:red")
+        ax.errorbar(delta, y, xerr=half, fmt="o", color=color, capsize=4, alpha=1.0 if valid else 0.35)
+        if not valid:
+            ax.annotate(
+                "INVALID", (delta, y), textcoords="offset points", xytext=(6, 6), fontsize=7, color="red"
+            )
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.set_yticks(range(len(rows)), [r[0] for r in reversed(rows)], fontsize=7)
+    ax.set_xlabel(
+        "paired delta vs baseline, 95% interval\n(green: better, red: worse, grey: p >= 0.05)", fontsize=8
+    )
+    limits = sorted({r.settings.get("limit") for r in reports if r.settings.get("limit")})
+    if limits:
+        ax.set_title(f"Limited run: {', '.join(f'{x:g}' for x in limits)} documents per task", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    from .report import save_figure
+
+    return save_figure(fig, out, dpi=110)
+
+
 def plot_report(
     reports: Sequence[EvalReport], out: str | Path, primary: dict[str, str] | None = None
 ) -> Path:
@@ -705,4 +759,7 @@ def write_report(
     if run is not None:
         payload["run"] = run
     markdown = render_markdown(reports, published)
-    return write_files(out_dir, name, payload, markdown, lambda png: plot_report(reports, png, primary))
+    paths = write_files(out_dir, name, payload, markdown, lambda png: plot_forest(reports, png, primary))
+    # the absolute values per arm, beside the main picture
+    paths["bars"] = plot_report(reports, Path(out_dir) / f"{name}-values.png", primary)
+    return paths
