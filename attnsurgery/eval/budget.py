@@ -396,7 +396,9 @@ def run_budget_table(
         max_context = getattr(model.config, "max_position_embeddings", None)
         data = prepare_data(tokenizer, table.data, arm.seq_len, max_context=max_context, max_val_windows=8)
         test = _test_windows(tokenizer, table.test_data, arm.eval_seq_len, arm.eval_windows)
-        key = f"{arm.model}|{table.test_data}|{arm.eval_seq_len}x{len(test)}"
+        key = f"{arm.model}|{table.test_data}|{arm.eval_seq_len}x{len(test)}" + (
+            "" if device == "cpu" else f"|{device}"
+        )
         if key not in curve["baselines"]:
             with torch.no_grad():
                 curve["baselines"][key] = perplexity(model, test)
