@@ -459,14 +459,15 @@ def render_curve(curve: dict[str, Any], table: BudgetTable | None = None) -> str
         "Test-split perplexity of each arm's state after the given number of training tokens, relative to the "
         "unpatched model on the same windows. Regenerate: `attnsurgery reproduce evals/budget.yaml`.",
         "",
-        "| arm | model | goal | tokens | ppl | baseline | change | met |",
-        "|---|---|---:|---:|---:|---:|---:|:-:|",
+        "| arm | model | device | goal | tokens | ppl | baseline | change | met |",
+        "|---|---|---|---:|---:|---:|---:|---:|:-:|",
     ]
     for name, arm in curve["arms"].items():
         for p in arm["points"]:
             met = "yes" if p["rel_pct"] <= arm["goal_pct"] else "no"
             lines.append(
-                f"| {name} | {arm['model']} | +{arm['goal_pct']:g}% | {p['tokens']:,} | {p['ppl']:.3f} | "
+                f"| {name} | {arm['model']} | {p.get('device', 'cpu')} | +{arm['goal_pct']:g}% | {p['tokens']:,} | "
+                f"{p['ppl']:.3f} | "
                 f"{p['baseline_ppl']:.3f} | {p['rel_pct']:+.1f}% | {met} |"
             )
     return "\n".join(lines) + "\n"
@@ -487,9 +488,12 @@ def plot_curve(curve: dict[str, Any], path: Path, title: str = "") -> Path | Non
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (name, arm) in enumerate(arms.items()):
         c = colours[i % len(colours)]
-        xs = [p["tokens"] for p in arm["points"]]
-        ys = [p["rel_pct"] for p in arm["points"]]
-        ax.plot(xs, ys, "o-", color=c, label=f"{name} ({arm['model']})")
+        for device, style in (("cpu", "o-"), ("cuda", "s--")):
+            points = [p for p in arm["points"] if p.get("device", "cpu") == device]
+            if points:
+                xs = [p["tokens"] for p in points]
+                ys = [p["rel_pct"] for p in points]
+                ax.plot(xs, ys, style, color=c, label=f"{name} ({arm['model']}, {device})")
         ax.axhline(arm["goal_pct"], color=c, ls="--", lw=1, alpha=0.8)
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xscale("log")
