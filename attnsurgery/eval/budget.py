@@ -258,7 +258,9 @@ def _write_curve(out: Path, curve: dict[str, Any], table: BudgetTable) -> None:
         tmp.write_text(text)
         tmp.replace(out / name)  # whole or the previous one: never half-written
     plot_curve(
-        curve, out / "curve.png", title=table.description.split(".")[0] if table.description else table.name
+        curve,
+        out / "curve.png",
+        title=f"{table.name}: test perplexity against training tokens ({table.path})",
     )
 
 
