@@ -10,6 +10,7 @@ import importlib.util
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -223,10 +224,18 @@ def test_simple_evaluate_with_dummy_lm(offline):
 
 def test_build_check_reproduces_the_vendored_files(capsys):
     build = importlib.import_module(T.__name__ + ".build")
-    missing = [s.filename for s in build.SOURCES.values() if not (build.cache_dir() / s.filename).exists()]
-    if missing and os.environ.get("ATTNSURGERY_REQUIRE_SOURCES"):  # CI fetches them first: never skip there
-        pytest.fail(f"source archives missing from {build.cache_dir()}: {', '.join(missing)}")
-    if missing:
-        pytest.skip(f"source archives not cached in {build.cache_dir()}: {', '.join(missing)} "
+    missing = {n for n, s in build.SOURCES.items() if not (build.cache_dir() / s.filename).exists()}
+    # sources the registry no longer serves (CI names them after trying to fetch each: bigbench 1.0.0 was withdrawn
+    # from PyPI by 2026-12-06); their tasks' data stays vendored, and the parts they feed cannot be rebuilt
+    gone = {n for n in os.environ.get("ATTNSURGERY_UNAVAILABLE_SOURCES", "").split(",") if n}
+    if missing - gone and os.environ.get("ATTNSURGERY_REQUIRE_SOURCES"):  # CI fetches them first: never skip there
+        pytest.fail(f"source archives missing from {build.cache_dir()}: {', '.join(sorted(missing - gone))}")
+    parts = [part for part, sources in build.PARTS.items() if not set(sources) & missing]
+    if not parts:
+        pytest.skip(f"source archives not cached in {build.cache_dir()}: {', '.join(sorted(missing))} "
                     f"(run `python -m attnsurgery.tasks.build` once to fetch them)")
-    assert build.main(["--check", "--no-download"]) == 0, capsys.readouterr().err
+    assert build.main(["--check", "--no-download", "--parts", ",".join(parts)]) == 0, capsys.readouterr().err
+    unchecked = sorted(set(build.PARTS) - set(parts))
+    if unchecked:  # said out loud: these parts were not rebuilt here
+        warnings.warn(f"rebuild check covered {', '.join(parts)}; not {', '.join(unchecked)} (sources missing: "
+                      f"{', '.join(sorted(missing))})", stacklevel=1)

