@@ -70,11 +70,18 @@ def _route_library_noise() -> Path:
         "HF_HUB_DISABLE_PROGRESS_BARS", "1"
     )  # transformers' "Loading weights", datasets' splits
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        handler: logging.Handler = logging.FileHandler(path, delay=True)
-    except OSError:  # an unwritable cache: drop the noise rather than fail
-        handler = logging.NullHandler()
+    class LazyFileHandler(logging.FileHandler):
+        """Opens (and creates the folder of) its file at the first message only: a command that logs nothing, or is
+        refused, leaves no cache folder behind."""
+
+        def _open(self):  # type: ignore[override]
+            Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+            return super()._open()
+
+        def handleError(self, record: logging.LogRecord) -> None:  # an unwritable cache: drop the noise, never fail
+            pass
+
+    handler: logging.Handler = LazyFileHandler(path, delay=True)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
     for name in (
         "bitsandbytes",
