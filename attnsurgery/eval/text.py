@@ -351,35 +351,41 @@ def render_markdown(reports: Sequence[EvalReport], published: Sequence[dict[str,
     return "\n".join(out)
 
 
+def _plotted_metrics(reports: Sequence[EvalReport], primary: dict[str, str] | None):
+    """(report, task, metric) for each task a report scored: the table's primary metric, else the first one."""
+    for report in reports:
+        for task in report.tasks:
+            metrics = [m for m in report.baseline.metrics.get(task, {}) if not m.endswith("_stderr")]
+            if metrics:
+                yield report, task, (primary or {}).get(task) or metrics[0]
+
+
 def plot_forest(
     reports: Sequence[EvalReport], out: str | Path, primary: dict[str, str] | None = None
 ) -> Path:
     """The main picture of a report: each patched arm's paired delta against the baseline with its 95% interval
     (delta +- 1.96 paired standard errors), one row per (model, task, arm), a zero line, the baseline's value in the
     row label. Independent error bars on absolute values overlap even where the paired test is significant; the
-    paired interval is the one that says whether an arm moved the score. One panel per metric direction."""
+    paired interval is the one that says whether an arm moved the score."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = []  # (label, delta, half-width, valid, significant, lower-is-better)
-    for report in reports:
-        for task in report.tasks:
-            metrics = [m for m in report.baseline.metrics.get(task, {}) if not m.endswith("_stderr")]
-            if not metrics:
+    for report, task, metric in _plotted_metrics(reports, primary):
+        base_value = report.baseline.metrics.get(task, {}).get(metric)
+        lower = metric.split(" (")[0] in _LOWER_IS_BETTER
+        for arm in report.arms[1:]:
+            d = paired_delta(metric, report.baseline.per_doc.get(task, {}), arm.per_doc.get(task, {}))
+            if d["delta"] is None:
                 continue
-            metric = (primary or {}).get(task) or metrics[0]
-            base_value = report.baseline.metrics.get(task, {}).get(metric)
-            lower = metric.split(" (")[0] in _LOWER_IS_BETTER
-            for arm in report.arms[1:]:
-                d = paired_delta(metric, report.baseline.per_doc.get(task, {}), arm.per_doc.get(task, {}))
-                if d["delta"] is None:
-                    continue
-                half = 1.96 * d["delta_stderr"] if d["delta_stderr"] else 0.0
-                base_text = f"{base_value:.3g}" if isinstance(base_value, (int, float)) else "?"
-                label = f"{report.model} · {task} · {arm.arm}\n{metric} {'↓' if lower else '↑'}, baseline {base_text}"
-                rows.append((label, d["delta"], half, arm.valid, (d["p"] or 1.0) < 0.05, lower))
+            half = 1.96 * d["delta_stderr"] if d["delta_stderr"] else 0.0
+            base_text = f"{base_value:.3g}" if isinstance(base_value, (int, float)) else "?"
+            label = (
+                f"{report.model} · {task} · {arm.arm}\n{metric} {'↓' if lower else '↑'}, baseline {base_text}"
+            )
+            rows.append((label, d["delta"], half, arm.valid, (d["p"] or 1.0) < 0.05, lower))
     if not rows:
         return plot_report(reports, out, primary)  # a baseline alone: nothing paired to draw
     fig, ax = plt.subplots(figsize=(10, 0.62 * len(rows) + 1.6))
@@ -410,32 +416,27 @@ def plot_report(
 ) -> Path:
     """Bar chart with stderr error bars: one panel per (model, task), one bar per arm."""
     panels = []
-    for report in reports:
-        for task in report.tasks:
-            metrics = [m for m in report.baseline.metrics.get(task, {}) if not m.endswith("_stderr")]
-            if not metrics:
-                continue
-            metric = (primary or {}).get(task) or metrics[0]
-            labels = []
-            for arm in report.arms:
-                label = arm.arm
-                if arm is not report.baseline:
-                    # the paired delta under the name: small effects (perplexity) are invisible in bar heights
-                    d = paired_delta(metric, report.baseline.per_doc.get(task, {}), arm.per_doc.get(task, {}))
-                    if d["delta"] is not None:
-                        label += f"\nΔ{d['delta']:+.3g} ({p_label(d['p'])})"
-                labels.append(label)
-            panels.append(
-                Panel(
-                    title=f"{report.model}\n{task}"
-                    + (f" (limit {report.settings['limit']:g})" if report.settings.get("limit") else ""),
-                    ylabel=f"{metric} {'↓' if metric.split(' (')[0] in _LOWER_IS_BETTER else '↑'}",
-                    values=[a.metrics.get(task, {}).get(metric) or 0.0 for a in report.arms],
-                    errors=[a.metrics.get(task, {}).get(f"{metric}_stderr") or 0.0 for a in report.arms],
-                    valid=[a.valid for a in report.arms],
-                    labels=labels,
-                )
+    for report, task, metric in _plotted_metrics(reports, primary):
+        labels = []
+        for arm in report.arms:
+            label = arm.arm
+            if arm is not report.baseline:
+                # the paired delta under the name: small effects (perplexity) are invisible in bar heights
+                d = paired_delta(metric, report.baseline.per_doc.get(task, {}), arm.per_doc.get(task, {}))
+                if d["delta"] is not None:
+                    label += f"\nΔ{d['delta']:+.3g} ({p_label(d['p'])})"
+            labels.append(label)
+        panels.append(
+            Panel(
+                title=f"{report.model}\n{task}"
+                + (f" (limit {report.settings['limit']:g})" if report.settings.get("limit") else ""),
+                ylabel=f"{metric} {'↓' if metric.split(' (')[0] in _LOWER_IS_BETTER else '↑'}",
+                values=[a.metrics.get(task, {}).get(metric) or 0.0 for a in report.arms],
+                errors=[a.metrics.get(task, {}).get(f"{metric}_stderr") or 0.0 for a in report.arms],
+                valid=[a.valid for a in report.arms],
+                labels=labels,
             )
+        )
     if not panels:
         raise EvalError("nothing to plot: the reports have no metrics.")
     most_arms = max(len(r.arms) for r in reports)
