@@ -321,3 +321,61 @@ def test_warm_start_refuses_another_run(tmp_path, model_dir, corpus):
             warm_start=tmp_path / "a",
         )
     handle.remove()
+
+
+def test_ship_writes_the_best_state_as_a_recipe_that_reproduces_its_point(
+    tmp_path, model_dir, corpus, monkeypatch
+):
+    """`--ship`: each arm's best point becomes `<recipes>/<arm.recipe>.yaml` plus its state folder; patching that
+    recipe scores exactly the point's perplexity; refusals write nothing."""
+    import attnsurgery.eval.budget as budget
+    from attnsurgery import find_recipe, patch
+    from attnsurgery.eval.quant import perplexity
+    from attnsurgery.eval.training_table import _test_windows
+    from attnsurgery.models import load_model
+
+    tokens = 2 * SEQ
+    table = write_table(tmp_path / "b.yaml", model_dir, corpus, [tokens, 2 * tokens])
+    data = yaml.safe_load(table.read_text())
+    data["arms"][0]["recipe"] = "gated_attention/tiny-gates"
+    data["arms"][1]["recipe"] = "gated_attention/tiny-gates-lora"
+    table.write_text(yaml.safe_dump(data))
+    recipes = tmp_path / "recipes"
+    with pytest.raises(BudgetError, match="no point"):  # nothing trained yet
+        budget.ship_states(table, tmp_path / "out", ["gates"], recipes)
+    out = run_budget_table(table, tmp_path / "out")
+    curve = json.loads((out / "curve.json").read_text())
+
+    monkeypatch.setattr(budget, "SHIP_LIMIT_BYTES", 10)
+    with pytest.raises(BudgetError, match="over the"):
+        budget.ship_states(table, out, None, recipes)
+    assert not recipes.exists()  # all or nothing
+    monkeypatch.undo()
+
+    written = budget.ship_states(table, out, None, recipes)
+    assert [p.name for p in written] == ["tiny-gates.yaml", "tiny-gates-lora.yaml"]
+    model, tokenizer = load_model(str(model_dir))
+    test = _test_windows(tokenizer, "gutenberg_ppl", SEQ, 2)
+    for arm, name in (("gates", "tiny-gates"), ("gates-then-lora", "tiny-gates-lora")):
+        best = budget.best_point(curve, arm)
+        assert best["rel_pct"] == min(p["rel_pct"] for p in curve["arms"][arm]["points"])
+        recipe = find_recipe(recipes / "gated_attention" / f"{name}.yaml")
+        assert recipe.training["point"]["ppl"] == best["ppl"] and recipe.model == str(model_dir)
+        assert all(s.state.parent == recipes / "gated_attention" / name for s in recipe.surgeries)
+        with patch(model, recipe), torch.no_grad():
+            assert perplexity(model, test) == pytest.approx(best["ppl"], rel=1e-6)
+    with torch.no_grad():
+        assert perplexity(model, test) == pytest.approx(best["baseline_ppl"], rel=1e-6)  # removed: unpatched
+
+    before = (recipes / "gated_attention" / "tiny-gates.yaml").read_text()
+    with pytest.raises(BudgetError, match="--overwrite"):
+        budget.ship_states(table, out, ["gates"], recipes)
+    assert budget.ship_states(table, out, ["gates"], recipes, overwrite=True)
+    assert (recipes / "gated_attention" / "tiny-gates.yaml").read_text() == before
+
+    # a best point whose states were not kept (a fresh clone holds only the newest snapshot's)
+    best = budget.best_point(curve, "gates")
+    for f in (out / best["state"]).glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(BudgetError, match="missing"):
+        budget.ship_states(table, out, ["gates"], recipes, overwrite=True)

@@ -28,6 +28,10 @@ print(attnsurgery.__file__)
 print(attnsurgery.patches.__file__)
 assert {s.name for s in list_surgeries()} >= {"temperature", "head_scale", "clipped_softmax"}
 assert "temperature/default" in list_recipes()
+from attnsurgery import find_recipe
+for name in list_recipes():  # every recipe parses, so every state file a trained recipe names was installed
+    find_recipe(name)
+assert any(find_recipe(n).training.get("point") for n in list_recipes())  # the trained recipes ship
 assert importlib.resources.files("attnsurgery.recipes").joinpath("temperature/default.yaml").is_file()
 assert {s.name for s in list_surgeries()} >= {"act", "var", "vhr"}
 from attnsurgery.tasks import include_path, load_split, offline_tasks

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 from ._common import make_console
 
@@ -22,8 +23,9 @@ def run(args: argparse.Namespace) -> int:
 
     console = make_console()
     table = Table(title="surgeries", show_lines=False)
-    for col in ("name", "stages", "what it does"):
-        table.add_column(col)
+    table.add_column("name", overflow="fold")
+    table.add_column("stages", overflow="fold")
+    table.add_column("what it does")
     for info in list_surgeries():
         table.add_row(info.name, ",".join(info.stages), info.summary)
     console.print(table)
@@ -33,12 +35,15 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"\n[bold]{info.name}[/bold]  ({info.paper})")
             for name, default, doc in cls.config_class.describe():
                 console.print(f"  {name} = {default}: {doc}")
-    recipes = Table(title="recipes")
-    for col in ("recipe", "model", "description"):
-        recipes.add_column(col)
+    recipes = Table(title="recipes", expand=True)
+    # a name is what users copy: folded at any width, never cut with an ellipsis
+    recipes.add_column("recipe", overflow="fold", ratio=3)
+    recipes.add_column("model", overflow="fold", ratio=2)
+    recipes.add_column("description (first sentence)", overflow="fold", ratio=4)
     for name in list_recipes():
         recipe = find_recipe(name)
-        recipes.add_row(name, recipe.model or "-", recipe.description)
+        first = re.split(r"(?<=\.)\s", recipe.description.strip(), maxsplit=1)[0]
+        recipes.add_row(name, recipe.model or "-", first)
     console.print(recipes)
     models = Table(title="model aliases")
     models.add_column("alias")

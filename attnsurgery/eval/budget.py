@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import time
@@ -34,7 +35,9 @@ from ..errors import AttnSurgeryError, did_you_mean
 from ..recipe import RecipeError
 
 _TABLE_KEYS = {"name", "kind", "description", "data", "test_data", "budgets", "arms", "dtype"}
-_ARM_KEYS = {"name", "model", "note", "goal_pct", "seq_len", "eval", "stages"}
+_ARM_KEYS = {"name", "model", "note", "goal_pct", "seq_len", "eval", "stages", "recipe"}
+# a shipped recipe's state files together (issue 23: small states ship in the repository, each at most 20 MB)
+SHIP_LIMIT_BYTES = 20 * 1024 * 1024
 _STAGE_KEYS = {"name", "surgeries", "train", "share"}
 _EVAL_KEYS = {"seq_len", "windows"}
 
@@ -61,6 +64,7 @@ class BudgetArm:
     eval_seq_len: int = 256  # test windows
     eval_windows: int = 24
     note: str = ""
+    recipe: str | None = None  # the shipped recipe its best state becomes (`--ship`), e.g. moh/smollm2-135m-x
 
     @property
     def tokens_per_step(self) -> int:
@@ -109,6 +113,17 @@ def _check(where: str, data: Any, allowed: set[str]) -> None:
 def _positive_int(where: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise BudgetError(f"{where}: {value!r} must be a whole number >= 1.")
+    return value
+
+
+def _recipe_name(where: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not re.fullmatch(r"[a-z0-9_]+/[a-z0-9][a-z0-9._-]*", value):
+        raise BudgetError(
+            f"{where}: 'recipe' is a shipped recipe name <surgery>/<name> in lower case, e.g. "
+            f"moh/smollm2-135m-learned-75; got {value!r}."
+        )
     return value
 
 
@@ -206,6 +221,7 @@ def load_budget_table(path: str | Path) -> BudgetTable:
                 eval_seq_len=_positive_int(f"{where}.eval.seq_len", eval_cfg.get("seq_len", 256)),
                 eval_windows=_positive_int(f"{where}.eval.windows", eval_cfg.get("windows", 24)),
                 note=str(raw.get("note") or ""),
+                recipe=_recipe_name(f"{where} ({name})", raw.get("recipe")),
             )
         )
     if not arms:
@@ -452,6 +468,125 @@ def run_budget_table(
     return out
 
 
+# -- shipping -----------------------------------------------------------------------------------------------------
+def best_point(curve: dict[str, Any], arm: str) -> dict[str, Any] | None:
+    """The arm's point with the lowest test perplexity relative to its baseline (any device), or None."""
+    points = [p for p in (curve.get("arms", {}).get(arm) or {}).get("points", []) if p.get("state")]
+    return min(points, key=lambda p: (p["rel_pct"], -p["tokens"])) if points else None
+
+
+def ship_states(
+    path: str | Path,
+    out_dir: str | Path | None = None,
+    arms: list[str] | None = None,
+    recipes_root: str | Path | None = None,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Ship each arm's best state as a recipe: ``<recipes_root>/<arm.recipe>.yaml`` with its state files in the
+    folder of the same name beside it, so ``attnsurgery eval MODEL --recipe <arm.recipe>`` needs no training.
+
+    ``recipes_root`` defaults to the packaged recipes (the repository's ``recipes/`` in a development install).
+    Nothing is written unless every chosen arm can ship; an existing recipe is replaced only with ``overwrite``.
+    """
+    from ..recipe import _packaged_root, write_recipe
+
+    table = load_budget_table(path)
+    out = Path(out_dir) if out_dir else Path("evals/results") / table.name
+    curve = _read_curve(out / "curve.json")
+    root = Path(recipes_root) if recipes_root is not None else _packaged_root()
+    chosen = [a for a in table.arms if not arms or a.name in arms]
+    for name in arms or []:
+        if name not in [a.name for a in table.arms]:
+            known = [a.name for a in table.arms]
+            raise BudgetError(
+                f"{table.path}: no arm {name!r}.{did_you_mean(name, known)} Arms: {', '.join(known)}."
+            )
+    plans = []
+    for arm in chosen:
+        if arm.recipe is None:
+            if arms:
+                raise BudgetError(f"{table.path}: arm {arm.name!r} names no 'recipe' to ship its state as.")
+            continue
+        point = best_point(curve, arm.name)
+        if point is None:
+            if arms:
+                raise BudgetError(
+                    f"arm {arm.name!r} has no point in {out / 'curve.json'} yet: train it first."
+                )
+            continue
+        state_dir = out / point["state"]
+        if not (state_dir / "recipe.yaml").is_file():
+            raise BudgetError(
+                f"arm {arm.name!r}: the best point's state folder {state_dir} holds no recipe.yaml (its states were "
+                "not kept); train that budget again or ship from the machine that trained it."
+            )
+        source = yaml.safe_load((state_dir / "recipe.yaml").read_text()) or {}
+        files = [state_dir / s["state"] for s in source.get("surgeries", []) if s.get("state")]
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise BudgetError(
+                f"arm {arm.name!r}: state file {missing[0]} is missing; train that budget again."
+            )
+        size = sum(f.stat().st_size for f in files)
+        if size > SHIP_LIMIT_BYTES:
+            raise BudgetError(
+                f"arm {arm.name!r}: its state files hold {size / 2**20:.1f} MB, over the {SHIP_LIMIT_BYTES // 2**20} MB "
+                "a shipped recipe may carry; keep it as a run folder instead."
+            )
+        target = root / f"{arm.recipe}.yaml"
+        if target.exists() and not overwrite:
+            raise BudgetError(
+                f"{target} exists; pass --overwrite to replace it with {arm.name!r}'s best state."
+            )
+        plans.append((arm, point, source, files, target))
+    written = []
+    for arm, point, source, files, target in plans:
+        stem = target.with_suffix("")
+        tmp = stem.with_name(stem.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for f in files:
+            shutil.copyfile(f, tmp / f.name)  # ordinary file modes, not the trainer's
+        surgeries = []
+        for s in source["surgeries"]:
+            s = dict(s)
+            if s.get("state"):
+                s["state"] = f"{stem.name}/{Path(s['state']).name}"
+            surgeries.append(s)
+        training = dict(source.get("training") or {})
+        # where the state came from and what it measured, for `attnsurgery list` readers and the tests
+        training["point"] = {
+            "table": str(table.path),
+            "arm": arm.name,
+            **{k: point[k] for k in ("tokens", "ppl", "baseline_ppl", "rel_pct", "device") if k in point},
+            "eval": {"data": table.test_data, "seq_len": arm.eval_seq_len, "windows": arm.eval_windows},
+        }
+        what = (arm.note or arm.name).rstrip(". ")
+        recipe = {
+            "name": arm.recipe,
+            "description": (
+                f"{what[:1].upper() + what[1:]}. After {point['tokens']:,} training tokens, test perplexity "
+                f"{point['rel_pct']:+.1f}% against the unpatched model ({point['ppl']:.3f} vs "
+                f"{point['baseline_ppl']:.3f}, goal +{arm.goal_pct:g}%) on {arm.eval_windows} windows of "
+                f"{arm.eval_seq_len} tokens of {table.test_data}'s test split. The best point of arm {arm.name} of "
+                f"{table.path} (training text: {table.data})."
+            ),
+            "model": arm.model,
+            "surgeries": surgeries,
+            "training": training,
+            "notes": (
+                f"Shipped by `python -m attnsurgery.eval.budget {table.path} --ship --arm {arm.name}` from "
+                f"{point['state']}; regenerate the point with `python -m attnsurgery.eval.budget {table.path} --arm "
+                f"{arm.name}`."
+            ),
+        }
+        # the states move in first, then the recipe that names them is written (and checked to load)
+        shutil.rmtree(stem, ignore_errors=True)
+        tmp.rename(stem)
+        written.append(write_recipe(recipe, target))
+    return written
+
+
 # -- reporting ----------------------------------------------------------------------------------------------------
 def render_curve(curve: dict[str, Any], table: BudgetTable | None = None) -> str:
     lines = [f"# {table.name if table else 'budget'}", ""]
@@ -525,6 +660,15 @@ def main(argv: list[str] | None = None) -> int:
         "--up-to", type=int, default=None, help="stop after the budgets of at most this many tokens"
     )
     parser.add_argument("--out", default=None, help="output folder (default evals/results/<table name>)")
+    parser.add_argument(
+        "--ship",
+        action="store_true",
+        help="train nothing: write each arm's best state as its shipped recipe (the arm's 'recipe:' name)",
+    )
+    parser.add_argument(
+        "--recipes", default=None, help="with --ship: the recipes folder (default: the packaged one)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="with --ship: replace a shipped recipe")
     args = parser.parse_args(argv)
     console = Console(stderr=True)
 
@@ -545,6 +689,17 @@ def main(argv: list[str] | None = None) -> int:
             f"{point['seconds'] / 60:.1f} min"
         )
 
+    if args.ship:
+        try:
+            written = ship_states(args.table, args.out, args.arm, args.recipes, overwrite=args.overwrite)
+        except AttnSurgeryError as err:
+            console.print(f"[red]error:[/red] {err}")
+            return 5 if isinstance(err, RecipeError) else 2
+        for path in written:
+            console.print(f"shipped {path}")
+        if not written:
+            console.print("nothing to ship: no arm with a 'recipe' has a point yet")
+        return 0
     try:
         out = run_budget_table(args.table, args.out, args.arm, args.up_to, on_point=report)
     except AttnSurgeryError as err:

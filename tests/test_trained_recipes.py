@@ -1,0 +1,82 @@
+"""The shipped trained recipes (issue 23, `python -m attnsurgery.eval.budget evals/budget.yaml --ship`): each one's
+state files load on its real model and score the test perplexity its recipe records, so a fresh clone evaluates a
+trained surgery without training it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnsurgery import find_recipe, list_recipes, patch
+
+TRAINED = [n for n in list_recipes() if find_recipe(n).training.get("point")]
+
+
+def test_every_budget_arm_with_a_point_ships_its_best_state():
+    """A shipped trained recipe is its arm's best point in the committed curve (re-ship when a better one lands)."""
+    import json
+    from pathlib import Path
+
+    from attnsurgery.eval.budget import best_point, load_budget_table
+
+    root = Path(__file__).resolve().parents[1]
+    table = load_budget_table(root / "evals" / "budget.yaml")
+    curve = json.loads((root / "evals" / "results" / "budget" / "curve.json").read_text())
+    assert TRAINED, "no trained recipe ships"
+    for name in TRAINED:
+        point = find_recipe(name).training["point"]
+        arm = next(a for a in table.arms if a.name == point["arm"])
+        assert arm.recipe == name, f"{name} ships arm {arm.name}, whose table names {arm.recipe}"
+        best = best_point(curve, arm.name)
+        assert best is not None and point["tokens"] == best["tokens"], f"{name}: ship {arm.name}'s best point"
+        assert point["ppl"] == best["ppl"] and point["baseline_ppl"] == best["baseline_ppl"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TRAINED)
+def test_trained_recipe_reproduces_its_recorded_perplexity(name):
+    from attnsurgery.eval.quant import perplexity
+    from attnsurgery.eval.training_table import _test_windows
+    from attnsurgery.models import load_model
+
+    recipe = find_recipe(name)
+    point = recipe.training["point"]
+    model, tokenizer = load_model(recipe.model)
+    test = _test_windows(tokenizer, point["eval"]["data"], point["eval"]["seq_len"], point["eval"]["windows"])
+    with torch.no_grad():
+        baseline = perplexity(model, test)
+        reference = model(test[:1]).logits
+        with patch(model, name):
+            trained = perplexity(model, test)
+        assert torch.equal(model(test[:1]).logits, reference)  # removed: the model is itself again
+    # fp32 perplexity over thousands of tokens moves by ~1e-5 relative between machines; a wrong or untrained state
+    # moves it by whole percents (the untrained learned router: +100% or more)
+    assert baseline == pytest.approx(point["baseline_ppl"], rel=1e-3)
+    assert trained == pytest.approx(point["ppl"], rel=1e-3)
+    assert trained != pytest.approx(baseline, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_cli_eval_of_a_trained_recipe_on_a_fresh_clone(tmp_path):
+    """`attnsurgery eval smollm2-135m --recipe <trained>`: the shipped state scores through lm-eval, no training."""
+    from attnsurgery.cli import main
+
+    name = next(n for n in TRAINED if find_recipe(n).model == "smollm2-135m")
+    out = tmp_path / "e"
+    code = main(
+        [
+            "eval",
+            "smollm2-135m",
+            "--recipe",
+            name,
+            "--tasks",
+            "gutenberg_ppl",
+            "--limit",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    text = " ".join(p.read_text() for p in out.rglob("*.md"))
+    assert name in text and "baseline" in text
