@@ -465,7 +465,7 @@ def test_fit_temperature_errors():
 def _reference_temperature_fit(model, train, val, *, layers, steps, lr, eval_every, patience, min_c=0.0):
     """The fit written out by hand: full-batch Adam on the per-layer-tied c, projected onto c >= min_c, validated
     every eval_every steps, the best table (step 0's identity included) kept, early stop after patience."""
-    from attnsurgery.train.fit import frozen
+    from attnsurgery.train.freeze import frozen
 
     with frozen(model), patch(model, "temperature", layers=layers, trainable=True) as handle:
         surgery = handle.surgeries[0]

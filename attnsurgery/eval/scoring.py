@@ -4,7 +4,8 @@
   log-likelihood exactly as lm-evaluation-harness's ``loglikelihood`` does (:func:`encode_pair`, right-padded
   batches, inputs fed without their last token), and :func:`record_scores` turns them into a per-record score
   (``choice_logprob``, ``acc``, ``margin``). ACT's head sweep (``patches/act/calibrate.py``) ranks heads with it.
-* Text: :func:`text_windows` cuts texts into fixed-length token windows and :func:`mean_nll` is their
+* Text: :func:`text_windows` cuts texts into fixed-length token windows (:mod:`attnsurgery.windows`, the packing
+  training uses too) and :func:`mean_nll` is their
   token-weighted next-token loss (the temperature fit's validation and held-out perplexity).
 
 Records are plain dicts: multiple choice ``{"id", "query", "choices": [str], "gold": int}``, text ``str`` or
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import AttnSurgeryError, UnsupportedModelError
+from ..windows import encode, pack_windows, special_prefix
 
 #: per-record scores of multiple-choice records (see :func:`record_scores`)
 METRICS = ("choice_logprob", "acc", "margin")
@@ -31,23 +33,6 @@ METRICS = ("choice_logprob", "acc", "margin")
 # ----------------------------------------------------------------------------------------------------------
 # Multiple-choice records -> token sequences (the lm-eval way)
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _special_prefix(tokenizer: Any) -> list[int]:
-    """Tokens the tokenizer puts in front of every text by default (BOS for Llama/Gemma, none for SmolLM2).
-
-    Context and continuation are encoded without special tokens (so an EOS suffix never lands inside a
-    sequence) and this prefix is added once, in front of the context.
-    """
-    with_special = list(tokenizer("a").input_ids)
-    plain = list(tokenizer("a", add_special_tokens=False).input_ids)
-    if plain and with_special[len(with_special) - len(plain) :] == plain:
-        return with_special[: len(with_special) - len(plain)]
-    return []
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
 def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -62,8 +47,8 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
     if n_spaces > 0:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
-    whole = _encode(tokenizer, context + continuation)
-    ctx = _encode(tokenizer, context)
+    whole = encode(tokenizer, context + continuation)
+    ctx = encode(tokenizer, context)
     return ctx, whole[len(ctx) :]
 
 
@@ -140,7 +125,7 @@ class ChoiceScorer:
         check_choice_records(records)
         if batch_size < 1:
             raise AttnSurgeryError(f"batch_size must be at least 1, got {batch_size}.")
-        prefix = _special_prefix(tokenizer)
+        prefix = special_prefix(tokenizer)
         self.golds = [int(r["gold"]) for r in records]
         self.n_choices = [len(r["choices"]) for r in records]
         self.offsets = [0]
@@ -313,36 +298,12 @@ def record_scores(lls: Sequence[Sequence[float]], golds: Sequence[int], metric: 
 # ----------------------------------------------------------------------------------------------------------
 
 
-def texts_of(items: Sequence[Any], what: str) -> list[str]:
-    """The non-blank texts of ``items`` (strings or ``{"text": ...}`` records); ``what`` names them in errors."""
-    out = []
-    for i, item in enumerate(items or []):
-        text = item.get("text") if isinstance(item, Mapping) else item
-        if not isinstance(text, str):
-            raise AttnSurgeryError(
-                f"{what} {i}: expected a string or a {{'text': ...}} record, got {type(item).__name__}."
-            )
-        if text.strip():
-            out.append(text)
-    return out
-
-
 def text_windows(tokenizer: Any, texts: Sequence[str], seq_len: int) -> torch.Tensor:
-    """(N, seq_len) token windows: texts joined with EOS and cut into consecutive windows (the remainder is
-    dropped unless no full window exists). The tokenizer's default prefix (BOS) starts every window, since
-    models that expect it score text without it badly."""
-    prefix = _special_prefix(tokenizer)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    stream: list[int] = []
-    for text in texts:
-        stream += _encode(tokenizer, text) + ([eos] if eos is not None else [])
-    body = seq_len - len(prefix)
-    n = len(stream) // body
-    if n == 0:
-        if len(stream) < 2:
-            raise AttnSurgeryError("the calibration text tokenises to fewer than two tokens.")
-        return torch.tensor([prefix + stream])
-    return torch.tensor([prefix + stream[i * body : (i + 1) * body] for i in range(n)])
+    """:func:`attnsurgery.windows.pack_windows` keeping a text shorter than one window as one short window."""
+    windows = pack_windows(tokenizer, texts, seq_len, keep_short=True)
+    if windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise AttnSurgeryError("the calibration text tokenises to fewer than two tokens.")
+    return windows
 
 
 def mean_nll(model: nn.Module, windows: torch.Tensor, batch_size: int) -> float:

@@ -556,7 +556,8 @@ def calibration_windows(tokenizer: Any, source: str, windows: int, seq_len: int)
     """The first ``windows`` packed windows (``(N, seq_len)`` token ids) of ``source``'s texts: an offline task's
     *calibration* split (test splits are refused by :func:`attnsurgery.train.data.load_texts`) or a local file.
     Texts are tokenised only until enough windows are packed."""
-    from ..train.data import load_texts, pack_windows
+    from ..train.data import load_texts
+    from ..windows import pack_windows
 
     texts = load_texts(source)
     used = min(len(texts), 1)

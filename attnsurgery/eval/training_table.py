@@ -192,7 +192,7 @@ def _test_windows(tokenizer: Any, source: str, seq_len: int, n: int) -> Any:
     """The test split of an offline corpus, packed like the training data (never trained on: the trainer refuses
     test splits)."""
     from ..tasks import load_split
-    from ..train.data import pack_windows
+    from ..windows import pack_windows
 
     texts = [r["text"] for r in load_split(source, "test")]
     return pack_windows(tokenizer, texts, seq_len)[:n]
@@ -203,7 +203,7 @@ def _ood_windows(tokenizer: Any, seq_len: int, n: int) -> Any:
     their gold answers, the tasks interleaved record by record (so a few windows already mix all of them), packed
     like the training data."""
     from ..tasks import load_split
-    from ..train.data import pack_windows
+    from ..windows import pack_windows
 
     per_task = [[r["query"] + r["choices"][r["gold"]] for r in load_split(t, "test")] for t in OOD_TASKS]
     texts = [task[i] for i in range(max(map(len, per_task))) for task in per_task if i < len(task)]

@@ -4,7 +4,7 @@
   and LoRA: ``attnsurgery train`` and the position-temperature fit (``calibrate temperature``, which passes its
   own train/validation windows as :class:`TrainingData`, its head tying and ``c >= min_c`` bound as a gradient
   hook and ``after_step``, and keeps the best table with ``keep="best"`` and ``patience``).
-* :mod:`.fit` -- :func:`~.fit.frozen`, the model frozen in eval mode (``from attnsurgery.train.fit import frozen``).
+* :mod:`.freeze` -- :func:`~.freeze.frozen`, the model frozen in eval mode (``from attnsurgery.train.freeze import frozen``).
 
 A surgery's ``calibrate.py`` (``patches/<name>/calibrate.py``) may use these; core modules never do.
 """

@@ -12,7 +12,7 @@ A source is one of
 * several of these joined with ``+`` (``gutenberg_ppl+pydocs``): their documents evenly interleaved.
 
 Texts are joined with EOS and cut into fixed windows, each starting with the tokenizer's own prefix (BOS),
-as perplexity evaluation sees them. The validation slice is held back *by text* (whole documents), so no
+as perplexity evaluation sees them (:func:`attnsurgery.windows.pack_windows`, one packing for both). The validation slice is held back *by text* (whole documents), so no
 window straddles training and validation.
 """
 
@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import AttnSurgeryError, did_you_mean
+from ..windows import pack_windows  # noqa: F401  (re-exported: attnsurgery.train.pack_windows)
 
 
 class DataError(AttnSurgeryError):
@@ -181,30 +182,6 @@ def _texts_of(ds: Any, source: str) -> list[str]:
     if not texts:
         raise DataError(f"{source}: no non-empty text to train on.")
     return texts
-
-
-def special_prefix(tokenizer: Any) -> list[int]:
-    """The ids the tokenizer puts before any text (BOS for Llama-likes, nothing for GPT-2)."""
-    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    return (
-        list(with_special[: len(with_special) - len(plain)]) if with_special[-len(plain) :] == plain else []
-    )
-
-
-def pack_windows(tokenizer: Any, texts: list[str], seq_len: int) -> torch.Tensor:
-    """(N, seq_len) windows: texts joined with EOS, cut into consecutive windows of ``seq_len`` tokens, each
-    starting with the tokenizer's prefix; the remainder is dropped (empty when the text is shorter)."""
-    prefix = special_prefix(tokenizer)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    stream: list[int] = []
-    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
-        stream += list(ids) + ([eos] if eos is not None else [])
-    body = seq_len - len(prefix)
-    n = len(stream) // body
-    if n == 0:
-        return torch.empty(0, seq_len, dtype=torch.long)
-    return torch.tensor([prefix + stream[i * body : (i + 1) * body] for i in range(n)], dtype=torch.long)
 
 
 def prepare_data(

@@ -27,12 +27,13 @@ from torch import nn
 from attnsurgery.api import SurgeryHandle, patch, save_surgery
 from attnsurgery.engine import Engine, discover
 from attnsurgery.errors import AttnSurgeryError, SurgeryConfigError
-from attnsurgery.eval.scoring import mean_nll, text_windows, texts_of
+from attnsurgery.eval.scoring import mean_nll, text_windows
 from attnsurgery.recipe import write_calibrated_recipe
 from attnsurgery.targeting import _compact
 from attnsurgery.train import trainer
 from attnsurgery.train.data import TrainingData
-from attnsurgery.train.fit import frozen
+from attnsurgery.train.freeze import frozen
+from attnsurgery.windows import texts_of
 
 if TYPE_CHECKING:
     from attnsurgery.commands._common import CalibrateTools
