@@ -186,10 +186,10 @@ def _refuse_stacking(engine: Engine, new: Surgery) -> None:
         if old.name == new.name and old is not new:
             shared = sorted(set(old.targets.layers) & set(new.targets.layers))
             if shared:
-                from .targeting import _compact
+                from .targeting import compact_ranges
 
                 raise SurgeryConfigError(
-                    f"{new.name} is already patched on layers {_compact(shared)} of this model; a second one would "
+                    f"{new.name} is already patched on layers {compact_ranges(shared)} of this model; a second one would "
                     f"compound with it. Remove the first (handle.remove()) or target other layers."
                 )
 

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from .commands import apply, calibrate, evaluate, inspect, linearize, listing, train
-from .commands._common import CalibrateTools, make_console
+from .commands._common import make_console
+from .plugins import CalibrateTools
 
 __all__ = ["CalibrateTools", "build_parser", "main"]
 

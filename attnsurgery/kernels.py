@@ -271,7 +271,7 @@ def tiled_attention(
     return out
 
 
-def _flash_cpu_ok(query: torch.Tensor) -> bool:
+def flash_cpu_available(query: torch.Tensor) -> bool:
     return query.device.type == "cpu" and hasattr(
         torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"
     )
@@ -370,7 +370,7 @@ def sdpa_with_lse(
     """
     q_len, k_len = query.shape[2], key.shape[2]
     groups = query.shape[1] // key.shape[1]
-    fused = _flash_cpu_ok(query) or _cuda_fused_ok(query)
+    fused = flash_cpu_available(query) or _cuda_fused_ok(query)
     if not fused or softcap is not None or has_bias(attention_mask):
         return _tiled_with_lse(query, key, value, attention_mask, scaling, is_causal, softcap, out_dtype)
     if (

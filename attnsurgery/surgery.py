@@ -33,6 +33,7 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -210,7 +211,7 @@ def _coerce(base: Any, optional: bool, value: Any) -> Any:
     return value
 
 
-def _numbers(value: Any) -> list[float]:
+def numbers_in(value: Any) -> list[float]:
     """Every number inside a scalar / list / {layer: value} structure (for range checks)."""
     if isinstance(value, bool):
         return []
@@ -219,9 +220,9 @@ def _numbers(value: Any) -> list[float]:
     if isinstance(value, torch.Tensor):
         return value.detach().flatten().tolist()
     if isinstance(value, Mapping):
-        return [x for v in value.values() for x in _numbers(v)]
+        return [x for v in value.values() for x in numbers_in(v)]
     if isinstance(value, (list, tuple)):
-        return [x for v in value for x in _numbers(v)]
+        return [x for v in value for x in numbers_in(v)]
     return []
 
 
@@ -273,7 +274,7 @@ class SurgeryConfig:
             lo, hi = meta.get("low"), meta.get("high")
             if lo is None and hi is None:
                 continue
-            for x in _numbers(value):
+            for x in numbers_in(value):
                 bad = not math.isfinite(x) and not (hi is None and x == math.inf and not meta["high_open"])
                 bad = bad or (lo is not None and (x < lo or (meta["low_open"] and x == lo)))
                 bad = bad or (hi is not None and (x > hi or (meta["high_open"] and x == hi)))
@@ -456,6 +457,13 @@ class Surgery(nn.Module):
         The trainer trains every ``nn.Parameter`` of the surgery that has ``requires_grad``; a surgery declares
         trainable state simply by holding parameters.
         """
+        return None
+
+    def export(self, model: nn.Module, directory: Path) -> Path | None:
+        """Write what else a trained state of this surgery is useful as, into a new ``directory`` (the trainer
+        passes ``<run>/<name>.tmp`` and renames it), and return the folder name it ships under; ``None`` (the
+        default) writes nothing. LoRA writes a standard peft adapter (``adapter/``), loadable without
+        attnsurgery. The run's recipe and state files are written regardless."""
         return None
 
     def extra_repr(self) -> str:

@@ -48,13 +48,13 @@ class LayerHeads:
 
     def __str__(self) -> str:
         layers = sorted(self.layers)
-        text = "all layers" if len(layers) == self.num_layers else f"layers {_compact(layers)}"
+        text = "all layers" if len(layers) == self.num_layers else f"layers {compact_ranges(layers)}"
         if self.heads is None:
             return f"{text}, all heads"
         return f"{text}, {sum(len(v) for v in self.heads.values())} (layer, head) pairs"
 
 
-def _compact(values: list[int]) -> str:
+def compact_ranges(values: list[int]) -> str:
     """[2,3,4,7] -> '2-4,7'."""
     parts, start = [], None
     for i, v in enumerate(values):

@@ -33,7 +33,7 @@ for name in list_recipes():  # every recipe parses, so every state file a traine
     find_recipe(name)
 assert any(find_recipe(n).training.get("point") for n in list_recipes())  # the trained recipes ship
 assert importlib.resources.files("attnsurgery.recipes").joinpath("temperature/default.yaml").is_file()
-assert {s.name for s in list_surgeries()} >= {"act", "var", "vhr"}
+assert {s.name for s in list_surgeries()} == set(EXPECTED_SURGERIES), sorted(s.name for s in list_surgeries())
 from attnsurgery.tasks import include_path, load_split, offline_tasks
 assert "bb_general_knowledge" in offline_tasks() and load_split("bb_general_knowledge", "test")
 assert sys.prefix in include_path() or "evals" in include_path()
@@ -47,6 +47,24 @@ with torch.no_grad():
     assert torch.equal(model(ids).logits, ref)
 print("ok")
 """
+
+
+def _patch_folders() -> list[str]:
+    return sorted(p.name for p in (REPO / "patches").iterdir() if (p / "__init__.py").is_file())
+
+
+def test_every_patch_folder_is_a_listed_package():
+    """pyproject lists packages explicitly (patches/ installs as attnsurgery.patches): a new surgery folder that is
+    not listed would work in a development checkout and be missing from every wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    missing = [
+        f"attnsurgery.patches.{name}"
+        for name in _patch_folders()
+        if f"attnsurgery.patches.{name}" not in listed
+    ]
+    assert not missing, f"add to pyproject.toml [tool.setuptools] packages: {missing}"
 
 
 def _source_copy(tmp: Path) -> Path:
@@ -85,7 +103,8 @@ def _run_outside(python: Path, tmp: Path) -> list[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     cwd = tmp / "elsewhere"
     cwd.mkdir(exist_ok=True)
-    out = subprocess.run([str(python), "-c", CHECK], cwd=cwd, env=env, capture_output=True, text=True)
+    check = f"EXPECTED_SURGERIES = {_patch_folders()!r}\n" + CHECK  # every surgery folder, installed
+    out = subprocess.run([str(python), "-c", check], cwd=cwd, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     cli = subprocess.run(
         [str(python.parent / "attnsurgery"), "list"], cwd=cwd, env=env, capture_output=True, text=True

@@ -8,9 +8,10 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..plugins import CalibrateTools  # noqa: F401  (the calibrate plugins' contract, re-exported for commands)
 
 
 def bounded(
@@ -268,18 +269,3 @@ def calibration_records(data: list[str], limit: int | None, kind: str) -> tuple[
     if limit:
         records = records[:limit]
     return records, ",".join(f"{n}:calibration" if not n.endswith(".jsonl") else n for n in names)
-
-
-@dataclass
-class CalibrateTools:
-    """What ``attnsurgery calibrate <surgery>`` hands the surgery's ``calibrate.run(args, tools)``."""
-
-    console: Any  # rich Console: print results here (progress goes to stderr)
-    load: Callable[
-        [str], tuple[Any, Any]
-    ]  # model name -> (model, tokenizer), honouring --dtype / --device-map
-    records: Callable[[list[str] | None, int | None, str], tuple[list[dict], str]]  # see calibration_records
-
-    def wrote_recipe(self, path: Path, model: str) -> None:
-        """Say where a calibrated recipe went and how to apply it."""
-        self.console.print(f"wrote {path} (use: attnsurgery apply --recipe {path} {model})")

@@ -8,12 +8,9 @@ from typing import Any
 
 from ._common import CalibrateTools, calibration_records, load, make_console, model_options
 
-# A surgery gets `attnsurgery calibrate <name>` by holding patches/<name>/calibrate.py with
-#   - a module docstring whose first line is the subcommand's help,
-#   - add_arguments(parser): its options (MODEL, --dtype and --device-map are added here),
-#   - run(args, tools: CalibrateTools) -> int: the exit code.
-# The file is read (not imported) to list the subcommands, and imported only when its subcommand is parsed:
-# importing a surgery loads torch, and `attnsurgery --help` must stay instant.
+# A surgery gets `attnsurgery calibrate <name>` by holding patches/<name>/calibrate.py: the contract is in
+# attnsurgery/plugins.py. The file is read (not imported) to list the subcommands, and imported only when its
+# subcommand is parsed: importing a surgery loads torch, and `attnsurgery --help` must stay instant.
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

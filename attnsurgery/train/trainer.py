@@ -698,13 +698,12 @@ def write_run(
             staged.append((tmp, out / name))
             entry["state"] = name
         entries.append(entry)
-        if surgery.name == "lora":
-            from attnsurgery.patches.lora.surgery import export_peft_adapter
-
-            tmp_dir = out / "adapter.tmp"
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            export_peft_adapter(surgery, model, tmp_dir)
-            staged.append((tmp_dir, out / "adapter"))
+        # what else the surgery ships as (LoRA: a peft adapter folder): written aside, renamed with the rest
+        tmp_dir = out / f"export-{i}.tmp"
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        exported = surgery.export(model, tmp_dir)
+        if exported is not None:
+            staged.append((tmp_dir, out / exported))
     first, last = result.val_history[0], result.val_history[-1]
     best = next((r for r in result.val_history if r["step"] == result.best_step), last)
     kept = (

@@ -39,14 +39,14 @@ from attnsurgery.eval.scoring import (
     record_scores,
 )
 from attnsurgery.recipe import write_calibrated_recipe
-from attnsurgery.targeting import LayerHeads, _compact, resolve_targets
+from attnsurgery.targeting import LayerHeads, compact_ranges, resolve_targets
 
 from .config import ActConfig
 from .selection import NOTHING_KEPT, SELECTION_RULES, CalibrationResult, check_selection, plot_head_sweep
 from .sweep import sweep_fast, sweep_slow
 
 if TYPE_CHECKING:
-    from attnsurgery.commands._common import CalibrateTools
+    from attnsurgery.plugins import CalibrateTools
 
 STATE_VERSION = 1
 
@@ -360,7 +360,7 @@ def write_act_recipe(
         calibration,
         name=name,
         description=description
-        or f"ACT on {model_alias} with {n_pairs} calibrated heads (layers {_compact(sorted(heads))}), "
+        or f"ACT on {model_alias} with {n_pairs} calibrated heads (layers {compact_ranges(sorted(heads))}), "
         + ", ".join(f"{k} {v:g}" for k, v in result.act_args.items())
         + ".",
         notes=notes
@@ -578,7 +578,7 @@ def auto_recipe(
     err.print(
         f"[bold]no ACT recipe is made for {model_name}: calibrating one[/bold] (the paper's head sweep, fast mode, "
         f"the settings of the shipped act/smollm2-135m recipe): {len(pairs)} heads (layers "
-        f"{_compact(sorted(targets.layers))} x {info.num_heads}) on {len(records)} calibration records of {data}, "
+        f"{compact_ranges(sorted(targets.layers))} x {info.num_heads}) on {len(records)} calibration records of {data}, "
         f"beta {settings.beta:g}, threshold {settings.threshold:g}, metric {settings.metric}, rule {settings.rule}."
     )
     if done:

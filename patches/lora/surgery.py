@@ -103,6 +103,11 @@ class LoraSurgery(Surgery):
     def active_stages(self, layer_idx: int) -> frozenset[Stage]:
         return frozenset()  # nothing for the attention function: the adapters live in the projections
 
+    def export(self, model: nn.Module, directory: Any) -> str:
+        """A trained run also ships its adapters as a standard peft adapter folder (``adapter/``)."""
+        export_peft_adapter(self, model, directory)
+        return "adapter"
+
 
 def export_peft_adapter(surgery: LoraSurgery, model: nn.Module, directory: Any) -> None:
     """Write ``surgery``'s adapters as a standard peft adapter folder (``adapter_config.json`` +

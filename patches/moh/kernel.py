@@ -21,7 +21,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from attnsurgery.kernels import _flash_cpu_ok, has_bias, softcapped, tiled_attention
+from attnsurgery.kernels import flash_cpu_available, has_bias, softcapped, tiled_attention
 
 #: gathered query rows per block of a routed head: smaller blocks skip more of the causal upper triangle (the
 #: gathered rows of a block span ~rows/density positions), larger ones make fewer calls
@@ -136,7 +136,7 @@ def gathered_head_attention(
         and q_len > 1
         and not manual
         and not torch.is_grad_enabled()
-        and _flash_cpu_ok(query)
+        and flash_cpu_available(query)
     )
     outs = []
     # on a GPU without cuDNN's SDPA: it plans every new shape, and each block here has a key length of its own

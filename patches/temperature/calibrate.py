@@ -29,14 +29,14 @@ from attnsurgery.engine import Engine, discover
 from attnsurgery.errors import AttnSurgeryError, SurgeryConfigError
 from attnsurgery.eval.scoring import mean_nll, text_windows
 from attnsurgery.recipe import write_calibrated_recipe
-from attnsurgery.targeting import _compact
+from attnsurgery.targeting import compact_ranges
 from attnsurgery.train import trainer
 from attnsurgery.train.data import TrainingData
 from attnsurgery.train.freeze import frozen
 from attnsurgery.windows import texts_of
 
 if TYPE_CHECKING:
-    from attnsurgery.commands._common import CalibrateTools
+    from attnsurgery.plugins import CalibrateTools
 
 
 @dataclass
@@ -205,7 +205,7 @@ def write_temperature_recipe(
         name=name,
         description=description
         or f"Selective Attention position temperature fitted on {model_alias} ({result.per}-wise c, "
-        f"layers {_compact(result.layers)}): held-out ppl {result.heldout_ppl_before:.3f} -> "
+        f"layers {compact_ranges(result.layers)}): held-out ppl {result.heldout_ppl_before:.3f} -> "
         f"{result.heldout_ppl_after:.3f}.",
         notes=notes
         or "Fitted by `attnsurgery calibrate temperature`: c (logits_i *= 1 + c log n_i) trained on next-token loss "

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from attnsurgery.errors import SurgeryConfigError
-from attnsurgery.surgery import SurgeryConfig, _numbers, arg
+from attnsurgery.surgery import SurgeryConfig, arg, numbers_in
 
 
 @dataclass
@@ -45,7 +45,7 @@ class TemperatureConfig(SurgeryConfig):
 
     def validate(self) -> None:
         super().validate()
-        low = [x for x in _numbers(self.c) if x < self.min_c]
+        low = [x for x in numbers_in(self.c) if x < self.min_c]
         if low:
             raise SurgeryConfigError(
                 f"argument c={low[0]!r} is below min_c={self.min_c} (default 0, the paper's range: attention only "

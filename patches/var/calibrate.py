@@ -22,7 +22,7 @@ from attnsurgery.errors import SurgeryConfigError
 from attnsurgery.targeting import parse_layers
 
 if TYPE_CHECKING:
-    from attnsurgery.commands._common import CalibrateTools
+    from attnsurgery.plugins import CalibrateTools
 
 #: what ``attnsurgery calibrate var`` scores when no --prompt is given
 DEFAULT_PROMPTS = (
