@@ -1,4 +1,4 @@
-"""Training objectives: what the trainer minimises, as a weighted sum.
+"""Training objectives: what the trainer minimises, as a weighted sum of terms from one table, :data:`TERMS`.
 
 * ``lm`` — next-token cross-entropy of the patched model.
 * ``kd`` — KL(teacher || student) over the vocabulary, per token, where the teacher is the *same model with its
@@ -12,16 +12,63 @@
 
 Weights: ``"lm"``, ``"kd"``, ``"lm+kd"``, ``"0.5*lm+kd"``, ``"1000*transfer"``, ``"kd+0.5*sink"``, ``"kd+sink+0.1*outlier"``. Surgery regularisers
 (:meth:`Surgery.regularizer`, e.g. MoH's load balance) are always added.
+
+A term is a row of :data:`TERMS`: which passes it needs (the teacher's logits, the teacher's attention inputs and
+outputs, the student's forward) and a function of one step's :class:`StepOutputs`. The trainer runs each pass at
+most once per step, whatever the mix, so ``kd+sink+0.1*outlier`` costs one teacher and one student forward.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from ..errors import AttnSurgeryError, did_you_mean
 
-OBJECTIVES = ("lm", "kd", "transfer", "sink", "outlier")
 _TERM = re.compile(r"^\s*(?:(\d+(?:\.\d*)?(?:e-?\d+)?)\s*\*\s*)?([a-z_]+)\s*$")
+
+
+@dataclass
+class StepOutputs:
+    """What one training step's passes produced, for the terms to read."""
+
+    student: Any = None  # the student's ModelOutput (``loss`` is set when a term asked for labels)
+    teacher_logits: Any = None  # (B, T, V), no gradient
+    transfer: Any = None  # a callable: the per-layer attention-transfer MSE (see the trainer)
+    sink_share: Any = None  # the first-token share the sink probe read during the student pass, or None
+    crest: Any = None  # the residual crest factor the outlier reader took during the student pass, or None
+    kd_temperature: float = 1.0
+
+
+@dataclass(frozen=True)
+class Term:
+    name: str
+    compute: Callable[[StepOutputs], Any]
+    teacher_logits: bool = False  # the unpatched model's logits (one no-grad pass)
+    teacher_attention: bool = False  # the unpatched attention layers' inputs and outputs (same pass)
+    student: bool = True  # the patched model's forward with gradients
+    labels: bool = False  # the student pass computes the lm loss
+
+
+def _zero_if_none(value: Any, out: StepOutputs) -> Any:
+    return value if value is not None else out.student.logits.new_zeros(())
+
+
+TERMS: dict[str, Term] = {
+    t.name: t
+    for t in (
+        Term("lm", lambda o: o.student.loss, labels=True),
+        Term(
+            "kd", lambda o: kd_loss(o.student.logits, o.teacher_logits, o.kd_temperature), teacher_logits=True
+        ),
+        Term("transfer", lambda o: o.transfer(), teacher_attention=True, student=False),
+        Term("sink", lambda o: _zero_if_none(o.sink_share, o)),
+        Term("outlier", lambda o: _zero_if_none(o.crest, o)),
+    )
+}
+OBJECTIVES = tuple(TERMS)
 
 
 class ObjectiveError(AttnSurgeryError):
@@ -69,7 +116,9 @@ class _KLToTeacher:
                 @staticmethod
                 def forward(ctx, student, teacher, probs, teacher_lse):  # (N, V), (N, V), (N, V), (N,)
                     lse = torch.logsumexp(student, dim=-1)  # (N,)
-                    gap = torch.bmm(probs[:, None, :], (teacher - student)[:, :, None])[:, 0, 0]  # sum_v p_v (t - s)
+                    gap = torch.bmm(probs[:, None, :], (teacher - student)[:, :, None])[
+                        :, 0, 0
+                    ]  # sum_v p_v (t - s)
                     ctx.save_for_backward(student, probs, lse)
                     return gap - (teacher_lse - lse)
 

@@ -41,7 +41,7 @@ from ..engine import Engine
 from ..errors import AttnSurgeryError, did_you_mean
 from ..surgery import Stage, Surgery
 from .data import TrainingData
-from .objectives import kd_loss, parse_objective
+from .objectives import TERMS, StepOutputs, parse_objective
 from .outlier import OutlierReader
 from .sink import FIRST_SINK_LAYER, SinkProbe, attach_probe
 
@@ -197,41 +197,35 @@ class _Trainee(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         engine, w = self._engine[0], self.weights
-        parts: dict[str, torch.Tensor] = {}
-        teacher_logits, records = None, {}
-        if "kd" in w or "transfer" in w:
+        terms = [TERMS[k] for k in w]
+        out = StepOutputs(kd_temperature=self.kd_t)
+        records: dict[int, tuple[tuple, dict, torch.Tensor]] = {}
+        want_attention = any(t.teacher_attention for t in terms)
+        if want_attention or any(t.teacher_logits for t in terms):  # one teacher pass serves every term
             with (
                 torch.no_grad(),
                 engine.disabled(),
-                _record_attention(engine, self.transfer_layers, "transfer" in w) as records,
+                _record_attention(engine, self.transfer_layers, want_attention) as records,
             ):
-                out = self.model(input_ids=input_ids, use_cache=False)
-                teacher_logits = out.logits if "kd" in w else None
-        if "lm" in w or "kd" in w or "sink" in w or "outlier" in w:
-            reader = (
-                OutlierReader(self._engine[0].info.layers) if "outlier" in w else contextlib.nullcontext()
-            )
+                out.teacher_logits = self.model(input_ids=input_ids, use_cache=False).logits
+        if any(t.student for t in terms):  # one student pass serves every term
+            reader = OutlierReader(engine.info.layers) if "outlier" in w else contextlib.nullcontext()
             with reader:
-                out = self.model(
-                    input_ids=input_ids, labels=input_ids if "lm" in w else None, use_cache=False
-                )
-            if "outlier" in w:
-                crest = reader.take()
-                parts["outlier"] = crest if crest is not None else out.logits.new_zeros(())
-            if "lm" in w:
-                parts["lm"] = out.loss
-            if "kd" in w:
-                parts["kd"] = kd_loss(out.logits, teacher_logits, self.kd_t)
-            if "sink" in w:
-                share = self._probe[0].take()
-                parts["sink"] = share if share is not None else out.logits.new_zeros(())
-        if "transfer" in w:
+                labels = input_ids if any(t.labels for t in terms) else None
+                out.student = self.model(input_ids=input_ids, labels=labels, use_cache=False)
+            out.crest = reader.take() if "outlier" in w else None
+            out.sink_share = self._probe[0].take() if "sink" in w else None
+
+        def transfer() -> torch.Tensor:  # each acting layer fed the teacher's inputs, against its output
             mse = []
             for idx in self.transfer_layers:
                 args, kwargs, target = records[idx]
                 got = engine.info.attention[idx](*args, **kwargs)[0]
                 mse.append(F.mse_loss(got.float(), target.float()))
-            parts["transfer"] = torch.stack(mse).mean()
+            return torch.stack(mse).mean()
+
+        out.transfer = transfer
+        parts = {t.name: t.compute(out) for t in terms}
         total = sum(w[k] * v for k, v in parts.items())
         reg = [r for s in self.surgeries if (r := s.regularizer()) is not None]
         if reg:
