@@ -734,3 +734,26 @@ def test_recipe_reports_the_numbers_of_the_state_it_ships(data, tmp_path, keep):
     assert recipe["training"]["validation"]["kept"] == shipped
     assert f"-> {shipped['lm']:.4f} at step {step} (the {keep} state" in recipe["description"]
     handle.remove()
+
+
+def test_check_run_folder_is_the_one_output_check(tmp_path):
+    """train(), `attnsurgery train` and linearize share one check of the run folder, made before a model loads."""
+    from attnsurgery.train import check_run_folder
+
+    check_run_folder(tmp_path / "new")  # a new folder: fine
+    (tmp_path / "empty").mkdir()
+    check_run_folder(tmp_path / "empty")  # an empty one too
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TrainingError, match="is a file"):
+        check_run_folder(tmp_path / "file")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "recipe.yaml").write_text("x")
+    with pytest.raises(TrainingError, match="already exists; pass --resume"):
+        check_run_folder(tmp_path / "run")
+    with pytest.raises(TrainingError, match="not both"):
+        check_run_folder(tmp_path / "run", resume=True, overwrite=True)
+    with pytest.raises(TrainingError, match="holds no checkpoint.pt"):
+        check_run_folder(tmp_path / "run", resume=True)
+    check_run_folder(tmp_path / "run", resume=True, checkpoint=None)  # linearize checks each stage's own
+    check_run_folder(tmp_path / "run", overwrite=True)
+    assert (tmp_path / "run" / "recipe.yaml").is_file()  # a check writes and removes nothing

@@ -45,25 +45,6 @@ def bounded(
     return parse
 
 
-def check_out_folder(out: Path, *, resume: bool = False, overwrite: bool = False) -> None:
-    """An output *folder*: refuse a path that is a file, and --resume with --overwrite (continue or replace, not
-    both), before any model loads."""
-    from ..errors import AttnSurgeryError
-
-    if resume and overwrite:
-        raise AttnSurgeryError(
-            f"--resume continues the run in {out} and --overwrite replaces it: give one of them, not both."
-        )
-    if out.exists() and not out.is_dir():
-        raise AttnSurgeryError(
-            f"--out {out} is a file; the output is a folder. Name a new or existing folder."
-        )
-    if resume and not (out / "checkpoint.pt").is_file():
-        raise AttnSurgeryError(
-            f"--resume: {out} holds no checkpoint.pt to continue; start the run without --resume."
-        )
-
-
 def model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto (default float32)")
     p.add_argument("--device-map", default=None, help="accelerate device map, e.g. auto")

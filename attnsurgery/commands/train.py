@@ -7,7 +7,6 @@ from pathlib import Path
 
 from ._common import (
     bounded,
-    check_out_folder,
     load,
     make_console,
     model_options,
@@ -115,9 +114,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..api import SurgeryHandle, patch
     from ..errors import AttnSurgeryError
-    from ..train import TrainConfig, prepare_data, train
+    from ..train import TrainConfig, check_run_folder, prepare_data, train
+    from ..train.compose import compose_for_training
 
     if not args.surgery and not args.recipe and not args.lora_r and not args.train_base:
         raise AttnSurgeryError(
@@ -142,11 +141,7 @@ def run(args: argparse.Namespace) -> int:
     )
     config.validate()  # bad settings fail before the slow model load, and nothing is written
     out = Path(args.out)
-    check_out_folder(out, resume=args.resume, overwrite=args.overwrite)
-    if out.exists() and any(out.iterdir()) and not (args.resume or args.overwrite):
-        raise AttnSurgeryError(
-            f"{out} already exists; pass --resume to continue that run or --overwrite to replace it."
-        )
+    check_run_folder(out, resume=args.resume, overwrite=args.overwrite)
     lora_args = None
     if args.lora_r:
         from ..registry import get_surgery_class
@@ -170,16 +165,16 @@ def run(args: argparse.Namespace) -> int:
     data = prepare_data(
         tokenizer, args.data, args.seq_len, max_context=max_context, max_val_windows=args.val_windows
     )
-    surgeries = []
-    if request is not None:
-        what, kwargs = request
-        surgeries += patch(model, what, **kwargs).surgeries
-    if lora_args is not None:
-        layers = args.lora_layers if args.lora_layers is not None else args.layers
-        surgeries += patch(model, "lora", layers=layers, **lora_args).surgeries
-    if base_args is not None:
-        surgeries += patch(model, "finetune", layers=args.layers, **base_args).surgeries
-    handle = SurgeryHandle(model, surgeries)
+    handle = compose_for_training(
+        model,
+        surgery=request[0] if request is not None else None,
+        surgery_args=request[1] if request is not None else None,
+        lora=None
+        if lora_args is None
+        else {"layers": args.lora_layers if args.lora_layers is not None else args.layers, **lora_args},
+        finetune=None if base_args is None else {"layers": args.layers, **base_args},
+    )
+    surgeries = handle.surgeries
     console = make_console(stderr=True)
     d = data.describe()
     console.print(

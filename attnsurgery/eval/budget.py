@@ -282,25 +282,15 @@ def _write_curve(out: Path, curve: dict[str, Any], table: BudgetTable) -> None:
 
 def _stage_surgeries(model: Any, stage: Stage, prior: Path | None) -> Any:
     """Patch a stage's trainable surgeries onto ``model`` (after the frozen earlier stage, if any)."""
-    from ..api import SurgeryHandle, patch
-    from ..recipe import find_recipe, parse_recipe
+    from ..recipe import parse_recipe
+    from ..train.compose import compose_for_training
 
-    surgeries: list[Any] = []
-    try:
-        if prior is not None:
-            surgeries += patch(model, find_recipe(prior)).surgeries
-            for surgery in surgeries:  # the earlier stage stays as trained
-                for p in surgery.parameters():
-                    p.requires_grad_(False)
-        if stage.surgeries:
-            surgeries += patch(model, parse_recipe({"surgeries": stage.surgeries})).surgeries
-        lora = stage.train.get("lora")
-        if lora:
-            surgeries += patch(model, "lora", **lora).surgeries
-    except BaseException:
-        SurgeryHandle(model, surgeries).remove()
-        raise
-    return SurgeryHandle(model, surgeries)
+    return compose_for_training(
+        model,
+        frozen=prior,
+        surgery=parse_recipe({"surgeries": stage.surgeries}) if stage.surgeries else None,
+        lora=stage.train.get("lora"),
+    )
 
 
 def _train_stage(

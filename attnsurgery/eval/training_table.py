@@ -215,9 +215,10 @@ def _train_arm(
 ) -> dict:
     """Patch (and train) one arm; returns its handle and training summary (None for a training-free arm). A run
     folder with ``recipe.yaml`` is finished and reused; one with only a checkpoint resumes."""
-    from ..api import SurgeryHandle, patch
+    from ..api import patch
     from ..recipe import find_recipe, parse_recipe
     from ..train import TrainConfig, train
+    from ..train.compose import compose_for_training
 
     if _finished(run_dir):  # finished before: reuse
         handle = patch(model, find_recipe(run_dir))
@@ -225,25 +226,17 @@ def _train_arm(
             "handle": handle,
             "training": yaml.safe_load((run_dir / "recipe.yaml").read_text()).get("training"),
         }
-    surgeries: list[Any] = []
+    if arm.get("from") and not _finished(runs / arm["from"]):
+        raise RecipeError(f"arm {arm['name']!r}: arm {arm['from']!r} it starts from has no finished run.")
+    settings = dict(arm.get("train") or {})
+    lora = settings.pop("lora", None)
+    handle = compose_for_training(
+        model,
+        frozen=runs / arm["from"] if arm.get("from") else None,
+        surgery=parse_recipe({"surgeries": arm["surgeries"]}) if arm.get("surgeries") else None,
+        lora=lora,
+    )
     try:
-        if arm.get("from"):
-            base_dir = runs / arm["from"]
-            if not _finished(base_dir):
-                raise RecipeError(
-                    f"arm {arm['name']!r}: arm {arm['from']!r} it starts from has no finished run."
-                )
-            surgeries += patch(model, find_recipe(base_dir)).surgeries
-            for surgery in surgeries:  # the earlier stage stays as trained
-                for p in surgery.parameters():
-                    p.requires_grad_(False)
-        if arm.get("surgeries"):
-            surgeries += patch(model, parse_recipe({"surgeries": arm["surgeries"]})).surgeries
-        settings = dict(arm.get("train") or {})
-        lora = settings.pop("lora", None)
-        if lora:
-            surgeries += patch(model, "lora", **lora).surgeries
-        handle = SurgeryHandle(model, surgeries)
         if not arm.get("train"):
             _write_untrained(run_dir, handle, arm, model_name)
             return {"handle": handle, "training": None}
@@ -259,7 +252,7 @@ def _train_arm(
             model_name=model_name,
         )
     except BaseException:
-        SurgeryHandle(model, surgeries).remove()
+        handle.remove()
         raise
     return {"handle": handle, "training": yaml.safe_load((run_dir / "recipe.yaml").read_text())["training"]}
 

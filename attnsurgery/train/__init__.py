@@ -4,6 +4,8 @@
   and LoRA: ``attnsurgery train`` and the position-temperature fit (``calibrate temperature``, which passes its
   own train/validation windows as :class:`TrainingData`, its head tying and ``c >= min_c`` bound as a gradient
   hook and ``after_step``, and keeps the best table with ``keep="best"`` and ``patience``).
+* :mod:`.compose` -- :func:`~.compose.compose_for_training`, what a run trains patched in one order (an earlier
+  stage frozen, the surgery, LoRA, finetuned copies).
 * :mod:`.freeze` -- :func:`~.freeze.frozen`, the model frozen in eval mode (``from attnsurgery.train.freeze import frozen``).
 
 A surgery's ``calibrate.py`` (``patches/<name>/calibrate.py``) may use these; core modules never do.
@@ -13,7 +15,15 @@ from __future__ import annotations
 
 from .data import DataError, TrainingData, load_texts, pack_windows, prepare_data
 from .objectives import OBJECTIVES, ObjectiveError, parse_objective
-from .trainer import TrainConfig, TrainingDiverged, TrainingError, TrainingInterrupted, TrainResult, train
+from .trainer import (
+    TrainConfig,
+    TrainingDiverged,
+    TrainingError,
+    TrainingInterrupted,
+    TrainResult,
+    check_run_folder,
+    train,
+)
 
 __all__ = [
     "OBJECTIVES",
@@ -21,6 +31,7 @@ __all__ = [
     "ObjectiveError",
     "TrainConfig",
     "TrainResult",
+    "check_run_folder",
     "TrainingData",
     "TrainingDiverged",
     "TrainingError",

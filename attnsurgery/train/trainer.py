@@ -386,6 +386,30 @@ def _lr_factor(step: int, config: TrainConfig) -> float:
     return 1.0
 
 
+def check_run_folder(
+    out: str | Path, *, resume: bool = False, overwrite: bool = False, checkpoint: str | None = CHECKPOINT
+) -> None:
+    """The one check of a training run's output folder (``train``, ``attnsurgery train``, ``linearize``), made
+    before any model loads: a folder, not a file; not an earlier run's folder unless ``resume`` (continue it) or
+    ``overwrite`` (replace it), never both; ``resume`` needs the run's ``checkpoint`` (``None``: the caller checks
+    its own, e.g. per stage)."""
+    out = Path(out)
+    if resume and overwrite:
+        raise TrainingError(
+            f"--resume continues the run in {out} and --overwrite replaces it: give one of them, not both."
+        )
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"--out {out} is a file; the output is a folder. Name a new or existing folder.")
+    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
+        raise TrainingError(
+            f"{out} already exists; pass --resume to continue that run or --overwrite to replace it."
+        )
+    if resume and checkpoint is not None and not (out / checkpoint).is_file():
+        raise TrainingError(
+            f"--resume: {out} holds no {checkpoint} to continue; start the run without --resume."
+        )
+
+
 def train(
     model: nn.Module,
     handle: Any,
@@ -426,12 +450,10 @@ def train(
             "LoRA (--lora-r)."
         )
     out = Path(out_dir) if out_dir is not None else None
-    if out is not None and out.exists() and any(out.iterdir()) and not (resume or overwrite):
-        raise TrainingError(
-            f"{out} already exists; pass --resume to continue that run or --overwrite to replace it."
-        )
-    if resume and (out is None or not (out / CHECKPOINT).is_file()):
-        raise TrainingError(f"--resume: {out}/{CHECKPOINT} does not exist; start the run without --resume.")
+    if out is not None:
+        check_run_folder(out, resume=resume, overwrite=overwrite)
+    elif resume:
+        raise TrainingError("train: resume=True needs out_dir, the folder of the run to continue.")
 
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
     world = accelerator.num_processes

@@ -102,15 +102,11 @@ def linearize(
     ``1000*transfer``; stage 2 keeps the one given, ``lm`` by default).
     """
     from attnsurgery.api import SurgeryHandle, patch
-    from attnsurgery.errors import AttnSurgeryError
-    from attnsurgery.train import TrainConfig, train
+    from attnsurgery.train import TrainConfig, check_run_folder, train
 
     say = log or (lambda msg: None)
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
-        raise AttnSurgeryError(
-            f"{out} already exists; pass --resume to continue it or --overwrite to replace it."
-        )
+    check_run_folder(out, resume=resume, overwrite=overwrite, checkpoint=None)  # each stage resumes its own
     if overwrite and not resume and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -214,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
 
     from attnsurgery.errors import AttnSurgeryError
     from attnsurgery.models import load_model
-    from attnsurgery.train import TrainConfig, prepare_data
+    from attnsurgery.train import TrainConfig, check_run_folder, prepare_data
 
     console = Console(stderr=True)
     if args.window < 1:
@@ -249,10 +245,7 @@ def run(args: argparse.Namespace) -> int:
     get_surgery_class("hedgehog").config_class.from_kwargs("hedgehog", surgery_args)
     get_surgery_class("lora").config_class.from_kwargs("lora", {"r": args.lora_r, "alpha": args.lora_alpha})
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not (args.resume or args.overwrite):
-        raise AttnSurgeryError(
-            f"{out} already exists; pass --resume to continue it or --overwrite to replace it."
-        )
+    check_run_folder(out, resume=args.resume, overwrite=args.overwrite, checkpoint=None)
     with console.status(f"loading {args.model} ..."):
         model, tokenizer = load_model(args.model, dtype=args.dtype, device_map=args.device_map)
     data = prepare_data(
