@@ -435,126 +435,166 @@ def train(
     not bit-identical to an uninterrupted run (with a constant learning rate, Adam's moments refill in a few dozen
     steps).
     """
-    from accelerate import Accelerator
-    from tqdm import tqdm
+    run = _Run(model, handle, data, config or TrainConfig(), out_dir, resume=resume, overwrite=overwrite)
+    run.restore(resume, warm_start)
+    run.loop(progress, after_step)
+    return run.finish(model_name)
 
-    config = config or TrainConfig()
-    config.validate()
-    weights = parse_objective(config.objective)
-    surgeries = list(handle.surgeries)
-    params = [p for s in surgeries for p in s.parameters() if p.requires_grad]
-    if not params:
-        raise TrainingError(
-            f"train: {', '.join(s.name for s in surgeries)} hold no trainable parameters. Train a surgery with "
-            "parameters (gated_attention, head_scale trainable=true, temperature trainable=true ...) or add "
-            "LoRA (--lora-r)."
+
+class _Run:
+    """One call of :func:`train`, in four parts: setup (``__init__``: checks, optimiser), :meth:`restore` (a
+    checkpoint or a warm start), :meth:`loop` (the steps, validations and checkpoints) and :meth:`finish` (the
+    kept state, the result and the run folder)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        handle: Any,
+        data: TrainingData,
+        config: TrainConfig,
+        out_dir: str | Path | None,
+        *,
+        resume: bool,
+        overwrite: bool,
+    ) -> None:
+        from accelerate import Accelerator
+
+        config.validate()
+        weights = parse_objective(config.objective)
+        self.model, self.handle, self.data, self.config = model, handle, data, config
+        self.surgeries = surgeries = list(handle.surgeries)
+        self.params = params = [p for s in surgeries for p in s.parameters() if p.requires_grad]
+        if not params:
+            raise TrainingError(
+                f"train: {', '.join(s.name for s in surgeries)} hold no trainable parameters. Train a surgery "
+                "with parameters (gated_attention, head_scale trainable=true, temperature trainable=true ...) or "
+                "add LoRA (--lora-r)."
+            )
+        self.out = out = Path(out_dir) if out_dir is not None else None
+        if out is not None:
+            check_run_folder(out, resume=resume, overwrite=overwrite)
+        elif resume:
+            raise TrainingError("train: resume=True needs out_dir, the folder of the run to continue.")
+
+        self.accelerator = accelerator = Accelerator(
+            mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available()
         )
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        check_run_folder(out, resume=resume, overwrite=overwrite)
-    elif resume:
-        raise TrainingError("train: resume=True needs out_dir, the folder of the run to continue.")
+        self.world = accelerator.num_processes
+        self.per_micro, rest = divmod(config.batch_size, self.world * config.grad_accum)
+        if rest or self.per_micro == 0:
+            raise TrainingError(
+                f"train: batch_size {config.batch_size} must be a multiple of processes x grad_accum "
+                f"({self.world} x {config.grad_accum})."
+            )
+        self.fingerprint = _fingerprint(model, surgeries, config, data)
+        if out is not None and overwrite and not resume and out.exists() and accelerator.is_main_process:
+            shutil.rmtree(out)
+        if out is not None and accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
 
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
-    world = accelerator.num_processes
-    per_micro, rest = divmod(config.batch_size, world * config.grad_accum)
-    if rest or per_micro == 0:
-        raise TrainingError(
-            f"train: batch_size {config.batch_size} must be a multiple of processes x grad_accum "
-            f"({world} x {config.grad_accum})."
-        )
-    fingerprint = _fingerprint(model, surgeries, config, data)
-    if out is not None and overwrite and not resume and out.exists() and accelerator.is_main_process:
-        shutil.rmtree(out)
-    if out is not None and accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        # surgeries that change the model's own weights (LoRA adapters, finetune's copies) train at lora_lr;
+        # surgery parameters (gates, temperatures, routers, feature maps) at lr
+        surgery_params = {id(p) for s in surgeries if Stage.WEIGHTS not in s.stages for p in s.parameters()}
+        groups = [
+            {"params": [p for p in params if id(p) in surgery_params], "lr": config.lr},
+            {"params": [p for p in params if id(p) not in surgery_params], "lr": config.lora_lr},
+        ]
+        groups = [g for g in groups if g["params"]]
+        for g in groups:
+            g["initial_lr"] = g["lr"]
+        self.trainee = _Trainee(model, surgeries, weights, config.kd_temperature)
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
 
-    # surgeries that change the model's own weights (LoRA adapters, finetune's copies) train at lora_lr; surgery
-    # parameters (gates, temperatures, routers, feature maps) at lr
-    surgery_params = {id(p) for s in surgeries if Stage.WEIGHTS not in s.stages for p in s.parameters()}
-    groups = [
-        {"params": [p for p in params if id(p) in surgery_params], "lr": config.lr},
-        {"params": [p for p in params if id(p) not in surgery_params], "lr": config.lora_lr},
-    ]
-    groups = [g for g in groups if g["params"]]
-    for g in groups:
-        g["initial_lr"] = g["lr"]
-    frozen = [(p, p.requires_grad) for p in model.parameters()]
-    trainable_ids = {id(p) for p in params}
-    was_training = model.training
-    trainee = _Trainee(model, surgeries, weights, config.kd_temperature)
-    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+        self.history: list[float] = []
+        self.parts_hist: dict[str, list[float]] = {}
+        self.val_history: list[dict[str, float]] = []
+        self.best: tuple[float, int, dict[str, torch.Tensor] | None] = (
+            math.inf,
+            0,
+            None,
+        )  # objective, step, state
+        self.start_step, self.elapsed = 0, 0.0
+        self.saved: list[int] = []  # the step of the checkpoint on disk, if any
+        self.started = time.perf_counter()
 
-    def trainable_state() -> dict[str, torch.Tensor]:
+    # -- state ----------------------------------------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, torch.Tensor]:
         return {
-            f"{i}.{k}": v.detach().clone() for i, s in enumerate(surgeries) for k, v in s.state_dict().items()
+            f"{i}.{k}": v.detach().clone()
+            for i, s in enumerate(self.surgeries)
+            for k, v in s.state_dict().items()
         }
 
-    def load_trainable(state: dict[str, torch.Tensor]) -> None:
+    def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
-            for i, s in enumerate(surgeries):
+            for i, s in enumerate(self.surgeries):
                 own = {k[len(f"{i}.") :]: v for k, v in state.items() if k.startswith(f"{i}.")}
                 s.load_state_dict(own)
-        Engine.of(model).refresh()
+        Engine.of(self.model).refresh()
 
-    history: list[float] = []
-    parts_hist: dict[str, list[float]] = {}
-    val_history: list[dict[str, float]] = []
-    best = (math.inf, 0, None)  # (objective, step, state)
-    start_step, elapsed = 0, 0.0
-    if resume:
-        ckpt = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)
-        problems = _diff(ckpt["fingerprint"], fingerprint)
-        if problems:
-            raise TrainingError(
-                f"{out}/{CHECKPOINT} was made by another run, so it cannot be resumed here: "
-                + "; ".join(problems[:4])
-                + ". Use the same settings, or --overwrite to start afresh."
+    def restore(self, resume: bool, warm_start: str | Path | None) -> None:
+        """Continue from the run folder's checkpoint (``resume``) or a finished run's committed state."""
+        out, config = self.out, self.config
+        if resume:
+            ckpt = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)
+            problems = _diff(ckpt["fingerprint"], self.fingerprint)
+            if problems:
+                raise TrainingError(
+                    f"{out}/{CHECKPOINT} was made by another run, so it cannot be resumed here: "
+                    + "; ".join(problems[:4])
+                    + ". Use the same settings, or --overwrite to start afresh."
+                )
+            self.load_trainable(ckpt["state"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.start_step, self.history, self.val_history = (
+                ckpt["step"],
+                ckpt["history"],
+                ckpt["val_history"],
             )
-        load_trainable(ckpt["state"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_step, history, val_history = ckpt["step"], ckpt["history"], ckpt["val_history"]
-        parts_hist, elapsed = ckpt["parts"], ckpt["seconds"]
-        best = (ckpt["best"][0], ckpt["best"][1], ckpt["best_state"])
-    elif warm_start is not None:
-        start_step, history, parts_hist, val_history, elapsed = _warm_start(Path(warm_start), config, data)
-        if start_step > config.steps:
-            raise TrainingError(
-                f"warm_start {warm_start} is at step {start_step}, past steps={config.steps}."
+            self.parts_hist, self.elapsed = ckpt["parts"], ckpt["seconds"]
+            self.best = (ckpt["best"][0], ckpt["best"][1], ckpt["best_state"])
+            self.saved = [self.start_step]
+        elif warm_start is not None:
+            self.start_step, self.history, self.parts_hist, self.val_history, self.elapsed = _warm_start(
+                Path(warm_start), config, self.data
             )
-        if val_history:
-            best = (val_history[-1]["objective"], val_history[-1]["step"], trainable_state())
+            if self.start_step > config.steps:
+                raise TrainingError(
+                    f"warm_start {warm_start} is at step {self.start_step}, past steps={config.steps}."
+                )
+            if self.val_history:
+                last = self.val_history[-1]
+                self.best = (last["objective"], last["step"], self.trainable_state())
 
-    saved: list[int] = [start_step] if resume else []  # the step of the checkpoint on disk, if any
-
-    def save_checkpoint(step: int) -> None:
-        if out is None or not accelerator.is_main_process:
+    def save_checkpoint(self, step: int) -> None:
+        if self.out is None or not self.accelerator.is_main_process:
             return
-        saved[:] = [step]
+        self.saved[:] = [step]
         _atomic_save(
             {
-                "fingerprint": fingerprint,
+                "fingerprint": self.fingerprint,
                 "step": step,
-                "state": trainable_state(),
-                "optimizer": optimizer.state_dict(),
-                "history": history,
-                "parts": parts_hist,
-                "val_history": val_history,
-                "best": best[:2],
-                "best_state": best[2],
-                "seconds": elapsed + time.perf_counter() - started,
+                "state": self.trainable_state(),
+                "optimizer": self.optimizer.state_dict(),
+                "history": self.history,
+                "parts": self.parts_hist,
+                "val_history": self.val_history,
+                "best": self.best[:2],
+                "best_state": self.best[2],
+                "seconds": self.elapsed + time.perf_counter() - self.started,
             },
-            out / CHECKPOINT,
+            self.out / CHECKPOINT,
         )
 
     @torch.no_grad()
-    def validate(step: int) -> dict[str, float]:
+    def validate(self, step: int) -> dict[str, float]:
         sums: dict[str, float] = {}
         n = 0
-        for s in range(0, len(data.val), per_micro):
-            ids = data.val[s : s + per_micro].to(accelerator.device)
+        model, accelerator = self.model, self.accelerator
+        for s in range(0, len(self.data.val), self.per_micro):
+            ids = self.data.val[s : s + self.per_micro].to(accelerator.device)
             with accelerator.autocast():
-                total, parts = trainee(ids)
+                total, parts = self.trainee(ids)
                 lm = parts["lm"] if "lm" in parts else model(input_ids=ids, labels=ids, use_cache=False).loss
             k = ids.shape[0]
             sums["objective"] = sums.get("objective", 0.0) + float(total) * k
@@ -567,31 +607,59 @@ def train(
         row["ppl"] = math.exp(min(row["lm"], 50.0))
         return row
 
-    started = time.perf_counter()
-    try:
-        trainee.open()
-        for p in model.parameters():
-            p.requires_grad_(id(p) in trainable_ids)
-        # eval mode: no dropout, so the loss the surgery parameters see is the one inference sees, the teacher
-        # and student passes differ only by the surgeries, and N processes follow the 1-process curve
-        model.eval()
-        wrapped, optimizer = accelerator.prepare(trainee, optimizer)
-        if not val_history:
-            val_history.append(validate(0))
-            best = (val_history[0]["objective"], 0, trainable_state())
+    # -- the loop -------------------------------------------------------------------------------------------------
+    def loop(self, progress: bool, after_step: Callable[[list[Surgery]], None] | None) -> None:
+        """Train from the restored step to ``config.steps``; the model's flags are restored however it ends, and an
+        interrupt saves a checkpoint first."""
+        model = self.model
+        frozen = [(p, p.requires_grad) for p in model.parameters()]
+        trainable_ids = {id(p) for p in self.params}
+        was_training = model.training
+        self.started = time.perf_counter()
+        try:
+            self.trainee.open()
+            for p in model.parameters():
+                p.requires_grad_(id(p) in trainable_ids)
+            # eval mode: no dropout, so the loss the surgery parameters see is the one inference sees, the teacher
+            # and student passes differ only by the surgeries, and N processes follow the 1-process curve
+            model.eval()
+            self._steps(progress, after_step)
+        except KeyboardInterrupt:
+            done = len(self.history)
+            self.save_checkpoint(done)
+            raise TrainingInterrupted(
+                f"interrupted after {done} steps; a checkpoint is in {self.out}. Continue with --resume."
+                if self.out is not None
+                else f"interrupted after {done} steps (no --out, nothing saved)."
+            ) from None
+        finally:
+            self.trainee.close()
+            for p, flag in frozen:
+                p.requires_grad_(flag)
+            model.train(was_training)
+
+    def _steps(self, progress: bool, after_step: Callable[[list[Surgery]], None] | None) -> None:
+        from tqdm import tqdm
+
+        config, data, accelerator, world = self.config, self.data, self.accelerator, self.world
+        wrapped, optimizer = accelerator.prepare(self.trainee, self.optimizer)
+        self.optimizer = optimizer
+        if not self.val_history:
+            self.val_history.append(self.validate(0))
+            self.best = (self.val_history[0]["objective"], 0, self.trainable_state())
         bar = tqdm(
             total=config.steps,
-            initial=start_step,
+            initial=self.start_step,
             disable=not (progress and accelerator.is_main_process),
             desc="train",
             unit="step",
         )
         tokens_per_step = config.batch_size * data.train.shape[1]
-        stale, step = 0, start_step
+        stale, step = 0, self.start_step
         t_last = time.perf_counter()
         while step < config.steps:
             idx = _batch_indices(step, len(data.train), config.batch_size, config.seed)
-            mine = idx.view(world, config.grad_accum, per_micro)[accelerator.process_index]
+            mine = idx.view(world, config.grad_accum, self.per_micro)[accelerator.process_index]
             step_parts: dict[str, float] = {}
             step_loss = 0.0
             for g in optimizer.param_groups:
@@ -606,14 +674,15 @@ def train(
                 step_loss += float(total.detach()) / config.grad_accum
                 for k, v in parts.items():
                     step_parts[k] = step_parts.get(k, 0.0) + float(v.detach()) / config.grad_accum
-            loss_t = torch.tensor([step_loss], device=accelerator.device)
-            loss_t = accelerator.reduce(loss_t, reduction="mean")
+            loss_t = accelerator.reduce(
+                torch.tensor([step_loss], device=accelerator.device), reduction="mean"
+            )
             loss_value = float(loss_t)
             if not math.isfinite(loss_value):
                 optimizer.zero_grad(set_to_none=True)
                 where = (
-                    f"the last good checkpoint (step {saved[0]}) is kept in {out / CHECKPOINT}"
-                    if saved
+                    f"the last good checkpoint (step {self.saved[0]}) is kept in {self.out / CHECKPOINT}"
+                    if self.saved
                     else "no checkpoint was written yet"
                 )
                 raise TrainingDiverged(
@@ -621,16 +690,16 @@ def train(
                     f"{where}. Lower --lr (now {config.lr}) or --lora-lr, or use --mixed-precision no."
                 )
             if config.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                accelerator.clip_grad_norm_(self.params, config.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if after_step is not None:
                 with torch.no_grad():
-                    after_step(surgeries)
+                    after_step(self.surgeries)
             step += 1
-            history.append(loss_value)
+            self.history.append(loss_value)
             for k, v in step_parts.items():
-                parts_hist.setdefault(k, []).append(v)
+                self.parts_hist.setdefault(k, []).append(v)
             now = time.perf_counter()
             bar.set_postfix(
                 loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_step / max(now - t_last, 1e-9):.0f}"
@@ -638,10 +707,10 @@ def train(
             t_last = now
             bar.update(1)
             if step % config.val_every == 0 or step == config.steps:
-                row = validate(step)
-                val_history.append(row)
-                if row["objective"] < best[0]:
-                    best, stale = (row["objective"], step, trainable_state()), 0
+                row = self.validate(step)
+                self.val_history.append(row)
+                if row["objective"] < self.best[0]:
+                    self.best, stale = (row["objective"], step, self.trainable_state()), 0
                 else:
                     stale += 1
                 if not bar.disable:  # progress=False: nothing written
@@ -649,39 +718,31 @@ def train(
                 if config.patience is not None and stale >= config.patience:
                     if not bar.disable:
                         bar.write(f"no improvement in {stale} validations: stopping early")
-                    save_checkpoint(step)
+                    self.save_checkpoint(step)
                     break
             if step % config.save_every == 0 or step == config.steps:
-                save_checkpoint(step)
+                self.save_checkpoint(step)
         bar.close()
-    except KeyboardInterrupt:
-        save_checkpoint(len(history))
-        raise TrainingInterrupted(
-            f"interrupted after {len(history)} steps; a checkpoint is in {out}. Continue with --resume."
-            if out is not None
-            else f"interrupted after {len(history)} steps (no --out, nothing saved)."
-        ) from None
-    finally:
-        trainee.close()
-        for p, flag in frozen:
-            p.requires_grad_(flag)
-        model.train(was_training)
-    if config.keep == "best" and best[2] is not None:
-        load_trainable(best[2])
-    result = TrainResult(
-        out_dir=out,
-        steps=len(history),
-        train_loss=history,
-        val_history=val_history,
-        best_step=best[1],
-        seconds=elapsed + time.perf_counter() - started,
-        tokens=len(history) * config.batch_size * int(data.train.shape[1]),
-        parts=parts_hist,
-    )
-    if out is not None and accelerator.is_main_process:
-        write_run(out, model, handle, result, config, data, model_name)
-    accelerator.wait_for_everyone()
-    return result
+
+    # -- the end --------------------------------------------------------------------------------------------------
+    def finish(self, model_name: str | None) -> TrainResult:
+        config = self.config
+        if config.keep == "best" and self.best[2] is not None:
+            self.load_trainable(self.best[2])
+        result = TrainResult(
+            out_dir=self.out,
+            steps=len(self.history),
+            train_loss=self.history,
+            val_history=self.val_history,
+            best_step=self.best[1],
+            seconds=self.elapsed + time.perf_counter() - self.started,
+            tokens=len(self.history) * config.batch_size * int(self.data.train.shape[1]),
+            parts=self.parts_hist,
+        )
+        if self.out is not None and self.accelerator.is_main_process:
+            write_run(self.out, self.model, self.handle, result, config, self.data, model_name)
+        self.accelerator.wait_for_everyone()
+        return result
 
 
 # ----------------------------------------------------------------------------------------------------------
