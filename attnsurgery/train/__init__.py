@@ -1,6 +1,7 @@
 """Training a surgery's own parameters with the model frozen: built on the core, never imported by it.
 
-* :mod:`.trainer`, :mod:`.objectives`, :mod:`.data` -- the one training loop, shared by every trainable surgery
+* :mod:`.trainer` (the loop), :mod:`.config` (its settings), :mod:`.objectives` (the loss terms), :mod:`.data`
+  (the text), :mod:`.runfolder` (checkpoints and the finished folder, a recipe) -- the one training loop, shared by every trainable surgery
   and LoRA: ``attnsurgery train`` and the position-temperature fit (``calibrate temperature``, which passes its
   own train/validation windows as :class:`TrainingData`, its head tying and ``c >= min_c`` bound as a gradient
   hook and ``after_step``, and keeps the best table with ``keep="best"`` and ``patience``).
@@ -13,17 +14,11 @@ A surgery's ``calibrate.py`` (``patches/<name>/calibrate.py``) may use these; co
 
 from __future__ import annotations
 
+from .config import TrainConfig, TrainingDiverged, TrainingError, TrainingInterrupted, TrainResult
 from .data import DataError, TrainingData, load_texts, pack_windows, prepare_data
 from .objectives import OBJECTIVES, ObjectiveError, parse_objective
-from .trainer import (
-    TrainConfig,
-    TrainingDiverged,
-    TrainingError,
-    TrainingInterrupted,
-    TrainResult,
-    check_run_folder,
-    train,
-)
+from .runfolder import check_run_folder
+from .trainer import train
 
 __all__ = [
     "OBJECTIVES",

@@ -2,13 +2,12 @@
 
 A surgery declares trainable state by holding ``nn.Parameter``s and, optionally, a :meth:`Surgery.regularizer`;
 LoRA is the ``lora`` surgery (peft). The trainer freezes every model weight, trains the surgeries' parameters
-(``lr``; LoRA's at ``lora_lr``) on an objective from :mod:`.objectives`, and writes a folder that is a recipe::
+(``lr``; LoRA's at ``lora_lr``) on an objective from :mod:`.objectives` (settings: :mod:`.config`), and writes
+a folder that is a recipe (:mod:`.runfolder`)::
 
     runs/x/recipe.yaml                 # surgeries, targets, data, objective, losses, validation scores
     runs/x/state-0-gated_attention.safetensors
-    runs/x/adapter/                    # LoRA as a standard peft adapter (when LoRA trained)
     runs/x/checkpoint.pt               # resumable state (--resume), kept after the run
-    runs/x/training.json               # the loss curve and validation history
 
 ``patch(model, "runs/x")``, ``attnsurgery apply/eval --recipe runs/x`` and lm-eval's
 ``--model attnsurgery --model_args ...,recipe=runs/x`` load it; ``handle.remove()`` restores the model exactly.
@@ -22,14 +21,10 @@ same seeded order, so N processes follow the 1-process loss curve.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,126 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine import Engine
-from ..errors import AttnSurgeryError, did_you_mean
 from ..surgery import Stage, Surgery
+from .config import TrainConfig, TrainingDiverged, TrainingError, TrainingInterrupted, TrainResult
 from .data import TrainingData
 from .objectives import TERMS, StepOutputs, parse_objective
 from .outlier import OutlierReader
+from .runfolder import CHECKPOINT, _atomic_save, _diff, _fingerprint, _warm_start, check_run_folder, write_run
 from .sink import FIRST_SINK_LAYER, SinkProbe, attach_probe
-
-CHECKPOINT = "checkpoint.pt"
-RECIPE = "recipe.yaml"
-HISTORY = "training.json"
-
-
-class TrainingError(AttnSurgeryError):
-    """A run that cannot start or continue (bad settings, a checkpoint from another run, an existing folder)."""
-
-
-class TrainingDiverged(AttnSurgeryError):
-    """The loss became NaN/inf; the last good checkpoint is kept."""
-
-    exit_code = 8
-
-
-class TrainingInterrupted(AttnSurgeryError):
-    """Ctrl-C: a checkpoint was saved; ``--resume`` continues."""
-
-    exit_code = 130
-
-
-SCHEDULES = ("constant", "cosine", "linear")
-
-
-@dataclass
-class TrainConfig:
-    """How to train. ``batch_size`` is global (all processes x accumulation steps together)."""
-
-    objective: str = "lm"
-    steps: int = 100
-    lr: float = 1e-2  # surgery parameters (gates, temperatures, routers, feature maps)
-    lora_lr: float = (
-        1e-4  # model weights: LoRA adapters (peft), as LoLCATs and most LoRA recipes, and finetune's copies
-    )
-    batch_size: int = 4
-    grad_accum: int = 1
-    seq_len: int = 256
-    warmup: float = 0.0  # fraction of steps with a linear warm-up
-    # after the warm-up: "constant", or a "cosine" / "linear" decay towards 0 at ``steps``
-    schedule: str = "constant"
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    kd_temperature: float = 1.0
-    mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (accelerate)
-    val_every: int = 25
-    save_every: int = 25
-    keep: str = "last"  # "last" | "best" (the state with the lowest validation objective, step 0 included)
-    patience: int | None = None  # stop after this many validations without improvement
-    seed: int = 0
-
-    def validate(self) -> None:
-        parse_objective(self.objective)
-
-        def number(value: Any, whole: bool) -> bool:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                return False
-            return isinstance(value, int) if whole else math.isfinite(value)
-
-        # (name, whole number?, test, the valid values in words)
-        checks = [
-            ("steps", True, lambda v: v >= 1, "a whole number >= 1"),
-            ("lr", False, lambda v: v > 0, "a number > 0"),
-            ("lora_lr", False, lambda v: v > 0, "a number > 0"),
-            ("batch_size", True, lambda v: v >= 1, "a whole number >= 1"),
-            ("grad_accum", True, lambda v: v >= 1, "a whole number >= 1"),
-            ("seq_len", True, lambda v: v >= 8, "a whole number >= 8"),
-            ("warmup", False, lambda v: 0 <= v < 1, "a fraction of the steps in [0, 1)"),
-            ("weight_decay", False, lambda v: v >= 0, "a number >= 0"),
-            ("val_every", True, lambda v: v >= 1, "a whole number >= 1"),
-            ("save_every", True, lambda v: v >= 1, "a whole number >= 1"),
-            ("kd_temperature", False, lambda v: v > 0, "a number > 0"),
-            ("seed", True, lambda v: True, "a whole number"),
-        ]
-        for name, whole, ok, what in checks:
-            value = getattr(self, name)
-            if not (number(value, whole) and ok(value)):
-                raise TrainingError(f"train: {name}={value!r} is out of range: it must be {what}.")
-        choices = [
-            ("schedule", SCHEDULES),
-            ("mixed_precision", ("no", "bf16", "fp16")),
-            ("keep", ("last", "best")),
-        ]
-        for name, allowed in choices:
-            value = getattr(self, name)
-            if value not in allowed:
-                raise TrainingError(
-                    f"train: {name}={value!r} is not one of {list(allowed)}.{did_you_mean(str(value), allowed)}"
-                )
-        if self.patience is not None and not (number(self.patience, True) and self.patience >= 1):
-            raise TrainingError(
-                f"train: patience={self.patience!r} is out of range: it must be None or a whole number >= 1."
-            )
-        if self.max_grad_norm is not None and not (
-            number(self.max_grad_norm, False) and self.max_grad_norm > 0
-        ):
-            raise TrainingError(f"train: max_grad_norm={self.max_grad_norm!r} must be None or a number > 0.")
-
-
-@dataclass
-class TrainResult:
-    out_dir: Path | None
-    steps: int
-    train_loss: list[float]  # per optimiser step (the objective, regularisers included)
-    val_history: list[dict[str, float]]  # {"step", "objective", "lm"} per validation
-    best_step: int
-    seconds: float
-    tokens: int
-    parts: dict[str, list[float]] = field(default_factory=dict)  # per objective term, per step
-
-    @property
-    def final_val(self) -> dict[str, float]:
-        return self.val_history[-1]
-
 
 # ----------------------------------------------------------------------------------------------------------
 # The module accelerate wraps: the model plus its surgeries, computing the whole objective in forward (so DDP
@@ -260,101 +142,6 @@ class _record_attention:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _fingerprint(model: nn.Module, surgeries: list[Surgery], config: TrainConfig, data: TrainingData) -> dict:
-    cfg = model.config
-    return {
-        "model": {
-            "model_type": getattr(cfg, "model_type", None),
-            "num_layers": len(Engine.of(model).info.attention),
-            "hidden_size": getattr(cfg, "hidden_size", None),
-            "vocab_size": getattr(cfg, "vocab_size", None),
-            "name_or_path": str(getattr(cfg, "_name_or_path", "")),
-        },
-        "surgeries": [
-            {"surgery": s.name, "args": s.config.to_dict(), **s.targets.to_json()} for s in surgeries
-        ],
-        "config": {
-            k: getattr(config, k)
-            for k in (
-                "objective",
-                "lr",
-                "lora_lr",
-                "batch_size",
-                "seq_len",
-                "kd_temperature",
-                "seed",
-                "warmup",
-            )
-        }
-        # the learning rate at a step depends on ``steps`` only with a warm-up or a decay: only then does a resumed
-        # run have to keep them (a constant-rate run may be continued to more steps; older checkpoints still match)
-        | ({"schedule": config.schedule} if config.schedule != "constant" else {})
-        | ({"steps": config.steps} if config.schedule != "constant" or config.warmup > 0 else {}),
-        "data": {"source": data.source, "train_windows": int(data.train.shape[0])},
-    }
-
-
-def _diff(saved: dict, now: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(saved) | set(now)):
-        a, b = saved.get(key), now.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: checkpoint {a!r}, this run {b!r}")
-    return out
-
-
-def _warm_start(folder: Path, config: TrainConfig, data: TrainingData) -> tuple:
-    """(step, train losses, per-term losses, validations, seconds) of a finished run folder, after checking that it
-    is this run (same objective, rates, batch, windows, seed and data)."""
-    import yaml
-
-    try:
-        recipe = yaml.safe_load((folder / RECIPE).read_text()) or {}
-        hist = json.loads((folder / HISTORY).read_text())
-    except (OSError, ValueError) as err:
-        raise TrainingError(f"warm_start {folder}: not a finished run folder ({err}).") from None
-    training = recipe.get("training") or {}
-    saved, now = training.get("config") or {}, dataclasses.asdict(config)
-    keys = (
-        "objective",
-        "lr",
-        "lora_lr",
-        "batch_size",
-        "seq_len",
-        "seed",
-        "schedule",
-        "warmup",
-        "kd_temperature",
-    )
-    problems = [f"{k}: folder {saved.get(k)!r}, this run {now[k]!r}" for k in keys if saved.get(k) != now[k]]
-    seen = training.get("data") or {}
-    if (seen.get("source"), seen.get("train_windows")) != (data.source, int(data.train.shape[0])):
-        problems.append(f"data: folder {seen.get('source')!r}, this run {data.source!r}")
-    if problems:
-        raise TrainingError(f"warm_start {folder} was another run: " + "; ".join(problems[:4]) + ".")
-    history = list(hist["train_loss"])
-    return (
-        len(history),
-        history,
-        {k: list(v) for k, v in (hist.get("parts") or {}).items()},
-        list(hist.get("validation") or []),
-        float(training.get("seconds") or 0.0),
-    )
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------------
 
@@ -384,30 +171,6 @@ def _lr_factor(step: int, config: TrainConfig) -> float:
     if config.schedule == "linear":
         return 1.0 - progress
     return 1.0
-
-
-def check_run_folder(
-    out: str | Path, *, resume: bool = False, overwrite: bool = False, checkpoint: str | None = CHECKPOINT
-) -> None:
-    """The one check of a training run's output folder (``train``, ``attnsurgery train``, ``linearize``), made
-    before any model loads: a folder, not a file; not an earlier run's folder unless ``resume`` (continue it) or
-    ``overwrite`` (replace it), never both; ``resume`` needs the run's ``checkpoint`` (``None``: the caller checks
-    its own, e.g. per stage)."""
-    out = Path(out)
-    if resume and overwrite:
-        raise TrainingError(
-            f"--resume continues the run in {out} and --overwrite replaces it: give one of them, not both."
-        )
-    if out.exists() and not out.is_dir():
-        raise TrainingError(f"--out {out} is a file; the output is a folder. Name a new or existing folder.")
-    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
-        raise TrainingError(
-            f"{out} already exists; pass --resume to continue that run or --overwrite to replace it."
-        )
-    if resume and checkpoint is not None and not (out / checkpoint).is_file():
-        raise TrainingError(
-            f"--resume: {out} holds no {checkpoint} to continue; start the run without --resume."
-        )
 
 
 def train(
@@ -743,86 +506,3 @@ class _Run:
             write_run(self.out, self.model, self.handle, result, config, self.data, model_name)
         self.accelerator.wait_for_everyone()
         return result
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The output folder: a recipe
-# ----------------------------------------------------------------------------------------------------------
-
-
-def write_run(
-    out: Path,
-    model: nn.Module,
-    handle: Any,
-    result: TrainResult,
-    config: TrainConfig,
-    data: TrainingData,
-    model_name: str | None,
-) -> Path:
-    """Write the trained surgeries as a recipe folder (temporary names first, then renamed: never half-written)."""
-    import yaml
-    from safetensors.torch import save_file
-
-    entries = []
-    staged: list[tuple[Path, Path]] = []
-    for i, surgery in enumerate(handle.surgeries):
-        name = f"state-{i}-{surgery.name}.safetensors"
-        tensors = {k: v.detach().cpu().contiguous() for k, v in surgery.state_dict().items()}
-        entry = {"surgery": surgery.name, "args": surgery.config.to_dict(), **surgery.targets.to_json()}
-        if tensors:
-            tmp = out / (name + ".tmp")
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
-            staged.append((tmp, out / name))
-            entry["state"] = name
-        entries.append(entry)
-        # what else the surgery ships as (LoRA: a peft adapter folder): written aside, renamed with the rest
-        tmp_dir = out / f"export-{i}.tmp"
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        exported = surgery.export(model, tmp_dir)
-        if exported is not None:
-            staged.append((tmp_dir, out / exported))
-    first, last = result.val_history[0], result.val_history[-1]
-    best = next((r for r in result.val_history if r["step"] == result.best_step), last)
-    kept = (
-        best if config.keep == "best" else last
-    )  # the numbers of the state this folder ships, not another's
-    recipe = {
-        "name": out.name,
-        "description": (
-            f"Trained with `attnsurgery train` on {data.source}: {config.objective}, {result.steps} steps. "
-            f"Validation lm loss {first['lm']:.4f} -> {kept['lm']:.4f} at step {kept['step']} (the {config.keep} "
-            "state, which this recipe ships; held-back calibration text)."
-        ),
-        "model": model_name,
-        "surgeries": entries,
-        "training": {
-            "objective": config.objective,
-            "steps": result.steps,
-            "tokens": result.tokens,
-            "seconds": round(result.seconds, 1),
-            "kept": f"{config.keep} (step {result.best_step if config.keep == 'best' else result.steps})",
-            "config": dataclasses.asdict(config),
-            "data": data.describe(),
-            "final_train_loss": result.train_loss[-1] if result.train_loss else None,
-            "validation": {
-                "before": dict(first),
-                "kept": dict(kept),
-                "last": dict(last),
-            },
-            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-        },
-    }
-    tmp_recipe = out / (RECIPE + ".tmp")
-    tmp_recipe.write_text(yaml.safe_dump(recipe, sort_keys=False, width=110))
-    tmp_hist = out / (HISTORY + ".tmp")
-    tmp_hist.write_text(
-        json.dumps({"train_loss": result.train_loss, "parts": result.parts, "validation": result.val_history})
-        + "\n"
-    )
-    for tmp, final in staged:
-        if final.is_dir():
-            shutil.rmtree(final)
-        tmp.replace(final)
-    tmp_hist.replace(out / HISTORY)
-    tmp_recipe.replace(out / RECIPE)  # last: a folder with recipe.yaml is a finished run
-    return out / RECIPE
