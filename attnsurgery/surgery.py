@@ -325,7 +325,7 @@ class AttentionCall:
     key_len: int
     attention_mask: torch.Tensor | None
     is_causal: bool
-    request: Any  # attnsurgery.engine.RequestState
+    request: Any  # attnsurgery.request.RequestState
     kwargs: dict[str, Any]
     # the core attention's inputs (after query stages), for surgeries that need more than their own tile
     query: torch.Tensor | None = None

@@ -271,7 +271,7 @@ def _sink_call(dtype, decode=False, compute=None):
     """An ACT call whose rows put ~99% of their attention on key 1 (key 0 is the unscaled first sink): at beta 0 the
     correction divides by 1 - P ~ 0.01, so any rounding of the unedited output before it is amplified 100x.
     Inputs are rounded to ``dtype`` and computed in ``compute`` (default ``dtype``)."""
-    from attnsurgery.engine import RequestState
+    from attnsurgery.request import RequestState
     from attnsurgery.surgery import AttentionCall
 
     g = torch.Generator().manual_seed(0)

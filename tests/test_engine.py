@@ -110,7 +110,7 @@ def _mask_4d(mask: torch.Tensor, k_len: int | None = None, window: int | None = 
 
 
 def test_key_valid_from_4d_masks():
-    from attnsurgery.engine import key_valid_from_mask
+    from attnsurgery.request import key_valid_from_mask
 
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
     real = mask.bool()

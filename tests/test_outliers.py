@@ -45,7 +45,7 @@ def _hooks(model):
 
 
 def decoder_layers(model):
-    from attnsurgery.engine import discover
+    from attnsurgery.discovery import discover
 
     return discover(model).layers
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny import random_ids, tiny_model
 
-from attnsurgery.engine import discover
+from attnsurgery.discovery import discover
 from attnsurgery.errors import AttnSurgeryError
 from attnsurgery.eval import quant
 from attnsurgery.eval.quant import (

@@ -84,7 +84,7 @@ def _sink_stats(maps, threshold: float) -> list[dict[str, float]]:
 
 
 def _num_layers(model) -> int:
-    from ..engine import discover
+    from ..discovery import discover
 
     return discover(model).num_layers
 

@@ -37,7 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine import Engine, ModelInfo, discover
+from ..discovery import ModelInfo, discover
+from ..engine import Engine
 from ..errors import AttnSurgeryError, UnsupportedModelError
 
 #: where a decoder layer's feed-forward block lives, tried in order; OPT's layer has none (fc1/fc2 inline), so

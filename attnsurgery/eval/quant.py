@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..engine import discover
+from ..discovery import discover
 from ..errors import AttnSurgeryError, UnsupportedModelError
 from .outliers import iter_batches, model_inputs
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from attnsurgery.engine import discover
+from attnsurgery.discovery import discover
 from attnsurgery.errors import AttnSurgeryError
 from attnsurgery.eval.scoring import (
     METRICS,

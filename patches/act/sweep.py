@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from attnsurgery.api import patch
-from attnsurgery.engine import Engine, discover
+from attnsurgery.discovery import discover
+from attnsurgery.engine import Engine
 from attnsurgery.errors import UnsupportedModelError
 from attnsurgery.eval.scoring import ChoiceScorer, HeadGather, choice_lls, continuation_ll, input_device
 from attnsurgery.targeting import resolve_targets

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from attnsurgery.api import SurgeryHandle, patch, save_surgery
-from attnsurgery.engine import Engine, discover
+from attnsurgery.discovery import discover
+from attnsurgery.engine import Engine
 from attnsurgery.errors import AttnSurgeryError, SurgeryConfigError
 from attnsurgery.eval.scoring import mean_nll, text_windows
 from attnsurgery.recipe import write_calibrated_recipe

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from attnsurgery.engine import key_valid_from_mask
 from attnsurgery.errors import UnsupportedModelError
+from attnsurgery.request import key_valid_from_mask
 from attnsurgery.surgery import AttentionCall, Stage, Surgery
 
 from .config import VhrConfig, paper_layers
