@@ -156,7 +156,7 @@ def test_model_specific_lookup_and_all_heads():
     assert "-0.15 to +0.12" in recipe.description
 
 
-def test_eval_goes_through_the_same_resolver(tiny_dir, small_sweep, capsys, tmp_path):
+def test_eval_goes_through_the_same_resolver(tiny_dir, small_sweep, capsys, tmp_path, monkeypatch):
     assert (
         main(
             [
@@ -175,6 +175,13 @@ def test_eval_goes_through_the_same_resolver(tiny_dir, small_sweep, capsys, tmp_
     )
     assert "Without --no-calibrate" in _err(capsys)[1]
     assert not small_sweep.exists()
+    import attnsurgery.models
+
+    loads = []
+    real_load = attnsurgery.models.load_model
+    monkeypatch.setattr(
+        attnsurgery.models, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k)
+    )
     code = main(
         [
             "eval",
@@ -191,3 +198,4 @@ def test_eval_goes_through_the_same_resolver(tiny_dir, small_sweep, capsys, tmp_
     )
     assert code in (0, 1)  # 1: an arm flagged INVALID (a random tiny model may tie its choices); it ran
     assert cached_recipe_path("act", str(tiny_dir)).is_file()
+    assert len(loads) == 1  # the model the calibration loaded is the one the arms ran on

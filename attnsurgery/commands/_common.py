@@ -133,7 +133,9 @@ def load(model_name: str, args: argparse.Namespace):
     return model, tokenizer
 
 
-def ensure_recipe(name: str, model_name: str, args: argparse.Namespace) -> tuple[Any, Any] | None:
+def ensure_recipe(
+    name: str, model_name: str, args: argparse.Namespace, loaded: tuple[Any, Any] | None = None
+) -> tuple[Any, Any] | None:
     """``--recipe FOLDER MODEL`` when FOLDER has no recipe made for MODEL: calibrate one, if the surgery can.
 
     The one resolver behind ``apply`` (and ``eval``): a surgery whose ``calibrate.py`` offers ``auto_recipe`` (ACT)
@@ -171,7 +173,7 @@ def ensure_recipe(name: str, model_name: str, args: argparse.Namespace) -> tuple
                 f"--out FILE` yourself"
                 + (f"; `--recipe {alternatives}` is the uncalibrated form." if alternatives else ".")
             ) from None
-        model, tokenizer = load(model_name, args)
+        model, tokenizer = loaded or load(model_name, args)  # an earlier calibration's model is reused
         tools = CalibrateTools(
             console=make_console(), load=lambda n: load(n, args), records=calibration_records
         )

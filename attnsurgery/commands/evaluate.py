@@ -70,10 +70,12 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..eval.text import check_tasks, evaluate_arms, make_arms, task_manager, write_report
 
     tasks = check_tasks([t for item in args.tasks for t in item.split(",") if t], task_manager())
-    for recipe in (
-        args.recipe or []
-    ):  # `--recipe act MODEL` without a recipe for MODEL: calibrate one (cached)
-        ensure_recipe(recipe, args.model, args)
+    loaded = None
+    for recipe in args.recipe or []:  # `--recipe act MODEL` without a recipe for MODEL: calibrate one (cached)
+        # the model a calibration loaded is the one the arms run on (int8 loads its own), not a second load
+        loaded = ensure_recipe(recipe, args.model, args, loaded) or loaded
+    if args.quant == "int8":
+        loaded = None
     arms = make_arms(args.recipe or [], model=args.model)  # bad recipes fail before the model loads
     if args.quant == "int8":
         from ..errors import AttnSurgeryError
@@ -94,6 +96,7 @@ def run_eval(args: argparse.Namespace) -> int:
         force=args.force,
         on_arm=lambda arm, status: arm_progress(args.model, arm, status),
         quant=args.quant,
+        loaded=loaded,
     )
     paths = write_report([report], args.out)
     print_report(paths["md"].read_text(), paths)
