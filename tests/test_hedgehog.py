@@ -12,7 +12,20 @@ import yaml
 from attnsurgery.patches.hedgehog.cache import HedgehogCacheLayer
 from attnsurgery.patches.hedgehog.kernel import feature_map, hybrid_attention, hybrid_recurrent
 from attnsurgery.patches.hedgehog.reference import feature_map_reference, hybrid_reference
-from tiny import cache_kwarg, decode_stepwise, random_ids, tiny_model, tiny_tokenizer
+from tiny import (
+    KERNEL_NOISE_FACTOR,
+    NOISE_FACTOR,
+    cache_kwarg,
+    causal,
+    decode_stepwise,
+    kernel_atol,
+    logit_atol,
+    op_noise,
+    random_ids,
+    stock_noise,
+    tiny_model,
+    tiny_tokenizer,
+)
 
 from attnsurgery import load_surgery, patch, save_surgery
 from attnsurgery.errors import AttnSurgeryError, SurgeryConfigError
@@ -43,7 +56,9 @@ def test_feature_map_properties_and_identity_init(feature_dim):
         layer = handle.surgeries[0].maps["0"]
         eye = torch.eye(16, feature_dim)
         assert layer.q_map.dtype == torch.float32 and layer.q_map.shape == (4, 16, feature_dim)
-        assert torch.equal(layer.q_map, eye.expand(4, -1, -1)) and torch.equal(layer.k_map, eye.expand(4, -1, -1))
+        assert torch.equal(layer.q_map, eye.expand(4, -1, -1)) and torch.equal(
+            layer.k_map, eye.expand(4, -1, -1)
+        )
         torch.testing.assert_close(torch.sigmoid(layer.window_logit), torch.full((4,), 0.1))
         x = torch.randn(2, 4, 9, 16) * 3
         phi = feature_map(x, layer.q_map)
@@ -56,7 +71,13 @@ def test_feature_map_properties_and_identity_init(feature_dim):
     torch.testing.assert_close(phi[..., :feature_dim], expected.softmax(-1))
     torch.testing.assert_close(phi[..., feature_dim:], (-expected).softmax(-1))
     w = torch.randn(4, 16, feature_dim)
-    torch.testing.assert_close(feature_map(x, w).double(), feature_map_reference(x, w), atol=1e-6, rtol=1e-5)
+
+    def stock(x, w):  # the same matmul and softmaxes, as stock ops
+        s = torch.einsum("bhtd,hdf->bhtf", x, w)
+        return torch.cat([s.softmax(-1), (-s).softmax(-1)], -1)
+
+    atol = KERNEL_NOISE_FACTOR * op_noise(stock, x, w)
+    torch.testing.assert_close(feature_map(x, w).double(), feature_map_reference(x, w), atol=atol, rtol=0)
 
 
 # -- the three forms --------------------------------------------------------------------------------------
@@ -69,11 +90,12 @@ def test_chunked_equals_quadratic_reference_equals_recurrent(window):
     gamma = torch.tensor([0.1, 0.5, 0.9])
     kw = dict(window=window, gamma=gamma, linear_factor=1.0, scaling=8**-0.5)
     ref = hybrid_reference(q, k, v, fq, fk, **kw)
+    atol = kernel_atol(q, k, v, causal(2, 37), 8**-0.5)["out"]  # stock softmax attention's rounding here
     rec = hybrid_recurrent(q, k, v, fq, fk, **kw)
-    torch.testing.assert_close(rec.double(), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rec.double(), ref, atol=atol, rtol=0)
     for chunk in (1, 7, 16, 64):
         y, _, _ = hybrid_attention(q, k, v, fq, fk, chunk=chunk, **kw)
-        torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(y.double(), ref, atol=atol, rtol=0)
     if window not in (None, 64):  # the tolerance sees a one-key shift of the window
         other = hybrid_reference(q, k, v, fq, fk, **{**kw, "window": window + 1})
         assert (other - ref).abs().max() > 1e-2
@@ -85,7 +107,7 @@ def test_affine_factor_and_softcap_match_the_reference():
     kw = dict(window=4, gamma=gamma, linear_factor=1 - gamma, scaling=0.3, softcap=2.0)
     ref = hybrid_reference(q, k, v, fq, fk, **kw)
     y, _, _ = hybrid_attention(q, k, v, fq, fk, chunk=5, **kw)
-    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.double(), ref, atol=kernel_atol(q, k, v, causal(2, 37), 0.3)["out"], rtol=0)
     uncapped = hybrid_reference(q, k, v, fq, fk, **{**kw, "softcap": None})
     assert (uncapped - ref).abs().max() > 1e-2
 
@@ -100,9 +122,12 @@ def test_hybrid_shares_one_normaliser():
     a = fq[0, 0, 3] @ fk[0, 0, :2].T
     expected = (e @ v[0, 0, 2:4] + a @ v[0, 0, :2]) / (e.sum() + a.sum())
     y, _, _ = hybrid_attention(q, k, v, fq, fk, window=2, gamma=gamma, linear_factor=1.0, scaling=0.5)
-    torch.testing.assert_close(y[0, 0, 3], expected, atol=1e-6, rtol=0)
-    ones, _, _ = hybrid_attention(q, k, torch.ones_like(v), fq, fk, window=2, gamma=gamma, linear_factor=1.0, scaling=0.5)
-    torch.testing.assert_close(ones, torch.ones_like(ones), atol=1e-6, rtol=0)
+    atol = kernel_atol(q, k, v, causal(1, 4), 0.5)["out"]
+    torch.testing.assert_close(y[0, 0, 3], expected, atol=atol, rtol=0)
+    ones, _, _ = hybrid_attention(
+        q, k, torch.ones_like(v), fq, fk, window=2, gamma=gamma, linear_factor=1.0, scaling=0.5
+    )
+    torch.testing.assert_close(ones, torch.ones_like(ones), atol=atol, rtol=0)
 
 
 def test_decode_steps_with_state_equal_the_parallel_form():
@@ -114,13 +139,21 @@ def test_decode_steps_with_state_equal_the_parallel_form():
     for t in range(20):
         sl = slice(start, t + 1)
         y, state, folded = hybrid_attention(
-            q[:, :, t : t + 1], k[:, :, sl], v[:, :, sl], fq[:, :, t : t + 1], fk[:, :, sl],
-            state=state, fold_to=t + 1 - 3 + 1 - start, **kw,
+            q[:, :, t : t + 1],
+            k[:, :, sl],
+            v[:, :, sl],
+            fq[:, :, t : t + 1],
+            fk[:, :, sl],
+            state=state,
+            fold_to=t + 1 - 3 + 1 - start,
+            **kw,
         )
         start += folded
         assert t + 1 - start <= 2  # never more than window - 1 keys kept
         outs.append(y)
-    torch.testing.assert_close(torch.cat(outs, 2), full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        torch.cat(outs, 2), full, atol=kernel_atol(q, k, v, causal(2, 20), 0.35)["out"], rtol=0
+    )
 
 
 # -- on models --------------------------------------------------------------------------------------------
@@ -139,8 +172,10 @@ def test_identity_runs_the_hybrid_kernel(monkeypatch):
         ref = logits(model, ids)
         for args in ({"window": None}, {"window": 24, "gamma": 0.7, "init": "random"}):
             with patch(model, "hedgehog", **args):
-                torch.testing.assert_close(logits(model, ids), ref, atol=1e-5, rtol=0)
-        with patch(model, "hedgehog", window=23, init="random"):  # one key on the linear side: not the identity
+                torch.testing.assert_close(logits(model, ids), ref, atol=logit_atol(arch), rtol=0)
+        with patch(
+            model, "hedgehog", window=23, init="random"
+        ):  # one key on the linear side: not the identity
             assert (logits(model, ids) - ref).abs().max() > 1e-3
     assert calls and set(calls) == {None, 24, 23}
 
@@ -150,16 +185,29 @@ def test_gqa_matches_the_reference_on_expanded_keys():
     handle = patch(model, "hedgehog", window=3, feature_dim=6, init="random", gamma=0.3)
     surgery = handle.surgeries[0]
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(2, 4, 11, 16, generator=g), torch.randn(2, 2, 11, 16, generator=g), torch.randn(2, 2, 11, 16, generator=g)
+    q, k, v = (
+        torch.randn(2, 4, 11, 16, generator=g),
+        torch.randn(2, 2, 11, 16, generator=g),
+        torch.randn(2, 2, 11, 16, generator=g),
+    )
     call = AttentionCall(None, 1, 4, 2, 11, 11, None, True, None, {})
     out = surgery.attention(q, k, v, 0.25, call)  # (B, T, H, D)
     params = surgery.maps["1"]
     ke, ve = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)  # kv head j serves query heads 2j, 2j + 1
     ref = hybrid_reference(
-        q, ke, ve, feature_map_reference(q, params.q_map.detach()), feature_map_reference(ke, params.k_map.detach()),
-        window=3, gamma=torch.full((4,), 0.3), linear_factor=1.0, scaling=0.25,
+        q,
+        ke,
+        ve,
+        feature_map_reference(q, params.q_map.detach()),
+        feature_map_reference(ke, params.k_map.detach()),
+        window=3,
+        gamma=torch.full((4,), 0.3),
+        linear_factor=1.0,
+        scaling=0.25,
     )
-    torch.testing.assert_close(out.transpose(1, 2).double(), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        out.transpose(1, 2).double(), ref, atol=kernel_atol(q, k, v, causal(2, 11), 0.25)["out"], rtol=0
+    )
     handle.remove()
 
 
@@ -177,7 +225,9 @@ def test_padded_keys_never_enter_the_state():
     full_mask = torch.cat([mask, torch.ones(2, 5, dtype=torch.long)], 1)
     pos = (full_mask.cumsum(-1) - 1).clamp(min=0)  # positions from the mask, as generate() passes them
     with patch(model, "hedgehog", window=3, feature_dim=8, init="random"), torch.no_grad():
-        out = model(full_ids[:, :12], attention_mask=full_mask[:, :12], position_ids=pos[:, :12], use_cache=True)
+        out = model(
+            full_ids[:, :12], attention_mask=full_mask[:, :12], position_ids=pos[:, :12], use_cache=True
+        )
         cache, steps = out.past_key_values, [out.logits]
         for t in range(12, full_ids.shape[1]):
             out = model(
@@ -192,7 +242,7 @@ def test_padded_keys_never_enter_the_state():
         got = torch.cat(steps, 1)
         for i, s in enumerate(seqs):
             alone = model(torch.cat([s[None], extra[i : i + 1]], 1)).logits[0]
-            torch.testing.assert_close(got[i, width - len(s) :], alone, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(got[i, width - len(s) :], alone, atol=logit_atol("qwen2"), rtol=0)
 
 
 def test_decode_memory_is_flat_in_the_generated_length():
@@ -268,20 +318,27 @@ def test_an_all_sliding_model_is_linearized_whole():
 
     torch.manual_seed(0)
     config = MistralConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=128, sliding_window=6, max_position_embeddings=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        sliding_window=6,
+        max_position_embeddings=256,
     )
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
     ids = random_ids(2, 20)
     ref = logits(model, ids)
+    atol = NOISE_FACTOR * stock_noise(model, ids)
     with patch(model, "hedgehog", window=None) as handle:
         assert handle.surgeries[0].skipped == []
-        torch.testing.assert_close(logits(model, ids), ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(logits(model, ids), ref, atol=atol, rtol=0)
     with patch(model, "hedgehog", window=4, feature_dim=8, init="random"), torch.no_grad():
         full = model(ids).logits
         stepwise, cache = decode_stepwise(model, ids, 14)
         assert all(isinstance(layer, HedgehogCacheLayer) for layer in cache.layers)
-    torch.testing.assert_close(stepwise, full, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(stepwise, full, atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -343,8 +400,13 @@ def test_linearize_two_stages_and_resume(data, tmp_path):
     ref = logits(model, ids)
     out = tmp_path / "lin"
     handle = linearize(
-        model, data, out, surgery_args={"window": 4, "feature_dim": 8},
-        stage1=_cfg(lr=0.05), stage2=_cfg(objective="lm", lora_lr=0.01), progress=False,
+        model,
+        data,
+        out,
+        surgery_args={"window": 4, "feature_dim": 8},
+        stage1=_cfg(lr=0.05),
+        stage2=_cfg(objective="lm", lora_lr=0.01),
+        progress=False,
     )
     assert [s.name for s in handle.surgeries] == ["hedgehog", "lora"]
     converted = logits(model, ids)
@@ -354,12 +416,16 @@ def test_linearize_two_stages_and_resume(data, tmp_path):
     final = load_file(str(out / "state-0-hedgehog.safetensors"))
     assert all(torch.equal(stage1[k], final[k]) for k in stage1)  # maps frozen in stage 2
     lora = load_file(str(out / "state-1-lora.safetensors"))
-    assert any(k.endswith("B.weight") and v.abs().max() > 0 for k, v in lora.items())  # LoRA trained from B = 0
+    assert any(
+        k.endswith("B.weight") and v.abs().max() > 0 for k, v in lora.items()
+    )  # LoRA trained from B = 0
     handle.remove()
     assert torch.equal(logits(model, ids), ref)
     fresh = tiny_model("opt")
     loaded = patch(fresh, out)
-    torch.testing.assert_close(logits(fresh, ids), converted, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        logits(fresh, ids), converted, atol=0, rtol=0
+    )  # the same state, the same computation
     loaded.remove()
     assert torch.equal(logits(fresh, ids), ref)
     published = yaml.safe_load((out / "recipe.yaml").read_text())
@@ -367,8 +433,17 @@ def test_linearize_two_stages_and_resume(data, tmp_path):
     assert "stage 1, attention transfer (1000*transfer" in published["description"]
     assert "; then stage 2, LoRA (lm" in published["description"]
     stamp = (out / "recipe.yaml").stat().st_mtime_ns
-    again = linearize(fresh, data, out, surgery_args={"window": 4, "feature_dim": 8}, stage1=_cfg(), stage2=_cfg(), resume=True, progress=False)
-    torch.testing.assert_close(logits(fresh, ids), converted, atol=1e-6, rtol=0)  # both stages reused
+    again = linearize(
+        fresh,
+        data,
+        out,
+        surgery_args={"window": 4, "feature_dim": 8},
+        stage1=_cfg(),
+        stage2=_cfg(),
+        resume=True,
+        progress=False,
+    )
+    torch.testing.assert_close(logits(fresh, ids), converted, atol=0, rtol=0)  # both stages reused
     assert (out / "stage2" / "recipe.yaml").stat().st_mtime_ns <= stamp
     again.remove()
     with pytest.raises(AttnSurgeryError, match="already exists"):
@@ -384,8 +459,28 @@ def test_linearize_command_and_a_folder_for_another_shape(tmp_path, capsys):
     tiny_model("llama").save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
     out = tmp_path / "lin"
-    argv = ["linearize", str(model_dir), "--out", str(out), "--window", "4", "--feature-dim", "8", "--seq-len", str(SEQ),
-            "--batch-size", "2", "--stage1-steps", "2", "--stage2-steps", "2", "--val-every", "2", "--val-windows", "2"]
+    argv = [
+        "linearize",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--window",
+        "4",
+        "--feature-dim",
+        "8",
+        "--seq-len",
+        str(SEQ),
+        "--batch-size",
+        "2",
+        "--stage1-steps",
+        "2",
+        "--stage2-steps",
+        "2",
+        "--val-every",
+        "2",
+        "--val-windows",
+        "2",
+    ]
     assert main(argv) == 0
     assert (out / "recipe.yaml").is_file() and (out / "adapter").is_dir()
     capsys.readouterr()
@@ -393,8 +488,14 @@ def test_linearize_command_and_a_folder_for_another_shape(tmp_path, capsys):
     assert main([*argv[:4], "--window", "0"]) == 2
     assert "--window must be at least 1" in " ".join(capsys.readouterr().err.split())
     other = AutoModelForCausalLM.from_config(
-        LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=128)
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+        )
     )
     with pytest.raises(AttnSurgeryError, match="different model"):
         patch(other, out)
@@ -411,8 +512,9 @@ def test_real_model_identity_hybrid_at_init_and_chunked_vs_reference():
     text = "The quick brown fox jumps over the lazy dog. " * 12
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :160]
     ref = logits(model, ids)
+    atol = NOISE_FACTOR * stock_noise(model, ids)  # SmolLM2's own fp32 rounding on this text
     with patch(model, "hedgehog", window=None):
-        torch.testing.assert_close(logits(model, ids), ref, atol=1e-4, rtol=0)
+        torch.testing.assert_close(logits(model, ids), ref, atol=atol, rtol=0)
     captured = {}
     with patch(model, "hedgehog", window=64) as handle:
         surgery = handle.surgeries[0]
@@ -427,7 +529,7 @@ def test_real_model_identity_hybrid_at_init_and_chunked_vs_reference():
         hybrid = logits(model, ids)
         params = surgery.maps["5"]
     # identity-initialised maps (no training): the first 64 positions are exact, later ones only approximate
-    torch.testing.assert_close(hybrid[:, :64], ref[:, :64], atol=1e-4, rtol=0)
+    torch.testing.assert_close(hybrid[:, :64], ref[:, :64], atol=atol, rtol=0)
     agree = (hybrid[0, 64:].argmax(-1) == ref[0, 64:].argmax(-1)).float().mean()
     # 0.82 measured on this repetitive text; pure linear attention at init (no window) agrees on 0%
     assert agree > 0.6, f"top-1 agreement after the window {agree:.2f}"
@@ -440,6 +542,6 @@ def test_real_model_identity_hybrid_at_init_and_chunked_vs_reference():
     kw = dict(window=64, gamma=gamma, linear_factor=1.0, scaling=captured["scaling"])
     y, _, _ = hybrid_attention(q, k, v, fq, fk, chunk=48, **kw)
     ref_y = hybrid_reference(q, k, v, fq, fk, **kw)
-    torch.testing.assert_close(y.double(), ref_y, atol=1e-4, rtol=0)
+    atol_y = kernel_atol(q, k, v, causal(1, q.shape[2]), captured["scaling"])["out"]
+    torch.testing.assert_close(y.double(), ref_y, atol=atol_y, rtol=0)
     assert math.isfinite(float(y.abs().max()))
-

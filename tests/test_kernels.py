@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import kernel_atol
 
 from attnsurgery.kernels import AttentionStats, column_mask, has_bias, sdpa_with_lse, tiled_attention
 
@@ -46,17 +47,18 @@ def test_kernels_match_reference(kind):
     q, k, v, mask, allowed, valid = case(kind)
     ref_out, ref_lse, ref_sums = reference(q, k, v, allowed, 0.3, valid)
     rows = valid[:, None, :].expand(-1, q.shape[1], -1)
+    tol = kernel_atol(q, k, v, allowed, 0.3, valid)
     out, lse = sdpa_with_lse(q, k, v, mask, 0.3, True)
-    torch.testing.assert_close(out[rows], ref_out.float()[rows], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse[rows], ref_lse.float()[rows], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[rows], ref_out.float()[rows], atol=tol["out"], rtol=0)
+    torch.testing.assert_close(lse[rows], ref_lse.float()[rows], atol=tol["lse"], rtol=0)
     for block in (1, 8, 64):
         stats = AttentionStats(query_valid=valid)
         out2 = tiled_attention(q, k, v, mask, 0.3, is_causal=True, stats=stats, block_rows=block).transpose(
             1, 2
         )
-        torch.testing.assert_close(out2[rows], ref_out.float()[rows], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(stats.lse[rows], ref_lse.float()[rows], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(stats.column_sums, ref_sums.float(), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out2[rows], ref_out.float()[rows], atol=tol["out"], rtol=0)
+        torch.testing.assert_close(stats.lse[rows], ref_lse.float()[rows], atol=tol["lse"], rtol=0)
+        torch.testing.assert_close(stats.column_sums, ref_sums.float(), atol=tol["sums"], rtol=0)
 
 
 def test_decode_row():
@@ -64,9 +66,10 @@ def test_decode_row():
     q1 = q[:, :, -1:]
     allowed = torch.ones(2, 1, 1, 12, dtype=torch.bool)
     ref_out, ref_lse, _ = reference(q1, k, v, allowed, 0.3, torch.ones(2, 1, dtype=torch.bool))
+    tol = kernel_atol(q1, k, v, allowed, 0.3)
     out, lse = sdpa_with_lse(q1, k, v, None, 0.3, True)
-    torch.testing.assert_close(out, ref_out.float(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse, ref_lse.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, ref_out.float(), atol=tol["out"], rtol=0)
+    torch.testing.assert_close(lse, ref_lse.float(), atol=tol["lse"], rtol=0)
 
 
 def _biased(b=2, h=6, t=37):
@@ -89,9 +92,10 @@ def test_softcap_and_additive_bias_are_exact(softcap, biased):
         mask, allowed, valid, bias = _biased()
     ref_out, ref_lse, _ = reference(q, k, v, allowed, 0.3, valid, softcap=softcap, bias=bias)
     rows = valid[:, None, :].expand(-1, q.shape[1], -1)
+    tol = kernel_atol(q, k, v, allowed, 0.3, valid)  # the stock op's rounding on the same q, k, v
     out, lse = sdpa_with_lse(q, k, v, mask, 0.3, True, softcap=softcap)
-    torch.testing.assert_close(out[rows], ref_out.float()[rows], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse[rows], ref_lse.float()[rows], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[rows], ref_out.float()[rows], atol=tol["out"], rtol=0)
+    torch.testing.assert_close(lse[rows], ref_lse.float()[rows], atol=tol["lse"], rtol=0)
     assert has_bias(mask) == biased
 
 
@@ -114,14 +118,15 @@ def test_fp32_output_of_low_precision_inputs(dtype):
     q, k, v = (x.to(dtype) for x in (q, k, v))
     ref_out, _, _ = reference(q, k, v, allowed, 0.3, valid)
     rows = valid[:, None, :].expand(-1, q.shape[1], -1)
+    tol = kernel_atol(q.float(), k.float(), v.float(), allowed, 0.3, valid)  # fp32 work on the rounded inputs
     for m in (mask, None):
         out, _ = sdpa_with_lse(q, k, v, m, 0.3, True, out_dtype=torch.float32)
         assert out.dtype == torch.float32
         if m is not None:
-            torch.testing.assert_close(out[rows], ref_out.float()[rows], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out[rows], ref_out.float()[rows], atol=tol["out"], rtol=0)
     stats = AttentionStats(query_valid=valid)
     out = tiled_attention(q, k, v, mask, 0.3, is_causal=True, stats=stats, out_dtype=torch.float32)
-    torch.testing.assert_close(out.transpose(1, 2)[rows], ref_out.float()[rows], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.transpose(1, 2)[rows], ref_out.float()[rows], atol=tol["out"], rtol=0)
     assert tiled_attention(q, k, v, mask, 0.3, is_causal=True).dtype == dtype  # default: the model's dtype
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import NOISE_FACTOR, stock_noise
 
 from attnsurgery import attention_maps, load_model, load_surgery, patch, save_surgery
 from attnsurgery.cli import main
@@ -22,11 +23,12 @@ def test_surgeries_on_smollm2(smollm2, tmp_path):
     prompts = ["The capital of France is", "Water boils at a temperature of"]
     tokenizer.padding_side = "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    atol = NOISE_FACTOR * stock_noise(model, batch["input_ids"], attention_mask=batch["attention_mask"])
     with torch.no_grad():
         ref = model(**batch).logits
         for name in ("temperature", "head_scale", "clipped_softmax"):
             with patch(model, name):  # identity defaults
-                torch.testing.assert_close(model(**batch).logits, ref, atol=1e-5, rtol=0)
+                torch.testing.assert_close(model(**batch).logits, ref, atol=atol, rtol=0)
         # an active surgery: generation works with the cache, and equals generation without it
         handle = patch(model, "temperature", tau=0.9, c=0.02, layers="2:")
         kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)

@@ -12,14 +12,27 @@ import warnings
 import pytest
 import torch
 from attnsurgery.patches.var.reference import sink_tokens, var_reference
-from tiny import force_real_path, tiny_model
+from tiny import NOISE_FACTOR, force_real_path, stock_noise, tiny_model
 from vlm_tiny import IMAGE_TOKEN, VISION_END, VISION_START, VLM_ARCHS, prompt, tiny_vlm, vlm_inputs
 
 import attnsurgery.engine as engine_module
 from attnsurgery import SurgeryConfigError, UnsupportedModelError, patch
 from attnsurgery.engine import Engine
 
-ATOL = 1e-5
+_ATOL: dict[str, float] = {}
+
+
+def atol(arch: str) -> float:
+    """NOISE_FACTOR x the stock tiny VLM's own float32 rounding of its logits (fp32 against fp64) on a padded batch
+    of two image prompts, measured once per architecture on this machine."""
+    if arch not in _ATOL:
+        model = tiny_vlm(arch)
+        inputs = vlm_inputs(model, [prompt(model, 3, 6), prompt(model, 2, 4, seed=1)])
+        ids = inputs.pop("input_ids")
+        _ATOL[arch] = NOISE_FACTOR * stock_noise(model, ids, **inputs)
+    return _ATOL[arch]
+
+
 #: tiny random models have no massive activations; at tau 1.5 on two channels a fair share of tokens (text and
 #: image) qualify as sinks, enough to exercise every branch of VAR
 VAR_ARGS = dict(p=0.3, tau=1.5, summ=0.05, rho=0.5, sink_dims=[0, 1])
@@ -125,7 +138,7 @@ def test_4d_mask_equals_2d_mask(side, name, args):
         chosen = _chosen(model)
         full = _logits(model, {**inputs4, "position_ids": position_ids})
         assert all(torch.equal(v, chosen[k]) for k, v in _chosen(model).items())
-    torch.testing.assert_close(full[mask], flat[mask], atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(full[mask], flat[mask], atol=atol("llava"), rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -140,11 +153,11 @@ def test_var_identity_settings(arch, identity):
     ref = _logits(model, inputs)
     with patch(model, "var", **{**VAR_ARGS, **identity}):
         out = _logits(model, inputs)
-    torch.testing.assert_close(_real(out, inputs), _real(ref, inputs), atol=ATOL, rtol=0)
+    torch.testing.assert_close(_real(out, inputs), _real(ref, inputs), atol=atol(arch), rtol=0)
     with patch(model, "var", **{**VAR_ARGS, **identity}) as handle:  # VAR's own kernel at identity settings
         force_real_path(handle)
         out = _logits(model, inputs)
-    torch.testing.assert_close(_real(out, inputs), _real(ref, inputs), atol=ATOL, rtol=0)
+    torch.testing.assert_close(_real(out, inputs), _real(ref, inputs), atol=atol(arch), rtol=0)
     with patch(model, "var", **VAR_ARGS):
         assert (_real(_logits(model, inputs), inputs) - _real(ref, inputs)).abs().max() > 1e-3
 
@@ -166,7 +179,7 @@ def test_var_matches_reference_layer_by_layer(arch, side):
             recorded = Engine.of(model).request.extras
             (slot,) = [k for k in recorded if k[0] == "var"]
             detected = recorded[slot]
-        torch.testing.assert_close(_real(fused, inputs), _real(out.logits, inputs), atol=ATOL, rtol=1e-4)
+        torch.testing.assert_close(_real(fused, inputs), _real(out.logits, inputs), atol=atol(arch), rtol=0)
         hidden = base_out.hidden_states[layer]
         sinks = sink_tokens(hidden, [0, 1], 1.5)
         x = hidden.double()
@@ -221,7 +234,7 @@ def test_var_batched_padded_equals_one_by_one(arch, side):
         for i, row in enumerate(rows):
             single = _logits(model, vlm_inputs(model, [row], seed=i))
             real = inputs["attention_mask"][i].bool()
-            torch.testing.assert_close(batched[i, real], single[0], atol=ATOL, rtol=1e-4)
+            torch.testing.assert_close(batched[i, real], single[0], atol=atol(arch), rtol=0)
 
 
 def test_var_cached_decode(arch):
@@ -269,7 +282,9 @@ def test_var_beam_search(arch):
             cached = model.generate(**inputs, **kw)
             uncached = model.generate(**inputs, use_cache=False, **kw)
         assert torch.equal(cached.sequences, uncached.sequences)
-        torch.testing.assert_close(cached.sequences_scores, uncached.sequences_scores, atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            cached.sequences_scores, uncached.sequences_scores, atol=atol(arch), rtol=0
+        )
         with patch(model, "var", **VAR_ARGS):
             frozen = model.generate(**inputs, **kw)
             sinks = [v for k, v in Engine.of(model).request.extras.items() if k[0] == "var"]
@@ -304,7 +319,7 @@ def test_var_remove_restores_and_fused_off_agrees(arch):
     finally:
         engine_module.FUSED_KERNELS = True
     handle.remove()
-    torch.testing.assert_close(_real(fused, inputs), _real(tiled, inputs), atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(_real(fused, inputs), _real(tiled, inputs), atol=atol(arch), rtol=0)
     assert torch.equal(_logits(model, inputs), ref)
     assert not [(n, a) for n, m in model.named_modules() for a in vars(m) if a.startswith("attnsurgery")]
 
@@ -415,7 +430,7 @@ def test_vhr_identity_and_reference(arch):
         torch.testing.assert_close(_logits(model, inputs), ref, atol=0, rtol=0)
     with patch(model, "vhr", alpha=1.0) as handle:  # its head-output stage on every targeted layer
         force_real_path(handle)
-        torch.testing.assert_close(_logits(model, inputs), ref, atol=ATOL, rtol=0)
+        torch.testing.assert_close(_logits(model, inputs), ref, atol=atol(arch), rtol=0)
     with patch(model, "vhr", alpha=2.0):
         layers = sorted(Engine.of(model).surgeries[0]._layers)
         text_inputs = _text_only(model, row)
@@ -426,7 +441,7 @@ def test_vhr_identity_and_reference(arch):
     assert sorted(chosen) == layers
     for layer in layers:
         assert torch.equal(chosen[layer][0], expected_heads[layer])
-    torch.testing.assert_close(out, expected, atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(out, expected, atol=atol(arch), rtol=0)
     assert (out - ref).abs().max() > 1e-3
 
 
@@ -496,7 +511,7 @@ def test_vhr_heads_fixed_through_decode(arch):
             full = model(**full_inputs).logits
     width = inputs["input_ids"].shape[1]
     steps = torch.stack(out.logits, dim=1)
-    torch.testing.assert_close(steps, full[:, width - 1 : -1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(steps, full[:, width - 1 : -1], atol=atol(arch), rtol=0)
 
 
 def test_vhr_heads_fixed_without_cache(arch):
@@ -536,7 +551,7 @@ def test_vhr_heads_fixed_without_cache(arch):
         assert all(torch.equal(chosen[k], at_prefill[k]) for k in chosen)
     assert torch.equal(cached.sequences, uncached.sequences)
     for a, b in zip(cached.scores, uncached.scores):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a, b, atol=atol(arch), rtol=0)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -553,10 +568,10 @@ def test_vhr_batched_padded_equals_one_by_one(arch, side):
         for i, row in enumerate(rows[:3]):
             single = _logits(model, vlm_inputs(model, [row], seed=i))
             real = inputs["attention_mask"][i].bool()
-            torch.testing.assert_close(batched[i, real], single[0], atol=ATOL, rtol=1e-4)
+            torch.testing.assert_close(batched[i, real], single[0], atol=atol(arch), rtol=0)
             assert all(torch.equal(v[0], chosen[k][i]) for k, v in _chosen(model).items())
     real = inputs["attention_mask"][3].bool()
-    torch.testing.assert_close(batched[3, real], ref[3, real], atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(batched[3, real], ref[3, real], atol=atol(arch), rtol=0)
 
 
 def test_vhr_generate_and_bad_input(arch):
@@ -572,7 +587,7 @@ def test_vhr_generate_and_bad_input(arch):
             full = model(**inputs).logits[:, -1]
         stock = model.generate(**inputs, **kw)
     assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + 4
-    torch.testing.assert_close(out.scores[0], full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.scores[0], full, atol=atol(arch), rtol=0)
     assert all(torch.isfinite(s).all() for s in out.scores)
     assert not torch.allclose(
         torch.stack(out.scores), torch.stack(stock.scores), atol=1e-3
@@ -667,7 +682,7 @@ def test_video_tokens_are_visual_tokens():
         model, inputs, {"input_ids": text, "attention_mask": torch.ones_like(text)}, layers, 2.0
     )
     assert sorted(chosen) == layers and all(torch.equal(chosen[k][0], expected_heads[k]) for k in layers)
-    torch.testing.assert_close(out, expected, atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(out, expected, atol=atol("qwen2_vl"), rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -712,4 +727,4 @@ def test_static_cache_generate_equals_dynamic(name, args):
         dynamic = model.generate(**inputs, **kw)
         static = model.generate(**inputs, cache_implementation="static", **kw)
     for a, b in zip(dynamic.scores, static.scores):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+        torch.testing.assert_close(a, b, atol=atol("llava"), rtol=0)

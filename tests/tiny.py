@@ -213,3 +213,62 @@ def logit_atol(arch: str) -> float:
     if arch not in _ATOL:
         _ATOL[arch] = NOISE_FACTOR * stock_noise(tiny_model(arch), random_ids(2, 24))
     return _ATOL[arch]
+
+
+def attention_noise(q, k, v, allowed, scaling: float, valid=None) -> dict[str, float]:
+    """The float32 rounding of *stock* eager attention (matmul, softmax, matmul) on these inputs, against float64:
+    max |fp32 - fp64| of its output, log-sum-exp and column sums (over ``valid`` query rows). A kernel compared to a
+    float64 reference gets ``NOISE_FACTOR`` times these: a different CPU or BLAS moves them, a wrong kernel does not
+    fit under them."""
+
+    def run(dtype):
+        groups = q.shape[1] // k.shape[1]
+        kk, vv = (x.repeat_interleave(groups, 1).to(dtype) for x in (k, v))
+        scores = (q.to(dtype) @ kk.transpose(-1, -2) * scaling).masked_fill(~allowed, float("-inf"))
+        lse = torch.logsumexp(scores, -1)
+        probs = torch.softmax(scores, -1).nan_to_num(0.0)
+        rows = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool) if valid is None else valid
+        return probs @ vv, lse, (probs * rows[:, None, :, None]).sum(2), rows
+
+    out32, lse32, sums32, rows = run(torch.float32)
+    out64, lse64, sums64, _ = run(torch.float64)
+    sel = rows[:, None, :].expand(-1, q.shape[1], -1)
+    noise = {
+        "out": float((out32.double() - out64)[sel].abs().max()),
+        "lse": float((lse32.double() - lse64)[sel].abs().max()),
+        "sums": float((sums32.double() - sums64).abs().max()),
+    }
+    assert all(n > 0 for n in noise.values()), (
+        f"fp32 and fp64 agree exactly: the probe measured nothing {noise}"
+    )
+    return noise
+
+
+#: one attention op against float64 differs from the stock op by a few roundings (measured: up to 4.4x the stock
+#: fp32 noise for the tiled pass); the model-level NOISE_FACTOR also covers what accumulates through the layers
+KERNEL_NOISE_FACTOR = 10.0
+
+
+def kernel_atol(q, k, v, allowed, scaling: float, valid=None) -> dict[str, float]:
+    """``KERNEL_NOISE_FACTOR`` x :func:`attention_noise`: absolute tolerances for an attention kernel's output,
+    log-sum-exp and column sums against a float64 reference on the same inputs."""
+    return {
+        key: KERNEL_NOISE_FACTOR * n for key, n in attention_noise(q, k, v, allowed, scaling, valid).items()
+    }
+
+
+def op_noise(fn, *tensors) -> float:
+    """max |fn(fp32 inputs) - fn(fp64 inputs)|: the rounding of a stock computation (e.g. matmul + softmax) on these
+    inputs, the scale for a kernel doing the same work."""
+    with torch.no_grad():
+        single = fn(*(t.float() for t in tensors)).double()
+        exact = fn(*(t.double() for t in tensors))
+    noise = float((single - exact).abs().max())
+    assert noise > 0, "fp32 and fp64 agree exactly: the probe measured nothing"
+    return noise
+
+
+def causal(b: int, t: int, s: int | None = None) -> torch.Tensor:
+    """(b, 1, t, s) bool causal pattern, the last t of s keys (decode rows see every earlier key)."""
+    s = s or t
+    return torch.ones(t, s, dtype=torch.bool).tril(s - t)[None, None].expand(b, 1, t, s)
