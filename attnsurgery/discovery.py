@@ -57,6 +57,12 @@ def discover(model: nn.Module) -> ModelInfo:
             f"{type(model).__name__} is not a transformers PreTrainedModel; attnsurgery patches models loaded "
             "with transformers (e.g. attnsurgery.load_model or AutoModelForCausalLM.from_pretrained)."
         )
+    if getattr(model.config, "is_encoder_decoder", False):  # T5, BART, Whisper: two stacks, cross-attention
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is an encoder-decoder model ({model.config.model_type}); attnsurgery patches "
+            "decoder-only language models (Llama, Mistral, Qwen2, Gemma, GPT-2, OPT ...) and LLaVA-style "
+            "vision-language models."
+        )
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     if decoder is None:
         decoder = model

@@ -215,11 +215,21 @@ def _load_dir(path: str | Path, kwargs: dict[str, Any]) -> tuple[PreTrainedModel
     hub_keys = ("revision", "token", "trust_remote_code", "subfolder", "local_files_only")
     hub_kwargs = {k: kwargs[k] for k in hub_keys if k in kwargs}
     # The config decides the auto class: LLaVA and Qwen2-VL are not in the causal-LM mapping.
-    model_type = AutoConfig.from_pretrained(path, **hub_kwargs).model_type
+    config = AutoConfig.from_pretrained(path, **hub_kwargs)
+    model_type = config.model_type
     vlm = (
         model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
         and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     )
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not vlm:  # T5, BERT, Whisper ...: say so first
+        from .errors import UnsupportedModelError
+
+        kind = "an encoder-decoder" if getattr(config, "is_encoder_decoder", False) else "not a causal"
+        raise UnsupportedModelError(
+            f"{path} is a {model_type!r} model, {kind} language model: attnsurgery patches decoder-only language "
+            "models (AutoModelForCausalLM: Llama, Mistral, Qwen2, Gemma, GPT-2, OPT ...) and LLaVA-style "
+            "vision-language models (AutoModelForImageTextToText)."
+        )
     model = (AutoModelForImageTextToText if vlm else AutoModelForCausalLM).from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:

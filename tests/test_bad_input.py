@@ -63,6 +63,15 @@ def _patch_path(folder):
     return lambda m, tmp: patch(m, str(tmp / folder))
 
 
+def _t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4
+    )
+    return T5ForConditionalGeneration(config).eval()
+
+
 def _recipe(data):
     def run(m, tmp):
         import tempfile
@@ -197,6 +206,7 @@ API_CASES = [
         _recipe({"surgeries": [{"surgery": "head_scale", "state": "gone.safetensors"}]}),
         "gone.safetensors",
     ),
+    ("encoder-decoder-model", lambda m, tmp: patch(_t5(), "temperature", tau=0.8), "encoder-decoder model"),
 ]
 
 
@@ -331,6 +341,7 @@ CLI_CASES = [
     ("apply-upper-case", ["apply", "TEMPERATURE", M], 3, "(?i)did you mean 'temperature'"),
     ("apply-missing-recipe", ["apply", "--recipe", "temperature/sharpen", M], 5, "temperature"),
     ("apply-missing-model", ["apply", "temperature", "/no/such/model"], 7, "/no/such/model"),
+    ("apply-encoder-decoder", ["apply", "temperature", "{tmp}/t5"], 6, "encoder-decoder language model"),
     (
         "apply-save-onto-saved",
         ["apply", "temperature", M, "--arg", "tau=0.8", "--save", "{tmp}/saved"],
@@ -426,6 +437,8 @@ def cli_root(tmp_path_factory):
     tiny_model("llama").save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
     (root / "a-file.txt").write_text("not a folder")
+    _t5().save_pretrained(root / "t5")
+    tiny_tokenizer().save_pretrained(root / "t5")
     handle = patch(tiny_model("llama"), "temperature", tau=0.8)
     save_surgery(handle, root / "saved")
     (root / "far.yaml").write_text(yaml.safe_dump({"surgeries": [{"surgery": "temperature", "layers": [9]}]}))

@@ -483,7 +483,10 @@ def test_linearize_command_and_a_folder_for_another_shape(tmp_path, capsys):
     ]
     assert main(argv) == 0
     assert (out / "recipe.yaml").is_file() and (out / "adapter").is_dir()
-    capsys.readouterr()
+    printed = " ".join("".join(capsys.readouterr()).split())
+    # each stage's validation lines say which stage they are
+    assert "stage1 (1000*transfer), step 2: validation" in printed
+    assert "stage2 (lm), step 2: validation" in printed
     assert main(argv) == 2 and "already exists" in " ".join(capsys.readouterr().err.split())
     assert main([*argv[:4], "--window", "0"]) == 2
     assert "--window must be at least 1" in " ".join(capsys.readouterr().err.split())

@@ -336,6 +336,7 @@ def _train_stage(
             overwrite=not resume,
             model_name=arm.model,
             warm_start=warm,
+            label=f"{arm.name} · {stage.name} to {steps} steps",
         )
         handle.warm_start = warm
     except BaseException:

@@ -186,11 +186,13 @@ def train(
     progress: bool = True,
     after_step: Callable[[list[Surgery]], None] | None = None,
     warm_start: str | Path | None = None,
+    label: str | None = None,
 ) -> TrainResult:
     """Train the surgeries of ``handle`` (a :class:`SurgeryHandle` on ``model``) on ``data``.
 
     Writes ``out_dir`` (see the module docstring) when given. ``after_step(surgeries)`` runs under ``no_grad``
-    after every optimiser step (e.g. a projection onto a constraint set).
+    after every optimiser step (e.g. a projection onto a constraint set). ``label`` names the run on its progress
+    bar and validation lines (e.g. "stage 1, transfer" when one command trains several stages).
 
     ``warm_start``: a finished run folder of this same run whose checkpoint is gone (a fresh clone holds committed
     states, not optimisers). The run continues from its step, history and data order; the surgeries must already
@@ -200,7 +202,7 @@ def train(
     """
     run = _Run(model, handle, data, config or TrainConfig(), out_dir, resume=resume, overwrite=overwrite)
     run.restore(resume, warm_start)
-    run.loop(progress, after_step)
+    run.loop(progress, after_step, label)
     return run.finish(model_name)
 
 
@@ -371,7 +373,9 @@ class _Run:
         return row
 
     # -- the loop -------------------------------------------------------------------------------------------------
-    def loop(self, progress: bool, after_step: Callable[[list[Surgery]], None] | None) -> None:
+    def loop(
+        self, progress: bool, after_step: Callable[[list[Surgery]], None] | None, label: str | None = None
+    ) -> None:
         """Train from the restored step to ``config.steps``; the model's flags are restored however it ends, and an
         interrupt saves a checkpoint first."""
         model = self.model
@@ -386,7 +390,7 @@ class _Run:
             # eval mode: no dropout, so the loss the surgery parameters see is the one inference sees, the teacher
             # and student passes differ only by the surgeries, and N processes follow the 1-process curve
             model.eval()
-            self._steps(progress, after_step)
+            self._steps(progress, after_step, label)
         except KeyboardInterrupt:
             done = len(self.history)
             self.save_checkpoint(done)
@@ -401,7 +405,9 @@ class _Run:
                 p.requires_grad_(flag)
             model.train(was_training)
 
-    def _steps(self, progress: bool, after_step: Callable[[list[Surgery]], None] | None) -> None:
+    def _steps(
+        self, progress: bool, after_step: Callable[[list[Surgery]], None] | None, label: str | None
+    ) -> None:
         from tqdm import tqdm
 
         config, data, accelerator, world = self.config, self.data, self.accelerator, self.world
@@ -414,7 +420,7 @@ class _Run:
             total=config.steps,
             initial=self.start_step,
             disable=not (progress and accelerator.is_main_process),
-            desc="train",
+            desc=label or "train",
             unit="step",
         )
         tokens_per_step = config.batch_size * data.train.shape[1]
@@ -477,7 +483,10 @@ class _Run:
                 else:
                     stale += 1
                 if not bar.disable:  # progress=False: nothing written
-                    bar.write(f"step {step}: validation objective {row['objective']:.5f}, lm {row['lm']:.5f}")
+                    bar.write(
+                        f"{label + ', ' if label else ''}step {step}: validation objective "
+                        f"{row['objective']:.5f}, lm {row['lm']:.5f}"
+                    )
                 if config.patience is not None and stale >= config.patience:
                     if not bar.disable:
                         bar.write(f"no improvement in {stale} validations: stopping early")

@@ -134,6 +134,7 @@ def linearize(
             overwrite=not again,
             model_name=model_name,
             progress=progress,
+            label=f"{name} ({config.objective})",
         )
 
     if stage2 is not None and (out / "stage2" / "recipe.yaml").is_file():
