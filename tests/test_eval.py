@@ -382,3 +382,24 @@ def test_lm_eval_cli_and_two_process_data_parallel_match(task_dir, model_dir, tm
     # and the surgery was really on: the stock model scores the corpus differently
     stock = SurgeryLM(pretrained=str(model_dir), batch_size=4)
     assert stock.handle is None
+
+
+def test_perplexity_panels_fit_their_axis_and_rate_panels_start_at_zero(tmp_path, monkeypatch):
+    """A +1.4 change of a perplexity near 30 is visible: its panel's axis fits the values (no bar from 0); an
+    accuracy keeps its bars from 0."""
+    import attnsurgery.eval.report as report
+
+    figures = []
+    real_save = report.save_figure
+    monkeypatch.setattr(
+        report, "save_figure", lambda fig, out, dpi: figures.append(fig) or real_save(fig, out, dpi)
+    )
+    ppl = report.Panel(
+        "ppl", "word_perplexity", [29.72, 31.12], [0.4, 0.42], [True, True], ["a", "b"], from_zero=False
+    )
+    acc = report.Panel("acc", "acc", [0.4, 0.45], [0.05, 0.05], [True, True], ["a", "b"])
+    report.plot_panels([ppl, acc], tmp_path / "p.png", panel_size=(4, 3), title_size=8, tick_style={})
+    ppl_ax, acc_ax = figures[0].axes[:2]
+    low, high = ppl_ax.get_ylim()
+    assert 28 < low < 29.32 and 31.54 < high < 33  # every error bar in view, the gap between arms dominant
+    assert acc_ax.get_ylim()[0] == 0 and len(acc_ax.patches) == 2  # bars from 0

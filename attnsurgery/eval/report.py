@@ -96,6 +96,9 @@ class Panel:
     valid: list[bool]
     labels: list[str]  # tick label per bar
     marks: list[tuple[int, float]] = field(default_factory=list)  # (bar index, published value)
+    # bars measure from 0 (accuracies, rates); a scale without a meaningful 0 in view (perplexity ~30, where a
+    # significant +1.4 would look flat) is drawn as points with error bars on an axis fitted to the values
+    from_zero: bool = True
 
 
 def plot_panels(
@@ -119,11 +122,30 @@ def plot_panels(
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, panel in zip(axes.flat, panels):
         n = len(panel.values)
-        bars = ax.bar(range(n), panel.values, yerr=panel.errors, capsize=3, color=colors[:n])
-        for bar, valid in zip(bars, panel.valid):
-            if not valid:
-                bar.set_hatch("//")
-                bar.set_alpha(0.4)
+        if panel.from_zero:
+            bars = ax.bar(range(n), panel.values, yerr=panel.errors, capsize=3, color=colors[:n])
+            for bar, valid in zip(bars, panel.valid):
+                if not valid:
+                    bar.set_hatch("//")
+                    bar.set_alpha(0.4)
+        else:
+            for i, (value, error, valid) in enumerate(zip(panel.values, panel.errors, panel.valid)):
+                ax.errorbar(
+                    i,
+                    value,
+                    yerr=error,
+                    fmt="o",
+                    ms=7,
+                    capsize=4,
+                    color=colors[i % len(colors)],
+                    alpha=1.0 if valid else 0.35,
+                )
+            low = min(v - e for v, e in zip(panel.values, panel.errors))
+            high = max(v + e for v, e in zip(panel.values, panel.errors))
+            pad = 0.15 * (high - low) or 0.05 * abs(high) or 1.0
+            ax.set_ylim(low - pad, high + pad)
+            ax.set_xlim(-0.6, n - 0.4)
+            ax.grid(axis="y", alpha=0.3)
         for i, value in panel.marks:
             ax.plot([i - 0.4, i + 0.4], [value] * 2, color="black", lw=2)
         ax.set_xticks(range(n), panel.labels, **tick_style)

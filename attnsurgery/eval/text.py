@@ -414,7 +414,8 @@ def plot_forest(
 def plot_report(
     reports: Sequence[EvalReport], out: str | Path, primary: dict[str, str] | None = None
 ) -> Path:
-    """Bar chart with stderr error bars: one panel per (model, task), one bar per arm."""
+    """Values with stderr error bars: one panel per (model, task), one bar per arm (points on a fitted axis for
+    perplexity-like metrics, whose 0 is far off)."""
     panels = []
     for report, task, metric in _plotted_metrics(reports, primary):
         labels = []
@@ -435,6 +436,7 @@ def plot_report(
                 errors=[a.metrics.get(task, {}).get(f"{metric}_stderr") or 0.0 for a in report.arms],
                 valid=[a.valid for a in report.arms],
                 labels=labels,
+                from_zero=metric.split(" (")[0] not in _LOWER_IS_BETTER,  # perplexity: an axis fitted to it
             )
         )
     if not panels:
