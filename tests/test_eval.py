@@ -403,3 +403,53 @@ def test_perplexity_panels_fit_their_axis_and_rate_panels_start_at_zero(tmp_path
     low, high = ppl_ax.get_ylim()
     assert 28 < low < 29.32 and 31.54 < high < 33  # every error bar in view, the gap between arms dominant
     assert acc_ax.get_ylim()[0] == 0 and len(acc_ax.patches) == 2  # bars from 0
+
+
+def test_console_table_fits_80_columns_with_full_names():
+    """The console view of an eval: every line fits 80 columns and no name is cut with an ellipsis (folded names
+    read whole once the frame is removed); the wide side-by-side table stays in results.md."""
+    from rich.console import Console
+
+    from attnsurgery.commands._common import compact_table
+
+    arms = [
+        "baseline",
+        "moh/smollm2-135m-learned-75-lora",
+        "act/mistral-7b-instruct-mc",
+        "temperature/position",
+    ]
+    report = {
+        "model": "smollm2-135m",
+        "settings": {"limit": None},
+        "table": [
+            {
+                "task": task,
+                "metric": metric,
+                "arms": {
+                    a: {"value": 0.41, "stderr": 0.05, "valid": True}
+                    | ({} if a == "baseline" else {"delta": -0.012, "p": 0.0004})
+                    for a in arms
+                },
+            }
+            for task, metric in (
+                ("bb_similarities_abstraction", "acc_norm"),
+                ("gutenberg_ppl", "word_perplexity"),
+            )
+        ],
+    }
+    console = Console(width=80, record=True, force_terminal=False)
+    console.print(compact_table(report))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "…" not in text
+    # read each column top to bottom (a folded name continues on the next line of its own column)
+    columns = ["", "", "", ""]
+    for line in text.splitlines():
+        cells = line.split("│")[1:-1]
+        if len(cells) == 4:
+            columns = [c + cell.strip() for c, cell in zip(columns, cells)]
+    for name in arms:
+        assert name in columns[1], name
+    for name in ("bb_similarities_abstraction·acc_norm", "gutenberg_ppl·word_perplexity"):
+        assert name in columns[0].replace(" ", ""), name
+    assert "-0.012(p<0.001)" in columns[3].replace(" ", "")

@@ -193,11 +193,61 @@ def ensure_recipe(
 
 
 def print_report(markdown: str, paths: dict[str, Path]) -> None:
+    """An eval table on the console: one row per (task, metric, arm) — four columns that fit an 80-column
+    terminal whatever the number of arms, names folded, never cut — with the wide side-by-side table in the .md;
+    other reports (budget curves, outlier tables) as their markdown."""
+    import json
+
     from rich.markdown import Markdown
 
     console = make_console()
-    console.print(Markdown(markdown))
+    try:
+        reports = json.loads(paths["json"].read_text()).get("reports")
+    except (OSError, ValueError, AttributeError):
+        reports = None
+    if reports and all(isinstance(r, dict) and "table" in r for r in reports):
+        for report in reports:
+            console.print(compact_table(report))
+        console.print(f"side by side: {paths['md']}")
+    else:
+        console.print(Markdown(markdown))
     console.print(f"wrote {paths['json']}, {paths['md']} and {paths['png']}")
+
+
+def compact_table(report: dict[str, Any]) -> Any:
+    """A rich Table of one model's eval report in long form (task · metric, arm, value, change vs baseline)."""
+    from rich.table import Table
+
+    from ..eval.report import p_label
+
+    limit = (report.get("settings") or {}).get("limit")
+    table = Table(
+        title=f"{report['model']}" + (f" (limited run: {limit:g} docs per task)" if limit else ""),
+        expand=False,
+        show_lines=False,
+    )
+    table.add_column("task · metric", overflow="fold", ratio=3)
+    table.add_column("arm", overflow="fold", ratio=3)
+    table.add_column("value ± se", justify="right", no_wrap=True)
+    table.add_column("Δ vs baseline", justify="right", overflow="fold", ratio=2)
+    for row in report["table"]:
+        first = True
+        for arm, cell in row["arms"].items():
+            value = cell.get("value")
+            text = "–" if value is None else f"{value:.4g} ± {cell.get('stderr') or 0:.2g}"
+            if not cell.get("valid", True):
+                text += " (invalid)"
+            delta = ""
+            if cell.get("delta") is not None:
+                delta = (
+                    f"{cell['delta']:+.3g} ({p_label(cell['p'])})"
+                    if cell.get("p") is not None
+                    else f"{cell['delta']:+.3g}"
+                )
+            table.add_row(f"{row['task']} · {row['metric']}" if first else "", arm, text, delta)
+            first = False
+        table.add_section()
+    return table
 
 
 def arm_progress(model: str, arm: str, status: str) -> None:
