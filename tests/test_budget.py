@@ -379,3 +379,27 @@ def test_ship_writes_the_best_state_as_a_recipe_that_reproduces_its_point(
         f.unlink()
     with pytest.raises(BudgetError, match="missing"):
         budget.ship_states(table, out, ["gates"], recipes, overwrite=True)
+
+
+def test_extrapolation_recovers_a_power_law_and_says_when_it_cannot():
+    from attnsurgery.eval.budget import extrapolate
+
+    def point(tokens, rel):  # one-stage arm: 1,024 tokens a step, 10 s per 1,024 trained tokens
+        return {"tokens": tokens, "rel_pct": rel, "steps": [tokens // 1024], "seconds": 0.0}
+
+    budgets = [25_600, 102_400, 409_600]
+    points = [point(t, 100 * (t / 10_000) ** -0.5) for t in budgets]
+    previous = 0
+    for p in points:  # stage 1 continues: each point's seconds cover the tokens since the previous budget
+        p["seconds"] = (p["tokens"] - previous) / 1024 * 10
+        previous = p["tokens"]
+    ex = extrapolate([point(6_400, 500.0), *points], goal_pct=5)  # the 6.4k warm-up point is left out
+    assert ex["fit_points"] == budgets
+    assert ex["per_x4"] == pytest.approx(0.5)
+    assert ex["tokens_to_goal"] == pytest.approx(10_000 * 20**2, rel=1e-6)
+    assert ex["tokens_per_second"] == pytest.approx(102.4, rel=0.05)
+    assert ex["hours_to_goal"] == pytest.approx(4e6 / ex["tokens_per_second"] / 3600)
+    assert extrapolate(points, goal_pct=200)["tokens_to_goal"] == 0  # met already
+    flat = [point(t, 50.0 + t / 1e6) for t in budgets]
+    assert extrapolate(flat, goal_pct=5)["tokens_to_goal"] is None  # not falling: no promise
+    assert extrapolate(points[:1], goal_pct=5) is None  # one point is no trend

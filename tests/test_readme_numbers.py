@@ -126,3 +126,15 @@ def test_gpu_page_figures_match_committed_results():
         short, long = tiles[(2048, int(rows.replace(",", "")))], tiles[(8192, int(rows.replace(",", "")))]
         assert f"{short['seconds'] * 1e3:.2f}" == ms2k and f"{long['seconds'] * 1e3:.1f}" == ms8k, rows
         assert f"{short['peak_mib']:,.0f}" == mib2k and f"{long['peak_mib']:,.0f}" == mib8k, rows
+
+
+def test_readme_how_long_table_matches_the_committed_benchmark():
+    """The README's "how long does it take" seconds are docs/benchmarks-commands.json's (python
+    evals/bench_commands.py), every command listed there and every one of them exited 0."""
+    bench = json.loads((ROOT / "docs/benchmarks-commands.json").read_text())
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("### How long does it take") :]
+    block = block[: block.index("\n## ")]
+    shown = [int(x) for x in re.findall(r"^\| `[^|]+\| (\d+) s \|$", block, re.M)]
+    assert shown == [round(r["seconds"]) for r in bench["rows"]]
+    assert all(r["rc"] == 0 for r in bench["rows"])

@@ -32,19 +32,35 @@ def test_every_budget_arm_with_a_point_ships_its_best_state():
         assert point["ppl"] == best["ppl"] and point["baseline_ppl"] == best["baseline_ppl"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", TRAINED)
-def test_trained_recipe_reproduces_its_recorded_perplexity(name):
+_LOADED: dict = {}
+
+
+def _model_and_baseline(model_name: str, data: str, seq_len: int, windows: int):
+    """One load and one baseline perplexity per (model, test windows), shared by the recipes made for it."""
     from attnsurgery.eval.quant import perplexity
     from attnsurgery.eval.training_table import _test_windows
     from attnsurgery.models import load_model
 
+    key = (model_name, data, seq_len, windows)
+    if key not in _LOADED:
+        _LOADED.clear()  # one model in memory
+        model, tokenizer = load_model(model_name)
+        test = _test_windows(tokenizer, data, seq_len, windows)
+        with torch.no_grad():
+            _LOADED[key] = (model, test, perplexity(model, test))
+    return _LOADED[key]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TRAINED)
+def test_trained_recipe_reproduces_its_recorded_perplexity(name):
+    from attnsurgery.eval.quant import perplexity
+
     recipe = find_recipe(name)
     point = recipe.training["point"]
-    model, tokenizer = load_model(recipe.model)
-    test = _test_windows(tokenizer, point["eval"]["data"], point["eval"]["seq_len"], point["eval"]["windows"])
+    ev = point["eval"]
+    model, test, baseline = _model_and_baseline(recipe.model, ev["data"], ev["seq_len"], ev["windows"])
     with torch.no_grad():
-        baseline = perplexity(model, test)
         reference = model(test[:1]).logits
         with patch(model, name):
             trained = perplexity(model, test)

@@ -579,6 +579,55 @@ def ship_states(
 
 
 # -- reporting ----------------------------------------------------------------------------------------------------
+def extrapolate(
+    points: list[dict[str, Any]], goal_pct: float, min_tokens: int = 20_000
+) -> dict[str, Any] | None:
+    """Where an arm's curve leads: a power law ``rel_pct = a * tokens ** b`` fitted (least squares in log-log) to
+    its CPU points of at least ``min_tokens`` tokens (the first steps are warm-up, not the trend), and the tokens
+    it would need to reach ``goal_pct``; with the arm's measured training rate, the hours that would take here.
+
+    None with fewer than two such points. ``tokens_to_goal`` is None when the fit does not fall (b >= 0) and 0 when
+    the goal is met already. An extrapolation, not a promise: curves of this kind flatten."""
+    usable = sorted(
+        (
+            p
+            for p in points
+            if p.get("device", "cpu") == "cpu" and p["tokens"] >= min_tokens and p["rel_pct"] > 0
+        ),
+        key=lambda p: p["tokens"],
+    )
+    if len(usable) < 2:
+        return None
+    xs = [math.log(p["tokens"]) for p in usable]
+    ys = [math.log(p["rel_pct"]) for p in usable]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    a = my - b * mx
+    last = usable[-1]
+    if last["rel_pct"] <= goal_pct:
+        tokens = 0
+    elif b >= 0:
+        tokens = None
+    else:
+        tokens = int(math.exp((math.log(goal_pct) - a) / b))
+    # training rate: tokens trained per second over the arm's points (each point's seconds cover what it trained:
+    # stage 1 continued from the previous budget, later stages afresh)
+    trained, seconds, prev_first = 0, 0.0, 0
+    for p in sorted((p for p in points if p.get("device", "cpu") == "cpu"), key=lambda p: p["tokens"]):
+        per_step = p["tokens"] / max(1, sum(p["steps"]))
+        trained += (p["steps"][0] - prev_first + sum(p["steps"][1:])) * per_step
+        seconds += p.get("seconds", 0.0)
+        prev_first = p["steps"][0]
+    rate = trained / seconds if seconds > 0 else None
+    return {
+        "fit_points": [p["tokens"] for p in usable],
+        "per_x4": 4**b,  # the relative change multiplies by this per x4 tokens
+        "tokens_to_goal": tokens,
+        "tokens_per_second": rate,
+        "hours_to_goal": (tokens / rate / 3600.0) if tokens and rate else (0.0 if tokens == 0 else None),
+    }
+
+
 def render_curve(curve: dict[str, Any], table: BudgetTable | None = None) -> str:
     lines = [f"# {table.name if table else 'budget'}", ""]
     if table is not None and table.description:
@@ -598,6 +647,32 @@ def render_curve(curve: dict[str, Any], table: BudgetTable | None = None) -> str
                 f"{p['ppl']:.3f} | "
                 f"{p['baseline_ppl']:.3f} | {p['rel_pct']:+.1f}% | {met} |"
             )
+    rows = []
+    for name, arm in curve["arms"].items():
+        ex = extrapolate(arm["points"], arm["goal_pct"])
+        if ex is None:
+            continue
+        if ex["tokens_to_goal"] == 0:
+            where = "met"
+        elif ex["tokens_to_goal"] is None:
+            where = "not falling: more of the same training will not reach it"
+        else:
+            hours = f"{ex['hours_to_goal']:,.0f} h" if ex["hours_to_goal"] is not None else "?"
+            where = f"~{ex['tokens_to_goal']:,.0f} tokens (~{hours} at this machine's rate)"
+        rate = f"{ex['tokens_per_second']:.0f}" if ex["tokens_per_second"] else "?"
+        fit = ", ".join(f"{t:,}" for t in ex["fit_points"])
+        rows.append(f"| {name} | +{arm['goal_pct']:g}% | {fit} | x{ex['per_x4']:.2f} | {rate} | {where} |")
+    if rows:
+        lines += [
+            "",
+            "Where each curve leads: a power law in tokens fitted to its points from 20k tokens on (log-log least "
+            "squares), extrapolated to the goal; the rate is the arm's measured training tokens per second on "
+            "this CPU (contended runs read slower). An extrapolation, not a promise: such curves flatten.",
+            "",
+            "| arm | goal | fitted on (tokens) | change per x4 tokens | tokens/s | goal reached at |",
+            "|---|---:|---|---:|---:|---|",
+            *rows,
+        ]
     return "\n".join(lines) + "\n"
 
 
