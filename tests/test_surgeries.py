@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from tiny import random_ids, tiny_model
+from tiny import NOISE_FACTOR, random_ids, stock_noise, tiny_model
 
 from attnsurgery import attention_maps, patch
 from attnsurgery.engine import Engine
@@ -228,7 +228,10 @@ def test_var_fused_equals_tiled_with_additive_float_mask():
             tiled = model(**{**inputs, "attention_mask": mask}).logits
         finally:
             engine_module.FUSED_KERNELS = True
-    torch.testing.assert_close(fused, tiled, atol=1e-5, rtol=1e-4)
+    # the two paths differ by fp32 rounding only: NOISE_FACTOR x the stock model's own on these inputs
+    ids = inputs.pop("input_ids")
+    atol = NOISE_FACTOR * stock_noise(model, ids, **inputs)
+    torch.testing.assert_close(fused, tiled, atol=atol, rtol=0)
     assert (fused - unbiased).abs().max() > 1e-3
 
 

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from tiny import ARCHS, EAGER_ONLY, logit_atol, random_ids, tiny_model
+from tiny import (
+    ARCHS,
+    EAGER_ONLY,
+    KERNEL_NOISE_FACTOR,
+    NOISE_FACTOR,
+    kernel_atol,
+    logit_atol,
+    random_ids,
+    tiny_model,
+)
 
 from attnsurgery import attention_maps, patch
 from attnsurgery.engine import Engine, tiled_attention
@@ -78,7 +89,8 @@ def test_tiled_matches_reference(case, block_rows, mask_kind):
     out = tiled_attention(q, k, v, mask, 0.25, call, block_rows=block_rows)
     ref, _ = reference_attention(q, k, v, allowed, 0.25)
     real = allowed.any(-1)[:, 0]  # rows with at least one visible key
-    torch.testing.assert_close(out[real], ref.float()[real], atol=1e-5, rtol=1e-5)
+    atol = kernel_atol(q, k, v, allowed, 0.25, valid=real)["out"]  # the stock op's rounding on these inputs
+    torch.testing.assert_close(out[real], ref.float()[real], atol=atol, rtol=0)
     assert torch.isfinite(out).all()  # fully masked rows stay finite
 
 
@@ -101,7 +113,10 @@ def test_tiled_softcap():
     scores = torch.tanh((q @ k.transpose(-1, -2)) / 5.0) * 5.0
     scores = scores.masked_fill(~torch.ones(12, 12, dtype=torch.bool).tril(), float("-inf"))
     ref = (torch.softmax(scores, -1) @ v).transpose(1, 2)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # the fp32 reference against its own fp64 twin: the rounding any fp32 computation of this has
+    exact = (torch.softmax(scores.double(), -1) @ v.double()).transpose(1, 2)
+    noise = float((ref.double() - exact).abs().max())
+    torch.testing.assert_close(out, ref, atol=2 * KERNEL_NOISE_FACTOR * noise, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -132,8 +147,11 @@ def test_attention_maps_match_eager_weights(arch):
         eager = model(ids, output_attentions=True).attentions
     maps = attention_maps(model, ids)
     assert sorted(maps) == list(range(len(eager)))
+    with torch.no_grad():  # the eager weights' own fp32 rounding (against the model in fp64), per map
+        exact = copy.deepcopy(model).double()(ids, output_attentions=True).attentions
+    map_noise = NOISE_FACTOR * max(float((a.double() - b).abs().max()) for a, b in zip(eager, exact))
     for layer, probs in maps.items():
-        torch.testing.assert_close(probs, eager[layer].float(), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(probs, eager[layer].float(), atol=map_noise, rtol=0)
     assert model.config._attn_implementation == "eager"
 
 
