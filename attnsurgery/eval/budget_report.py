@@ -1,0 +1,149 @@
+"""Budget curves, reported: ``curve.md`` (every point, and where each arm's curve leads) and ``curve.png``.
+
+:func:`extrapolate` fits a power law to an arm's points; :func:`render_curve` and :func:`plot_curve` draw the curve
+that :mod:`attnsurgery.eval.budget` grows.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .budget import BudgetTable
+
+
+def extrapolate(
+    points: list[dict[str, Any]], goal_pct: float, min_tokens: int = 20_000
+) -> dict[str, Any] | None:
+    """Where an arm's curve leads: a power law ``rel_pct = a * tokens ** b`` fitted (least squares in log-log) to
+    its CPU points of at least ``min_tokens`` tokens (the first steps are warm-up, not the trend), and the tokens
+    it would need to reach ``goal_pct``; with the arm's measured training rate, the hours that would take here.
+
+    None with fewer than two such points. ``tokens_to_goal`` is None when the fit does not fall (b >= 0) and 0 when
+    the goal is met already. An extrapolation, not a promise: curves of this kind flatten."""
+    usable = sorted(
+        (
+            p
+            for p in points
+            if p.get("device", "cpu") == "cpu" and p["tokens"] >= min_tokens and p["rel_pct"] > 0
+        ),
+        key=lambda p: p["tokens"],
+    )
+    if len(usable) < 2:
+        return None
+    xs = [math.log(p["tokens"]) for p in usable]
+    ys = [math.log(p["rel_pct"]) for p in usable]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    a = my - b * mx
+    last = usable[-1]
+    if last["rel_pct"] <= goal_pct:
+        tokens = 0
+    elif b >= 0:
+        tokens = None
+    else:
+        tokens = int(math.exp((math.log(goal_pct) - a) / b))
+    # training rate: tokens trained per second over the arm's points (each point's seconds cover what it trained:
+    # stage 1 continued from the previous budget, later stages afresh)
+    trained, seconds, prev_first = 0, 0.0, 0
+    for p in sorted((p for p in points if p.get("device", "cpu") == "cpu"), key=lambda p: p["tokens"]):
+        per_step = p["tokens"] / max(1, sum(p["steps"]))
+        trained += (p["steps"][0] - prev_first + sum(p["steps"][1:])) * per_step
+        seconds += p.get("seconds", 0.0)
+        prev_first = p["steps"][0]
+    rate = trained / seconds if seconds > 0 else None
+    return {
+        "fit_points": [p["tokens"] for p in usable],
+        "per_x4": 4**b,  # the relative change multiplies by this per x4 tokens
+        "tokens_to_goal": tokens,
+        "tokens_per_second": rate,
+        "hours_to_goal": (tokens / rate / 3600.0) if tokens and rate else (0.0 if tokens == 0 else None),
+    }
+
+
+def render_curve(curve: dict[str, Any], table: BudgetTable | None = None) -> str:
+    lines = [f"# {table.name if table else 'budget'}", ""]
+    if table is not None and table.description:
+        lines += [table.description.strip(), ""]
+    lines += [
+        "Test-split perplexity of each arm's state after the given number of training tokens, relative to the "
+        "unpatched model on the same windows. Regenerate: `attnsurgery reproduce evals/budget.yaml`.",
+        "",
+        "| arm | model | device | goal | tokens | ppl | baseline | change | met |",
+        "|---|---|---|---:|---:|---:|---:|---:|:-:|",
+    ]
+    for name, arm in curve["arms"].items():
+        for p in arm["points"]:
+            met = "yes" if p["rel_pct"] <= arm["goal_pct"] else "no"
+            lines.append(
+                f"| {name} | {arm['model']} | {p.get('device', 'cpu')} | +{arm['goal_pct']:g}% | {p['tokens']:,} | "
+                f"{p['ppl']:.3f} | "
+                f"{p['baseline_ppl']:.3f} | {p['rel_pct']:+.1f}% | {met} |"
+            )
+    rows = []
+    for name, arm in curve["arms"].items():
+        ex = extrapolate(arm["points"], arm["goal_pct"])
+        if ex is None:
+            continue
+        if ex["tokens_to_goal"] == 0:
+            where = "met"
+        elif ex["tokens_to_goal"] is None:
+            where = "not falling: more of the same training will not reach it"
+        else:
+            hours = f"{ex['hours_to_goal']:,.0f} h" if ex["hours_to_goal"] is not None else "?"
+            where = f"~{ex['tokens_to_goal']:,.0f} tokens (~{hours} at this machine's rate)"
+        rate = f"{ex['tokens_per_second']:.0f}" if ex["tokens_per_second"] else "?"
+        fit = ", ".join(f"{t:,}" for t in ex["fit_points"])
+        rows.append(f"| {name} | +{arm['goal_pct']:g}% | {fit} | x{ex['per_x4']:.2f} | {rate} | {where} |")
+    if rows:
+        lines += [
+            "",
+            "Where each curve leads: a power law in tokens fitted to its points from 20k tokens on (log-log least "
+            "squares), extrapolated to the goal; the rate is the arm's measured training tokens per second on "
+            "this CPU (contended runs read slower). An extrapolation, not a promise: such curves flatten.",
+            "",
+            "| arm | goal | fitted on (tokens) | change per x4 tokens | tokens/s | goal reached at |",
+            "|---|---:|---|---:|---:|---|",
+            *rows,
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curve(curve: dict[str, Any], path: Path, title: str = "") -> Path | None:
+    """Relative perplexity change against training tokens (log x; symlog y so +2% and +300% both read), one colour
+    per arm, its goal as a dashed line of the same colour."""
+    arms = {k: v for k, v in curve["arms"].items() if v["points"]}
+    if not arms:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, arm) in enumerate(arms.items()):
+        c = colours[i % len(colours)]
+        for device, style in (("cpu", "o-"), ("cuda", "s--")):
+            points = [p for p in arm["points"] if p.get("device", "cpu") == device]
+            if points:
+                xs = [p["tokens"] for p in points]
+                ys = [p["rel_pct"] for p in points]
+                ax.plot(xs, ys, style, color=c, label=f"{name} ({arm['model']}, {device})")
+        ax.axhline(arm["goal_pct"], color=c, ls="--", lw=1, alpha=0.8)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("symlog", linthresh=10)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("test perplexity vs unpatched (%)")
+    ax.set_title(title or "budget curves", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, title="dashed: each arm's goal", title_fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
