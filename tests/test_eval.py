@@ -453,3 +453,15 @@ def test_console_table_fits_80_columns_with_full_names():
     for name in ("bb_similarities_abstraction·acc_norm", "gutenberg_ppl·word_perplexity"):
         assert name in columns[0].replace(" ", ""), name
     assert "-0.012(p<0.001)" in columns[3].replace(" ", "")
+
+
+def test_lm_eval_bridge_says_which_recipe_and_heads_it_resolved(loaded, capsys):
+    """`lm-eval run ... recipe=act/all-heads`: the bridge names the recipe file and the targets it patched."""
+    model, tok = loaded
+    lm = SurgeryLM(pretrained=model, tokenizer=tok, batch_size=1, recipe="act/all-heads")
+    try:
+        said = " ".join(capsys.readouterr().err.split())
+        assert "recipe act/all-heads" in said and "all-heads.yaml" in said
+        assert "act(" in said and "layers" in said  # the surgery with its resolved arguments and targets
+    finally:
+        lm.handle.remove()

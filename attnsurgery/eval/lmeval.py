@@ -128,6 +128,9 @@ class SurgeryLM(HFLM):
             # a recipe name can equal a surgery name ("temperature"): resolve it as a recipe explicitly
             target = find_recipe(recipe, model=model_name) if recipe else surgery
             self.handle = patch(self.model, target, layers=layers, **_parse_surgery_args(surgery_args))
+            # say what was resolved (a recipe folder picks the file made for the model; heads come from it)
+            where = f" (recipe {target.name}: {target.path})" if recipe else ""
+            print(f"attnsurgery: patched{where}: {self.handle!r}", file=sys.stderr, flush=True)
 
     def _loglikelihood_tokens(self, *args: Any, **kwargs: Any):
         """Record each right-padded row's length so :meth:`_model_call` can pass a real attention mask.
@@ -231,7 +234,9 @@ def harness_main(argv: list[str] | None = None) -> int:
         cli_evaluate()
     except SystemExit as done:
         return int(done.code or 0) if not isinstance(done.code, str) else 2
-    except AttnSurgeryError as err:  # our refusal (unknown surgery, bad argument): its message, not a traceback
+    except (
+        AttnSurgeryError
+    ) as err:  # our refusal (unknown surgery, bad argument): its message, not a traceback
         from rich.console import Console
 
         Console(stderr=True, highlight=False).print(f"[bold red]error:[/bold red] {err}")
