@@ -13,6 +13,7 @@ the best run counts. Ratios are against the plain step in the same run (machine 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
@@ -25,19 +26,26 @@ from attnsurgery import load_model, patch
 from attnsurgery.api import SurgeryHandle
 
 
-def _plain(model, windows, steps):
+@contextlib.contextmanager
+def _all_weights_trainable(model):
+    """Every weight takes a gradient inside (what full fine-tuning pays); frozen again after."""
     for p in model.parameters():
         p.requires_grad_(True)
     try:
+        yield
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+
+def _plain(model, windows, steps):
+    with _all_weights_trainable(model):
         start = time.perf_counter()
         for i in range(steps):
             ids = windows[i % len(windows)]
             model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
             model.zero_grad(set_to_none=True)
         return time.perf_counter() - start
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(False)
 
 
 def _plain_kd(model, windows, steps):
@@ -45,9 +53,7 @@ def _plain_kd(model, windows, steps):
     weight on the kd loss: what distilling into the whole model pays per step, without the optimiser."""
     from attnsurgery.train.objectives import kd_loss
 
-    for p in model.parameters():
-        p.requires_grad_(True)
-    try:
+    with _all_weights_trainable(model):
         start = time.perf_counter()
         for i in range(steps):
             ids = windows[i % len(windows)]
@@ -56,9 +62,6 @@ def _plain_kd(model, windows, steps):
             kd_loss(model(input_ids=ids, use_cache=False).logits, teacher).backward()
             model.zero_grad(set_to_none=True)
         return time.perf_counter() - start
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(False)
 
 
 def _run(model, windows, steps, arm):
