@@ -235,9 +235,9 @@ class LayerPlan:
                 "own kernels (the tiled path, fused ACT / VAR) yet; patch only query/head-output surgeries on this "
                 "model."
             )
-        if kernel is not None:
-            attn_output = kernel.attention(query, key, value, scaling, call)
-        elif self.tiled or record is not None:
+        # a fused surgery's kernel may decline a call (None: e.g. a GPU-only path on CPU): the tiled path then
+        attn_output = kernel.attention(query, key, value, scaling, call) if kernel is not None else None
+        if attn_output is None and (kernel is not None or self.tiled or record is not None):
             attn_output = tiled_attention(
                 query,
                 key,
@@ -251,7 +251,7 @@ class LayerPlan:
                 dropout=dropout,
                 record=record,
             )
-        else:
+        elif attn_output is None:
             attn_output, weights = self.base(
                 module, query, key, value, native_mask, scaling=scaling, dropout=dropout, **kwargs
             )

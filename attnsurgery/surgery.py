@@ -446,7 +446,9 @@ class Surgery(nn.Module):
     def attention(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, call: AttentionCall
     ) -> torch.Tensor:
-        """Own kernel for ``REPLACE`` (or a ``fused`` probability edit): returns attn_output (B, Tq, H, D)."""
+        """Own kernel for ``REPLACE`` (or a ``fused`` probability edit): returns attn_output (B, Tq, H, D). A
+        ``fused`` probability edit may return None for a call its kernel does not cover: the engine then runs it
+        on the tiled path."""
         raise NotImplementedError
 
     # -- training (see :mod:`attnsurgery.train`) ----------------------------------------------------------

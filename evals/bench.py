@@ -58,6 +58,35 @@ TARGETS = {
 }
 
 
+#: issue 24's GPU goals (7B shape, bf16): checked when --device cuda
+GPU_TARGETS = {
+    **{
+        (arm, n): (metric, limit)
+        for arm in ("clipped_softmax (tiled)", "act beta=0.4 thr=0.1 (fused + correction)")
+        for n in (2048, 8192, 32768)
+        for metric, limit in (("time", 1.5), ("memory", 1.2))
+    },
+    ("moh 75% heads (skipped work)", 8192): ("time", 0.9),
+    ("moh 75% heads (skipped work)", 32768): ("time", 0.9),
+}
+
+
+def _without_flex(surgery: str, **kwargs):
+    """An arm with attnsurgery.flex switched off: the GPU path that preceded it (the tiled pass), in the same run."""
+
+    def arm(model):
+        import attnsurgery.flex as flex
+
+        stack = contextlib.ExitStack()
+        saved = flex.MODE
+        flex.MODE = "0"
+        stack.callback(setattr, flex, "MODE", saved)
+        stack.enter_context(patch(model, surgery, **kwargs))
+        return stack
+
+    return arm
+
+
 def _unfused_act(model):
     """ACT on the generic tiled path: what it costs without its exact fused kernel."""
     import attnsurgery.engine as engine
@@ -87,7 +116,7 @@ class _MaterialisedAct(contextlib.ExitStack):
         self.enter_context(_unfused_act(model))
 
 
-def _arms(eager: bool):
+def _arms(eager: bool, cuda: bool = False):
     """name -> context manager factory applied to the model for that arm."""
 
     def identity(model):
@@ -117,6 +146,9 @@ def _arms(eager: bool):
         "moh 75% heads (skipped work)": lambda model: patch(model, "moh", active=0.75),
         "moh 50% heads (skipped work)": lambda model: patch(model, "moh", active=0.5, shared=0.25),
     }
+    if cuda:  # what the flex paths replaced, measured beside them
+        arms["clipped_softmax (no flex: tiled pass)"] = _without_flex("clipped_softmax", gamma=-12 / 512)
+        arms["act beta=0.4 thr=0.1 (no flex: tiled pass)"] = _without_flex("act", beta=0.4, threshold=0.1)
     if eager:
         arms["act (reference-style: materialised n x n)"] = _MaterialisedAct
         arms["stock eager"] = "eager"
@@ -328,7 +360,7 @@ def _report(args, argv, results: list[dict]) -> tuple[str, list[str]]:
         "|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in results:
-        target = TARGETS.get((row["arm"], row["tokens"]))
+        target = (TARGETS if args.device == "cpu" else GPU_TARGETS).get((row["arm"], row["tokens"]))
         verdict = ""
         if target:
             metric, limit = target
@@ -379,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     loading = time.perf_counter()
     model, vocab = load_bench_model(args.model, args.device, args.dtype)
     print(f"  model {args.model} loaded in {time.perf_counter() - loading:.1f}s", file=sys.stderr, flush=True)
-    arms = _arms(args.eager)
+    arms = _arms(args.eager, cuda=args.device != "cpu")
     if args.arms:
         arms = {k: v for k, v in arms.items() if k == "stock sdpa" or k.startswith(tuple(args.arms))}
     results = []

@@ -67,8 +67,16 @@ def test_plans_route_layers():
     ):
         plans = [m.attnsurgery_layer for m in Engine.of(model).info.attention]
         assert [p.idle for p in plans] == [False, False, True]
-        assert [p.tiled for p in plans] == [False, True, False]
+        # clipped softmax alone on layer 1: its own kernel (flex on a GPU), which declines on CPU -> tiled pass
+        assert [p.kernel.name if p.kernel else None for p in plans] == [None, "clipped_softmax", None]
+        assert plans[1].normalizer is plans[1].kernel
         assert [s.name for s in plans[0].query] == ["temperature"]
+    with (
+        patch(model, "clipped_softmax", gamma=-0.1, layers=[1]),
+        patch(model, "act", beta=0.5, layers=[1]),
+    ):  # two probability-level surgeries on one layer: the tiled path
+        plans = [m.attnsurgery_layer for m in Engine.of(model).info.attention]
+        assert [p.tiled for p in plans] == [False, True, False]
 
 
 def test_request_positions_under_cache_and_padding():

@@ -4,6 +4,7 @@ from typing import Any
 
 import torch
 
+from attnsurgery import flex
 from attnsurgery.kernels import (
     AttentionStats,
     column_mask,
@@ -20,6 +21,9 @@ from .config import ActConfig
 _EPS = (
     1e-6  # rows whose mass sits (almost) entirely on sinks have nothing to redistribute to: left as they are
 )
+
+
+_ROWS = 4096  # query rows per chunk of the sink logits
 
 
 def _plain_causal(call: AttentionCall) -> bool:
@@ -88,9 +92,12 @@ class ActSurgery(Surgery):
             stats=stats,
             out_dtype=out_dtype,
         )
-        score = torch.where(
-            counts > 0, stats.column_sums / counts.clamp(min=1), 0.0
-        )  # mean received attention
+        return out, stats.lse, self._select(stats.column_sums, counts, call)
+
+    def _select(self, column_sums: torch.Tensor, counts: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+        """The sink set (B, H, Tk) bool from each key's received attention summed over the real queries that see
+        it; stored for decode at a prefill with ``decode="frozen"``."""
+        score = torch.where(counts > 0, column_sums / counts.clamp(min=1), 0.0)  # mean received attention
         if self.config.alpha is not None:
             key_valid = call.request.key_valid
             # a static cache has key columns past the request's tokens: empty slots, never counted
@@ -106,7 +113,7 @@ class ActSurgery(Surgery):
         sinks &= self._heads[call.layer_idx].to(sinks.device)[None, :, None]
         if self.config.decode == "frozen" and call.request.past_len == 0:
             call.request.extras[self._slot(call)] = sinks  # key columns of the prompt (2D mask coordinates)
-        return out, stats.lse, sinks
+        return sinks
 
     @staticmethod
     def _viewers(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,7 +159,13 @@ class ActSurgery(Surgery):
                 out_dtype=torch.float32,
             )
             sinks = self._frozen_now(call.request.extras[self._slot(call)], call)
-        else:  # one tiled pass gives out, lse and the column sums detection needs
+        else:
+            if flex.flex_ready(query, call):  # GPU: flash-style passes, no score blocks in memory
+                try:
+                    return self._flex_attention(call).transpose(1, 2)
+                except Exception as err:  # a compiler failure on this machine: the exact tiled pass below
+                    flex.give_up(err)
+            # one tiled pass gives out, lse and the column sums detection needs
             out, lse, sinks = self.detect(call, out_dtype=torch.float32)
             out = out.transpose(1, 2)
         return self.redistribute(out, lse, sinks, call).transpose(1, 2)  # (B, Tq, H, Dv)
@@ -166,30 +179,48 @@ class ActSurgery(Surgery):
             and frozen.shape[0] == call.query.shape[0]
         )
 
+    def _sink_probs(
+        self, lse: torch.Tensor, sinks: torch.Tensor, call: AttentionCall
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``A_is`` (B, H, Tq, m) fp32 over each row's sinks (0 past a head's own count) and the sinks' indices
+        (B, H, m), from the sink logits scored as the model scores them (as the pass that gave ``lse``); None when
+        no head has a sink."""
+        most = int(sinks.sum(-1).max()) if sinks.numel() else 0
+        if most == 0:
+            return None
+        groups = call.query.shape[1] // call.key.shape[1]
+        idx = sinks.to(torch.int8).sort(dim=-1, descending=True, stable=True).indices[..., :most]  # (B, H, m)
+        chosen = sinks.gather(-1, idx)  # (B, H, m): False where a row has fewer than m sinks
+        k = repeat_kv(call.key, groups)
+        k_s = k.gather(2, idx[..., None].expand(-1, -1, -1, k.shape[-1])).float()  # (B, H, m, D)
+        # in row chunks: an fp32 copy of a long prompt's queries would cost more than the attention itself
+        q = call.query
+        logits = torch.cat(
+            [
+                (q[:, :, s : s + _ROWS].float() * call.scaling) @ k_s.transpose(-1, -2)
+                for s in range(0, q.shape[2], _ROWS)
+            ],
+            dim=2,
+        )  # (B, H, Tq, m)
+        logits = softcapped(logits, call.kwargs.get("softcap"))
+        ok, bias = column_mask(call.attention_mask, call.is_causal, call.query_len, idx)  # no n x n mask
+        if bias is not None:
+            logits = logits + bias
+        ok = ok & chosen[:, :, None, :]
+        return torch.exp((logits - lse[..., None]).masked_fill(~ok, float("-inf"))), idx
+
     def redistribute(
         self, out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor, call: AttentionCall
     ) -> torch.Tensor:
         """Apply the sink scaling to fused outputs (B, H, Tq, Dv) through the O(n |S|) low-rank correction, in fp32;
         returns the call's dtype."""
         dtype = call.value.dtype
-        most = int(sinks.sum(-1).max()) if sinks.numel() else 0
-        if most == 0:
+        found = self._sink_probs(lse, sinks, call)
+        if found is None:
             return out.to(dtype)
-        groups = call.query.shape[1] // call.key.shape[1]
-        idx = sinks.to(torch.int8).sort(dim=-1, descending=True, stable=True).indices[..., :most]  # (B, H, m)
-        chosen = sinks.gather(-1, idx)  # (B, H, m): False where a row has fewer than m sinks
-        k = repeat_kv(call.key, groups)
-        v = repeat_kv(call.value, groups)
-        k_s = k.gather(2, idx[..., None].expand(-1, -1, -1, k.shape[-1])).float()  # (B, H, m, D)
+        probs, idx = found
+        v = repeat_kv(call.value, call.query.shape[1] // call.key.shape[1])
         v_s = v.gather(2, idx[..., None].expand(-1, -1, -1, v.shape[-1])).float()  # (B, H, m, Dv)
-        # the sink logits as the model scores them (as the tiled pass that gave lse did)
-        logits = (call.query.float() * call.scaling) @ k_s.transpose(-1, -2)  # (B, H, Tq, m)
-        logits = softcapped(logits, call.kwargs.get("softcap"))
-        ok, bias = column_mask(call.attention_mask, call.is_causal, call.query_len, idx)  # no n x n mask
-        if bias is not None:
-            logits = logits + bias
-        ok = ok & chosen[:, :, None, :]
-        probs = torch.exp((logits - lse[..., None]).masked_fill(~ok, float("-inf")))  # A_is, (B, H, Tq, m)
         mass = probs.sum(-1, keepdim=True)  # P_i
         u = probs @ v_s  # u_i = sum_s A_is v_s
         beta = self.config.beta
@@ -197,6 +228,32 @@ class ActSurgery(Surgery):
         out = out.float()
         edited = beta * u + (1.0 - beta * mass) / rest.clamp(min=_EPS) * (out - u)
         return torch.where(rest > _EPS, edited, out).to(dtype)
+
+    def _flex_attention(self, call: AttentionCall) -> torch.Tensor:
+        """The GPU path (:mod:`attnsurgery.flex`): log-sum-exp, column sums, then one pass that scales the sink
+        columns of row i by ``beta (1 - P_i) / (1 - beta P_i)`` before the softmax: (B, H, Tq, Dv)."""
+        q, k, v, scale = call.query, call.key, call.value, call.scaling
+        vis = flex.Visibility.of(call)
+        lse = flex.log_sum_exp(q, k, vis, scale)
+        valid_q, counts = self._viewers(call)
+        valid = None if bool(valid_q.all()) else valid_q
+        cols = flex.column_sums(q, k, lse, vis, scale, valid, call.key_len)
+        sinks = self._select(cols, counts, call)
+        found = self._sink_probs(lse, sinks, call)
+        if found is None:  # no sinks anywhere: the plain softmax
+            shift = lse.new_zeros(lse.shape)
+        else:
+            mass = found[0].sum(-1)  # P_i (B, H, Tq)
+            beta = self.config.beta
+            rest = 1.0 - mass
+            with torch.no_grad():  # log(0) for beta = 0: the sinks drop out of the row, as the edit says
+                shift = (
+                    torch.log(torch.tensor(beta))
+                    + torch.log(rest.clamp(min=_EPS))
+                    - torch.log1p(-beta * mass)
+                )
+            shift = torch.where(rest > _EPS, shift, 0.0)  # rows (almost) all on sinks: left as they are
+        return flex.shifted_columns(q, k, v, sinks, shift, vis, scale)
 
     # -- the tiled path (composition with other probability-level surgeries, attention maps) -------------------
     def probs(self, probs: torch.Tensor, tile: AttentionTile) -> torch.Tensor:

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import torch
 
-from attnsurgery.surgery import AttentionTile, Stage, Surgery
+from attnsurgery import flex
+from attnsurgery.surgery import AttentionCall, AttentionTile, Stage, Surgery
 
 from .config import ClippedSoftmaxConfig
 
@@ -14,16 +15,21 @@ class ClippedSoftmaxSurgery(Surgery):
     longer sum to 1. Computed in fp32 on the engine's tiled path (O(block x n) memory). Training-free here
     means "applied to a softmax-trained model", which changes its function; the paper pretrains with it.
     Paper: Bondarenko, Nagel, Blankevoort, "Quantizable Transformers: Removing Outliers by Helping Attention
-    Heads Do Nothing", NeurIPS 2023 (arXiv 2306.12929).
+    Heads Do Nothing", NeurIPS 2023 (arXiv 2306.12929). On a GPU (inference) it runs as two flash-style passes
+    (:func:`attnsurgery.flex.clipped_softmax`): a log-sum-exp pass, then one whose score_mod is the clipped
+    probability; composed with other probability-level surgeries, in training and on CPU, the tiled path.
 
     >>> patch(model, "clipped_softmax", gamma=-12 / 512)
     """
 
     name = "clipped_softmax"
     config_class = ClippedSoftmaxConfig
-    summary = "Clipped softmax clip((zeta-gamma)*softmax+gamma, 0, 1) as the normaliser (tiled path)"
+    summary = (
+        "Clipped softmax clip((zeta-gamma)*softmax+gamma, 0, 1) as the normaliser (fused on GPU, else tiled)"
+    )
     paper = "Bondarenko et al., Quantizable Transformers, NeurIPS 2023 (arXiv 2306.12929)"
     stages = frozenset({Stage.NORMALIZE})
+    fused = True  # alone on a layer: its own kernel (the flex passes on a GPU; it declines elsewhere)
     example_args = {"gamma": -0.03, "zeta": 1.02}
 
     def active_stages(self, layer_idx: int) -> frozenset[Stage]:
@@ -31,6 +37,22 @@ class ClippedSoftmaxSurgery(Surgery):
         if self.config.gamma == 0.0 and self.config.zeta == 1.0:
             return frozenset()
         return super().active_stages(layer_idx)
+
+    def attention(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, call: AttentionCall
+    ) -> torch.Tensor | None:
+        if not flex.flex_ready(query, call):
+            return None  # the engine's tiled path, with :meth:`normalize`
+        heads = self.targets.head_mask(call.layer_idx, query.device)
+        try:
+            out = flex.clipped_softmax(
+                query, key, value, flex.Visibility.of(call), scaling, self.config.zeta - self.config.gamma,
+                self.config.gamma, heads,
+            )  # fmt: skip
+        except Exception as err:  # a compiler failure on this machine: the engine's tiled path
+            flex.give_up(err)
+            return None
+        return out.transpose(1, 2)
 
     def normalize(self, scores: torch.Tensor, tile: AttentionTile) -> torch.Tensor:
         probs = torch.softmax(scores, dim=-1)  # fp32 scores from the engine

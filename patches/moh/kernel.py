@@ -21,6 +21,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from attnsurgery import flex
 from attnsurgery.kernels import flash_cpu_available, has_bias, softcapped, tiled_attention
 
 #: gathered query rows per block of a routed head: smaller blocks skip more of the causal upper triangle (the
@@ -229,6 +230,16 @@ def moh_attention(
     bsz, num_heads, q_len, head_dim = query.shape
     groups = num_heads // key.shape[1]
     dv = value.shape[-1]
+    maskless_prefill = attention_mask is None and is_causal and q_len > 1
+    if maskless_prefill and softcap is None and not eager and flex.enabled_for(query, key, value):
+        # GPU: one flex call for every head, each head's routed queries packed (attnsurgery.flex)
+        selected = torch.ones(bsz, num_heads, q_len, dtype=torch.bool, device=query.device)
+        selected[:, shared:] = keep.transpose(1, 2).to(query.device)
+        try:
+            out = flex.routed_attention(query, key[:, :, :q_len], value[:, :, :q_len], selected, scaling)
+            return out.transpose(1, 2)
+        except Exception as err:  # a compiler failure on this machine: the gathered blocks below
+            flex.give_up(err)
     heads: list[torch.Tensor] = []
     if shared:
         kv = torch.arange(shared, device=key.device) // groups
