@@ -286,3 +286,41 @@ def test_a_failing_flex_path_falls_back_to_the_tiled_pass(monkeypatch):
             got = model(ids).logits
     assert flex.MODE == "0"
     torch.testing.assert_close(got, expected, atol=logit_atol("gemma3"), rtol=0)
+
+
+# the correctness contract (tests/test_contract.py, tests/test_act.py) once more with the flex paths on
+CONTRACT = [
+    ("test_contract", "test_batched_padded_equals_one_by_one", ("clipped_softmax", "moh"), ("left",)),
+    ("test_contract", "test_cached_decode_equals_full_forward", ("clipped_softmax", "moh"), ()),
+    ("test_contract", "test_generate_with_cache_equals_without", ("clipped_softmax", "moh"), ()),
+    ("test_contract", "test_causal_mask_is_kept", ("clipped_softmax", "moh"), ()),
+]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
+@pytest.mark.parametrize(("module", "name", "surgeries", "extra"), CONTRACT, ids=[c[1] for c in CONTRACT])
+def test_contract_on_the_flex_paths(arch, module, name, surgeries, extra, eager_flex):
+    test = getattr(__import__(module), name)
+    for surgery in surgeries:
+        test(arch, surgery, *extra)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "test_batched_padded_equals_one_by_one",
+        "test_decode_frozen_keeps_prefill_sinks_and_rows_sum_to_one",
+        "test_decode_recompute_and_generate",
+        "test_future_tokens_can_move_earlier_outputs_but_never_the_mask",
+    ],
+)
+def test_act_contract_on_the_flex_path(name, eager_flex):
+    import inspect
+
+    import test_act
+
+    test = getattr(test_act, name)
+    if "side" in inspect.signature(test).parameters:
+        test("left")
+    else:
+        test()
