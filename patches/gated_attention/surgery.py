@@ -46,7 +46,10 @@ class GateProjection(nn.Module):
         if self.form == "head_slice":
             x = x.unflatten(-1, (self.num_heads, -1))  # (B, T, H, hidden/H)
             return (torch.einsum("bths,hs->bth", x, weight).float() + self.bias)[..., None]  # (B, T, H, 1)
-        logits = nn.functional.linear(x, weight).float() + self.bias  # (B, T, H*D) or (B, T, H)
+        if low:  # the product in the activations' dtype, the bias in fp32
+            logits = nn.functional.linear(x, weight).float() + self.bias  # (B, T, H*D) or (B, T, H)
+        else:  # fp32: the bias rides in the GEMM (addmm), one pass over the (B, T, H*D) logits fewer
+            logits = nn.functional.linear(x, weight, self.bias)
         if self.form == "elementwise":
             return logits.unflatten(-1, (self.num_heads, self.head_dim))  # (B, T, H, D)
         return logits[..., None]  # (B, T, H, 1)
@@ -139,7 +142,11 @@ class GatedAttentionSurgery(Surgery):
 
     def gate_values(self, layer: int, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, T, H, D | 1) fp32 gates of ``layer`` for hidden states X (B, T, hidden); untargeted heads get 1."""
-        gate = self.gate_scale * torch.sigmoid(self.gates[str(layer)](hidden_states))
+        # sigmoid in place on the fresh logits (its backward needs only its output; the GEMM's, its inputs): on
+        # CPU each pass over the elementwise form's (B, T, H*D) gates is a visible share of the layer
+        gate = self.gates[str(layer)](hidden_states).sigmoid_()
+        if self.gate_scale != 1.0:  # in place only without autograd: sigmoid's backward reads that output
+            gate = gate * self.gate_scale if gate.requires_grad else gate.mul_(self.gate_scale)
         mask = self._head_masks[layer]
         if mask is not None:
             gate = torch.where(mask.to(gate.device)[:, None], gate, torch.ones_like(gate))
@@ -157,7 +164,10 @@ class GatedAttentionSurgery(Surgery):
             )
         gate = self.gate_values(layer, hidden)  # (B, Tq, H, D | 1)
         self._record(layer, gate, call)
-        return attn_output * gate.to(device=attn_output.device, dtype=attn_output.dtype)
+        gate = gate.to(device=attn_output.device, dtype=attn_output.dtype)
+        if torch.is_grad_enabled() and (attn_output.requires_grad or gate.requires_grad):
+            return attn_output * gate  # the attention's backward may need its output unchanged
+        return attn_output.mul_(gate)  # inference: the kernel's fresh output, gated in place
 
     def _record(self, layer: int, gate: torch.Tensor, call: AttentionCall) -> None:
         """Mean gate over this layer's targeted heads and real (unpadded) query tokens. With a sparsity penalty the
