@@ -43,7 +43,9 @@ class ActSurgery(Surgery):
     column sums detection needs (:class:`attnsurgery.kernels.AttentionStats`); then, for the sink set
     ``S``, ``P_i = sum_S A_is``, ``u_i = sum_S A_is v_s`` and the edited output is
     ``beta u_i + (1 - beta P_i) / (1 - P_i) (o_i - u_i)``, O(n |S|) extra work. Decode steps with a frozen sink set
-    use the fused SDPA kernel's output and lse directly. The sink logits are scored as the model scores them
+    use the fused SDPA kernel's output and lse directly. On a GPU a prefill takes :mod:`attnsurgery.flex`'s
+    flash-style passes instead (lse, column sums, then the sink columns shifted by ``log m_i`` inside the softmax;
+    see :meth:`_flex_attention`): no score blocks in memory. The sink logits are scored as the model scores them
     (softcapped on Gemma-2, plus an additive float mask's biases). In bf16 / fp16 the output, lse, column sums,
     ``P`` and the correction stay in fp32 until the end: ``o_i - u_i`` cancels when the sinks hold most of the
     row, and a rounded ``o_i`` would be amplified by ``1 / (1 - P_i)``. Paper: Yu et al., "Unveiling and Harnessing

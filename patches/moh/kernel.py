@@ -8,6 +8,11 @@ upper triangle. Key/value heads are read in place (GQA: a routed head uses its g
 copy). Which keys a gathered query sees comes from the layer's own mask rows (causality, padding, sliding
 windows, additive biases), or from SDPA's upper-left causal rule when transformers passed no mask.
 
+On a GPU, a maskless causal prefill (what ``generate`` and the benchmarks run) goes to
+:func:`attnsurgery.flex.routed_attention` instead: every head's routed rows packed into one block-sparse
+flex_attention call, with no per-block launches. The blocks below stay the path for masks, softcapping, eager
+models, training and CPU.
+
 Scores follow the model's backend: fused SDPA on a boolean mask for SDPA models, and the eager recipe (fp32
 scores, Gemma-2 logit softcapping, the additive float mask) through :func:`attnsurgery.kernels.tiled_attention`
 semantics for eager models, softcapped layers and biased masks.
