@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from attnsurgery.eval.text import check_tasks, make_arms, run_arm, task_manager
+from attnsurgery.eval.text import check_tasks, run_arm, task_manager
+from attnsurgery.eval.text_results import make_arms
 from attnsurgery.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]

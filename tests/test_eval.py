@@ -18,16 +18,9 @@ from tiny import tiny_model, tiny_tokenizer
 
 from attnsurgery import patch
 from attnsurgery.eval.lmeval import SurgeryLM, degenerate_fraction
-from attnsurgery.eval.text import (
-    Arm,
-    EvalError,
-    check_tasks,
-    evaluate_arms,
-    make_arms,
-    paired_delta,
-    render_markdown,
-    write_report,
-)
+from attnsurgery.eval.text import check_tasks, evaluate_arms
+from attnsurgery.eval.text_report import render_markdown, write_report
+from attnsurgery.eval.text_results import Arm, EvalError, make_arms, paired_delta
 from attnsurgery.eval.text_tables import load_table, parse_table, reproduce
 from attnsurgery.recipe import parse_recipe
 

@@ -167,7 +167,8 @@ def test_w8a8_is_calibrated_with_the_surgery_active_and_removed_after_each_arm(
     monkeypatch, small_calibration
 ):
     import attnsurgery.eval.quant as quant
-    from attnsurgery.eval.text import Arm, evaluate_arms
+    from attnsurgery.eval.text import evaluate_arms
+    from attnsurgery.eval.text_results import Arm
     from attnsurgery.recipe import parse_recipe
 
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()

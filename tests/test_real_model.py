@@ -91,7 +91,9 @@ def test_cli_apply_and_inspect_on_smollm2(tmp_path, capsys):
 
 def test_eval_baseline_vs_act_on_smollm2(smollm2, tmp_path):
     """The whole scoring path on the real model: offline task, lm-eval, baseline and an ACT arm, a table."""
-    from attnsurgery.eval.text import Arm, evaluate_arms, write_report
+    from attnsurgery.eval.text import evaluate_arms
+    from attnsurgery.eval.text_report import write_report
+    from attnsurgery.eval.text_results import Arm
     from attnsurgery.recipe import parse_recipe
 
     act = parse_recipe({"name": "act-all", "surgeries": [{"surgery": "act", "layers": "2:"}]})

@@ -1,7 +1,8 @@
 """Measuring a (patched) model: built on the core, never imported by it.
 
 * :mod:`.lmeval` -- the lm-evaluation-harness bridge (``--model attnsurgery``, ``attnsurgery lm-eval``).
-* :mod:`.text` / :mod:`.text_tables` -- baseline vs patched through lm-eval, paired deltas, table definitions
+* :mod:`.text` / :mod:`.text_results` / :mod:`.text_report` / :mod:`.text_tables` -- baseline vs patched
+  through lm-eval: the runs, the arms' results and paired deltas, their markdown and plots, table definitions
   (``attnsurgery eval`` / ``reproduce``).
 * :mod:`.vision` / :mod:`.vision_tables` / :mod:`.vision_metrics` -- POPE and CHAIR for vision-language models
   (``kind: vlm`` tables).

@@ -13,18 +13,9 @@ from typing import Any
 
 from ..errors import did_you_mean
 from ..recipe import find_recipe
-from .text import (
-    Arm,
-    EvalError,
-    EvalReport,
-    arm_mappings,
-    check_tasks,
-    evaluate_arms,
-    load_tasks,
-    slug,
-    task_manager,
-    write_report,
-)
+from .text import check_tasks, evaluate_arms, load_tasks, slug, task_manager
+from .text_report import write_report
+from .text_results import Arm, EvalError, EvalReport, arm_mappings
 
 _TABLE_KEYS = {
     "name",

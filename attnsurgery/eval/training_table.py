@@ -427,7 +427,7 @@ def run_training_table(
         plot_validation_curves(runs, table.arms, out / f"validation-{_slug(model_name)}.png", model_name)
         if table.tasks:
             reports.append(_score_tasks(model_name, (model, tokenizer), table, runs, out))
-            from .text import write_report
+            from .text_report import write_report
 
             write_report(reports, out, name="tasks")
         del model
@@ -507,7 +507,8 @@ def _score_tasks(
     """Every arm (the trained recipes in its run folder) on the table's offline lm-eval tasks, same docs, cached
     per arm by the recipe's fingerprint (state files included: a retrained arm is scored again)."""
     from ..recipe import find_recipe
-    from .text import Arm, evaluate_arms
+    from .text import evaluate_arms
+    from .text_results import Arm
 
     arms = [Arm("baseline")] + [
         Arm(arm["name"], find_recipe(runs / arm["name"]))

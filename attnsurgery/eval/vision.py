@@ -32,7 +32,8 @@ from typing import Any
 
 from ..errors import ModelNotFoundError
 from .report import Panel, Table, fmt_percent, plot_panels, write_files
-from .text import Arm, slug
+from .text import slug
+from .text_results import Arm
 from .vision_metrics import (
     BOOTSTRAP_ITERS,
     CHAIR_METRICS,

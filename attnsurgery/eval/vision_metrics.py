@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .text import EvalError
+from .text_results import EvalError
 
 BOOTSTRAP_ITERS = 2000
 

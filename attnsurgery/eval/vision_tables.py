@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import did_you_mean
 from ..recipe import find_recipe
-from .text import Arm, arm_mappings
+from .text_results import Arm, arm_mappings
 from .vision_metrics import (
     COCO_HELP,
     VLMEvalError,
