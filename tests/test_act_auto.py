@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import attnsurgery.patches.act.calibrate as act_calibrate
 import pytest
+from attnsurgery.patches.act.auto import AutoSettings
 from tiny import tiny_model, tiny_tokenizer
 
 from attnsurgery.cli import main
@@ -27,8 +28,8 @@ def small_sweep(monkeypatch, tmp_path):
     """Cache under tmp_path; the sweep shrunk to 6 records, and loosened so the random tiny model keeps heads
     (its attention has few keys above the reference threshold 0.1 on these long character-level inputs)."""
     monkeypatch.setenv("ATTNSURGERY_CACHE", str(tmp_path / "cache"))
-    settings = replace(act_calibrate.AutoSettings(), limit=6, threshold=0.01, confidence=0.5)
-    monkeypatch.setattr(act_calibrate.AutoSettings, "from_env", classmethod(lambda cls: settings))
+    settings = replace(AutoSettings(), limit=6, threshold=0.01, confidence=0.5)
+    monkeypatch.setattr(AutoSettings, "from_env", classmethod(lambda cls: settings))
     return tmp_path / "cache"
 
 

@@ -2,10 +2,10 @@
 
 :func:`calibrate_act_heads` applies ACT to one head at a time, scores every head on multiple-choice calibration
 records (:mod:`attnsurgery.eval.scoring`) and keeps the heads that help beyond noise (:mod:`.selection`);
-:func:`write_act_recipe` turns the selection into a recipe. The sweep is resumable (``state_path``) and has an
-exact fast mode (:mod:`.sweep`). ``attnsurgery calibrate act`` is :func:`add_arguments` + :func:`run`;
+:func:`write_act_recipe` turns the selection into a recipe. The sweep is resumable (``state_path``, :mod:`.state`)
+and has an exact fast mode (:mod:`.sweep`). ``attnsurgery calibrate act`` is :func:`add_arguments` + :func:`run`;
 :func:`auto_recipe` is what ``attnsurgery apply --recipe act MODEL`` runs for a model without a recipe (the shipped
-``act/smollm2-135m`` sweep's data and settings, :data:`AUTO`).
+``act/smollm2-135m`` sweep's data and settings; :mod:`.auto`).
 
 >>> from attnsurgery.patches.act.calibrate import calibrate_act_heads, write_act_recipe
 >>> result = calibrate_act_heads(model, tokenizer, load_split("bb_general_knowledge", "calibration"))
@@ -15,13 +15,9 @@ exact fast mode (:mod:`.sweep`). ``attnsurgery calibrate act`` is :func:`add_arg
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import math
-import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +31,6 @@ from attnsurgery.eval.scoring import (
     ChoiceScorer,
     check_choice_records,
     choice_lls,
-    input_device,
     record_scores,
 )
 from attnsurgery.recipe import write_calibrated_recipe
@@ -43,97 +38,13 @@ from attnsurgery.targeting import LayerHeads, compact_ranges, resolve_targets
 
 from .config import ActConfig
 from .selection import NOTHING_KEPT, SELECTION_RULES, CalibrationResult, check_selection, plot_head_sweep
+from .state import StateFile, model_fingerprint
 from .sweep import sweep_fast, sweep_slow
 
 if TYPE_CHECKING:
     from attnsurgery.plugins import CalibrateTools
 
-STATE_VERSION = 1
-
-# ----------------------------------------------------------------------------------------------------------
-# Resumable state
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _model_fingerprint(model: nn.Module) -> dict[str, Any]:
-    """Name, shape and a weight checksum: resuming on other weights must be refused, not silently mixed."""
-    config = model.config
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-        try:
-            h.update(f"{float(p.detach().sum(dtype=torch.float64)):.10e}".encode())
-        except (RuntimeError, NotImplementedError):  # meta / offloaded tensors: shapes only
-            pass
-    return {
-        "name": str(getattr(config, "_name_or_path", "") or type(model).__name__),
-        "model_type": getattr(config, "model_type", None),
-        "weights": h.hexdigest()[:16],
-    }
-
-
-class _StateFile:
-    """JSON lines: a header with the fingerprint, then the baseline and one line per finished head."""
-
-    def __init__(self, path: str | Path | None, fingerprint: dict[str, Any]) -> None:
-        self.path = Path(path) if path is not None else None
-        self.baseline: list[list[float]] | None = None
-        self.heads: dict[tuple[int, int], list[list[float]]] = {}
-        if self.path is None:
-            return
-        if self.path.is_file() and self.path.stat().st_size > 0:
-            self._read(fingerprint)
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._append({"type": "header", "version": STATE_VERSION, "fingerprint": fingerprint})
-
-    def _read(self, fingerprint: dict[str, Any]) -> None:
-        lines = self.path.read_text().splitlines()
-        entries = []
-        for i, line in enumerate(lines):
-            try:
-                entries.append(json.loads(line))
-            except json.JSONDecodeError:
-                if i == len(lines) - 1:  # a write cut short by an interrupt: that head is simply redone
-                    break
-                raise AttnSurgeryError(
-                    f"{self.path}: line {i + 1} is not JSON; the state file is corrupt."
-                ) from None
-        if not entries or entries[0].get("type") != "header":
-            raise AttnSurgeryError(f"{self.path} is not an ACT calibration state file (no header line).")
-        saved = entries[0].get("fingerprint", {})
-        if saved != fingerprint:
-            diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
-            raise AttnSurgeryError(
-                f"{self.path} was written for a different calibration ({', '.join(diff)} differ: saved "
-                f"{ {k: saved.get(k) for k in diff} }, now { {k: fingerprint.get(k) for k in diff} }). Resuming "
-                "would mix incomparable scores; pass another state path or delete this file."
-            )
-        for e in entries[1:]:
-            if e.get("type") == "baseline":
-                self.baseline = e["ll"]
-            elif e.get("type") == "head":
-                self.heads[(int(e["layer"]), int(e["head"]))] = e["ll"]
-        # a truncated last line is rewritten away so later appends start on a fresh line
-        good = "".join(json.dumps(e) + "\n" for e in entries)
-        if good != self.path.read_text():
-            self.path.write_text(good)
-
-    def _append(self, entry: dict[str, Any]) -> None:
-        if self.path is None:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-    def add_baseline(self, ll: list[list[float]]) -> None:
-        self.baseline = ll
-        self._append({"type": "baseline", "ll": ll})
-
-    def add_head(self, layer: int, head: int, ll: list[list[float]], seconds: float) -> None:
-        self.heads[(layer, head)] = ll
-        self._append({"type": "head", "layer": layer, "head": head, "ll": ll, "seconds": round(seconds, 3)})
+    from .auto import AutoSettings
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -233,13 +144,13 @@ def calibrate_act_heads(
         raise AttnSurgeryError(f"head_batch must be at least 1, got {head_batch}.")
     scorer = ChoiceScorer(tokenizer, records, batch_size, max_length)
     fingerprint = {
-        "model": _model_fingerprint(model),
+        "model": model_fingerprint(model),
         "tokenizer": str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__),
         "data": scorer.digest(),
         "n_records": scorer.n_records,
         "act": act_args,
     }
-    state = _StateFile(state_path, fingerprint)
+    state = StateFile(state_path, fingerprint)
     todo = [p for p in pairs if p not in state.heads]
 
     from tqdm import tqdm
@@ -457,93 +368,8 @@ def run(args: argparse.Namespace, tools: CalibrateTools) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# On demand: ``attnsurgery apply --recipe act MODEL`` for a model without a recipe
+# On demand: ``attnsurgery apply --recipe act MODEL`` for a model without a recipe (the code is in auto.py)
 # ----------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AutoSettings:
-    """The sweep behind ``--recipe act MODEL`` when no recipe is made for MODEL: the data and settings the shipped
-    ``act/smollm2-135m`` recipe records (its ``calibration:`` block). ``layers=None`` sweeps every second layer from
-    2 to L-2 as that sweep did (all layers on a model under 4 layers deep). ``ATTNSURGERY_ACT_AUTO_LIMIT`` (records)
-    and ``ATTNSURGERY_ACT_AUTO_LAYERS`` (a layers spec) shrink it, for tests."""
-
-    data: tuple[str, ...] = (
-        "bb_general_knowledge",
-        "bb_emoji_movie",
-        "bb_similarities_abstraction",
-        "bb_phrase_relatedness",
-    )
-    limit: int | None = None
-    layers: Any = None
-    beta: float = 0.4
-    threshold: float = 0.1
-    metric: str = "choice_logprob"
-    rule: str = "bootstrap"
-    confidence: float = 0.95
-    min_delta: float = 0.0
-    n_boot: int = 2000
-    batch_size: int = 16
-
-    @classmethod
-    def from_env(cls) -> AutoSettings:
-        settings = cls()
-        limit = os.environ.get("ATTNSURGERY_ACT_AUTO_LIMIT")
-        layers = os.environ.get("ATTNSURGERY_ACT_AUTO_LAYERS")
-        if limit:
-            settings = replace(settings, limit=int(limit))
-        if layers:
-            settings = replace(settings, layers=layers)
-        return settings
-
-    def sweep_layers(self, num_layers: int) -> Any:
-        if self.layers is not None:
-            return self.layers
-        return list(range(2, num_layers - 1, 2)) if num_layers >= 4 else None
-
-
-def _state_heads(path: Path) -> set[tuple[int, int]]:
-    """(layer, head) pairs an earlier, interrupted sweep already finished (for the estimate; the sweep itself
-    checks the fingerprint)."""
-    done: set[tuple[int, int]] = set()
-    if not path.is_file():
-        return done
-    for line in path.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if entry.get("type") == "head":
-            done.add((int(entry["layer"]), int(entry["head"])))
-    return done
-
-
-def _format_seconds(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-def estimate_sweep(
-    model: nn.Module, scorer: Any, pairs: Sequence[tuple[int, int]], num_layers: int
-) -> tuple[float, float, float]:
-    """(seconds, batch forwards, seconds of one timed forward) of a fast sweep over ``pairs`` plus its baseline
-    and the kept heads' joint pass. One forward of the first (longest) batch is timed; a head on layer ``l`` costs
-    about ``(L - l) / L`` of a batch forward per batch (fast mode runs layers ``l..L-1`` on one stacked copy per
-    head), the baseline, the cache moves and the joint pass one full forward per batch each."""
-    batch = scorer.batches[0]
-    device = input_device(model)
-    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-    with torch.no_grad():
-        model(input_ids=ids[:1, :8], attention_mask=mask[:1, :8], use_cache=False)  # warm-up, not timed
-        t0 = time.perf_counter()
-        model(input_ids=ids, attention_mask=mask, use_cache=False)
-        one = time.perf_counter() - t0
-    n_batches = len(scorer.batches)
-    forwards = n_batches * (3 + sum((num_layers - layer) / num_layers for layer, _ in pairs))
-    return one * forwards, forwards, one
 
 
 def auto_recipe(
@@ -554,94 +380,8 @@ def auto_recipe(
     tools: CalibrateTools,
     settings: AutoSettings | None = None,
 ) -> Path:
-    """Calibrate ACT heads for ``model`` with :class:`AutoSettings` (fast sweep, resumable through
-    ``<path>.state.jsonl``), write the recipe to ``path`` and return it. Says what it does and estimates the time
-    first; the sweep shows progress on stderr. An interrupt (Ctrl-C) keeps the state file, so the same command
-    resumes. When no head passes the selection, the recipe written has no heads (the identity) and says so: ACT on
-    unselected heads swings accuracy both ways (see ``act/all-heads``)."""
-    from rich.console import Console
+    """The plugin hook behind ``attnsurgery apply --recipe act MODEL`` for a model without a recipe:
+    :func:`.auto.auto_recipe` (imported here on use, since that module builds on this one)."""
+    from .auto import auto_recipe as calibrate_on_demand
 
-    settings = settings or AutoSettings.from_env()
-    path = Path(path)
-    state = path.with_name(path.stem + ".state.jsonl")
-    err = Console(stderr=True, highlight=False)
-    records, data = tools.records(list(settings.data), settings.limit, "multiple_choice")
-    info = discover(model)
-    layers = settings.sweep_layers(info.num_layers)
-    targets = resolve_targets(layers, None, info.num_layers, info.num_heads)
-    pairs = [(layer, h) for layer in sorted(targets.layers) for h in range(info.num_heads)]
-    if not pairs:
-        raise AttnSurgeryError(f"layers={layers!r} select no head of {model_name} to calibrate.")
-    scorer = ChoiceScorer(tokenizer, records, settings.batch_size)
-    done = _state_heads(state) & set(pairs)
-    todo = [p for p in pairs if p not in done]
-    err.print(
-        f"[bold]no ACT recipe is made for {model_name}: calibrating one[/bold] (the paper's head sweep, fast mode, "
-        f"the settings of the shipped act/smollm2-135m recipe): {len(pairs)} heads (layers "
-        f"{compact_ranges(sorted(targets.layers))} x {info.num_heads}) on {len(records)} calibration records of {data}, "
-        f"beta {settings.beta:g}, threshold {settings.threshold:g}, metric {settings.metric}, rule {settings.rule}."
-    )
-    if done:
-        err.print(f"resuming from {state}: {len(done)} of {len(pairs)} heads already swept.")
-    seconds, forwards, one = estimate_sweep(model, scorer, todo, info.num_layers)
-    err.print(
-        f"estimated time: about {_format_seconds(seconds)} ({forwards:,.0f} batch forwards of up to "
-        f"{settings.batch_size} sequences; one took {one:.2f} s). Ctrl-C stops it and keeps {state}; the same "
-        "command resumes. --no-calibrate refuses instead."
-    )
-    try:
-        result = calibrate_act_heads(
-            model,
-            tokenizer,
-            records,
-            beta=settings.beta,
-            threshold=settings.threshold,
-            layers=sorted(targets.layers),
-            metric=settings.metric,
-            min_delta=settings.min_delta,
-            confidence=settings.confidence,
-            rule=settings.rule,
-            n_boot=settings.n_boot,
-            batch_size=settings.batch_size,
-            state_path=state,
-            data=data,
-        )
-    except KeyboardInterrupt:
-        err.print(
-            f"calibration interrupted; the finished heads are kept in {state}: run the same command to resume."
-        )
-        raise
-    if result.heads:
-        result.score_selection(model, tokenizer, records, batch_size=settings.batch_size)
-    err.print(result.summary())
-    how = (
-        f"Calibrated on demand by `attnsurgery apply/eval --recipe act {model_name}` (no shipped recipe for it): "
-        f"the fast single-head sweep on {data} ({result.n_records} records) with the settings of the shipped "
-        f"act/smollm2-135m recipe; per-record {result.metric} delta over the unpatched model. Cached per model; "
-        "delete this file to calibrate again."
-    )
-    if result.heads:
-        return write_act_recipe(result, path, model_name, name=f"act/{path.stem}", data=data, notes=how)
-    err.print(
-        f"[yellow]no head of {model_name} passed the selection: the recipe patches no head (the identity). ACT on "
-        "unselected heads swings accuracy both ways; act/all-heads is that form, if you want it.[/yellow]"
-    )
-    recipe = {
-        "name": f"act/{path.stem}",
-        "description": f"ACT on {model_name}: no head passed the selection ({len(result.head_ll)} swept), so no head "
-        "is patched (the identity).",
-        "model": model_name,
-        "surgeries": [{"surgery": "act", "args": dict(result.act_args), "layers": [], "heads": {}}],
-        "calibration": {
-            "data": data,
-            "n": result.n_records,
-            "metric": result.metric,
-            "baseline": {"score": round(result.baseline_score(), 5), "acc": round(result.baseline_acc, 5)},
-            "swept": len(result.head_ll),
-            "kept": 0,
-        },
-        "notes": how + " " + NOTHING_KEPT.format(n=len(result.head_ll)),
-    }
-    from attnsurgery.recipe import write_recipe
-
-    return write_recipe(recipe, path)
+    return calibrate_on_demand(model, tokenizer, model_name, path, tools, settings)
