@@ -323,10 +323,10 @@ def test_warm_start_refuses_another_run(tmp_path, model_dir, corpus):
     handle.remove()
 
 
-def test_ship_writes_the_best_state_as_a_recipe_that_reproduces_its_point(
+def test_ship_writes_the_longest_trained_state_as_a_recipe_that_reproduces_its_point(
     tmp_path, model_dir, corpus, monkeypatch
 ):
-    """`--ship`: each arm's best point becomes `<recipes>/<arm.recipe>.yaml` plus its state folder; patching that
+    """`--ship`: each arm's longest-trained point becomes `<recipes>/<arm.recipe>.yaml` plus its state folder; patching that
     recipe scores exactly the point's perplexity; refusals write nothing."""
     import attnsurgery.eval.budget as budget
     from attnsurgery import find_recipe, patch
@@ -357,15 +357,17 @@ def test_ship_writes_the_best_state_as_a_recipe_that_reproduces_its_point(
     model, tokenizer = load_model(str(model_dir))
     test = _test_windows(tokenizer, "gutenberg_ppl", SEQ, 2)
     for arm, name in (("gates", "tiny-gates"), ("gates-then-lora", "tiny-gates-lora")):
-        best = budget.best_point(curve, arm)
-        assert best["rel_pct"] == min(p["rel_pct"] for p in curve["arms"][arm]["points"])
+        shipped = budget.shipped_point(curve, arm)
+        assert shipped["tokens"] == max(p["tokens"] for p in curve["arms"][arm]["points"])
         recipe = find_recipe(recipes / "gated_attention" / f"{name}.yaml")
-        assert recipe.training["point"]["ppl"] == best["ppl"] and recipe.model == str(model_dir)
+        assert recipe.training["point"]["ppl"] == shipped["ppl"] and recipe.model == str(model_dir)
         assert all(s.state.parent == recipes / "gated_attention" / name for s in recipe.surgeries)
         with patch(model, recipe), torch.no_grad():
-            assert perplexity(model, test) == pytest.approx(best["ppl"], rel=1e-6)
+            assert perplexity(model, test) == pytest.approx(shipped["ppl"], rel=1e-6)
     with torch.no_grad():
-        assert perplexity(model, test) == pytest.approx(best["baseline_ppl"], rel=1e-6)  # removed: unpatched
+        assert perplexity(model, test) == pytest.approx(
+            shipped["baseline_ppl"], rel=1e-6
+        )  # removed: unpatched
 
     before = (recipes / "gated_attention" / "tiny-gates.yaml").read_text()
     with pytest.raises(BudgetError, match="--overwrite"):
@@ -373,9 +375,9 @@ def test_ship_writes_the_best_state_as_a_recipe_that_reproduces_its_point(
     assert budget.ship_states(table, out, ["gates"], recipes, overwrite=True)
     assert (recipes / "gated_attention" / "tiny-gates.yaml").read_text() == before
 
-    # a best point whose states were not kept (a fresh clone holds only the newest snapshot's)
-    best = budget.best_point(curve, "gates")
-    for f in (out / best["state"]).glob("*.safetensors"):
+    # a shipped point whose states were not kept (a fresh clone holds only the newest snapshot's)
+    shipped = budget.shipped_point(curve, "gates")
+    for f in (out / shipped["state"]).glob("*.safetensors"):
         f.unlink()
     with pytest.raises(BudgetError, match="missing"):
         budget.ship_states(table, out, ["gates"], recipes, overwrite=True)

@@ -65,7 +65,9 @@ class BudgetArm:
     eval_seq_len: int = 256  # test windows
     eval_windows: int = 24
     note: str = ""
-    recipe: str | None = None  # the shipped recipe its best state becomes (`--ship`), e.g. moh/smollm2-135m-x
+    recipe: str | None = (
+        None  # the shipped recipe its longest-trained state becomes (`--ship`), e.g. moh/smollm2-135m-x
+    )
 
     @property
     def tokens_per_step(self) -> int:
@@ -461,10 +463,12 @@ def run_budget_table(
 
 
 # -- shipping -----------------------------------------------------------------------------------------------------
-def best_point(curve: dict[str, Any], arm: str) -> dict[str, Any] | None:
-    """The arm's point with the lowest test perplexity relative to its baseline (any device), or None."""
+def shipped_point(curve: dict[str, Any], arm: str) -> dict[str, Any] | None:
+    """The arm's point trained on the most tokens (any device; the last recorded among equals) that kept its
+    states, or None. Never chosen by its perplexity: the test split a point is scored on is the split the curve
+    and the eval tables report, and picking the lowest there would flatter the number the recipe ships with."""
     points = [p for p in (curve.get("arms", {}).get(arm) or {}).get("points", []) if p.get("state")]
-    return min(points, key=lambda p: (p["rel_pct"], -p["tokens"])) if points else None
+    return max(reversed(points), key=lambda p: p["tokens"]) if points else None
 
 
 def ship_states(
@@ -474,7 +478,7 @@ def ship_states(
     recipes_root: str | Path | None = None,
     overwrite: bool = False,
 ) -> list[Path]:
-    """Ship each arm's best state as a recipe: ``<recipes_root>/<arm.recipe>.yaml`` with its state files in the
+    """Ship each arm's longest-trained state (:func:`shipped_point`) as a recipe: ``<recipes_root>/<arm.recipe>.yaml`` with its state files in the
     folder of the same name beside it, so ``attnsurgery eval MODEL --recipe <arm.recipe>`` needs no training.
 
     ``recipes_root`` defaults to the packaged recipes (the repository's ``recipes/`` in a development install).
@@ -499,7 +503,7 @@ def ship_states(
             if arms:
                 raise BudgetError(f"{table.path}: arm {arm.name!r} names no 'recipe' to ship its state as.")
             continue
-        point = best_point(curve, arm.name)
+        point = shipped_point(curve, arm.name)
         if point is None:
             if arms:
                 raise BudgetError(
@@ -509,7 +513,7 @@ def ship_states(
         state_dir = out / point["state"]
         if not (state_dir / "recipe.yaml").is_file():
             raise BudgetError(
-                f"arm {arm.name!r}: the best point's state folder {state_dir} holds no recipe.yaml (its states were "
+                f"arm {arm.name!r}: the shipped point's state folder {state_dir} holds no recipe.yaml (its states were "
                 "not kept); train that budget again or ship from the machine that trained it."
             )
         source = yaml.safe_load((state_dir / "recipe.yaml").read_text()) or {}
@@ -528,7 +532,7 @@ def ship_states(
         target = root / f"{arm.recipe}.yaml"
         if target.exists() and not overwrite:
             raise BudgetError(
-                f"{target} exists; pass --overwrite to replace it with {arm.name!r}'s best state."
+                f"{target} exists; pass --overwrite to replace it with {arm.name!r}'s longest-trained state."
             )
         plans.append((arm, point, source, files, target))
     written = []
@@ -560,7 +564,7 @@ def ship_states(
                 f"{what[:1].upper() + what[1:]}. After {point['tokens']:,} training tokens, test perplexity "
                 f"{point['rel_pct']:+.1f}% against the unpatched model ({point['ppl']:.3f} vs "
                 f"{point['baseline_ppl']:.3f}, goal +{arm.goal_pct:g}%) on {arm.eval_windows} windows of "
-                f"{arm.eval_seq_len} tokens of {table.test_data}'s test split. The best point of arm {arm.name} of "
+                f"{arm.eval_seq_len} tokens of {table.test_data}'s test split. The longest-trained point of arm {arm.name} of "
                 f"{table.path} (training text: {table.data})."
             ),
             "model": arm.model,
@@ -594,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ship",
         action="store_true",
-        help="train nothing: write each arm's best state as its shipped recipe (the arm's 'recipe:' name)",
+        help="train nothing: write each arm's longest-trained state as its shipped recipe (the arm's 'recipe:' name)",
     )
     parser.add_argument(
         "--recipes", default=None, help="with --ship: the recipes folder (default: the packaged one)"
