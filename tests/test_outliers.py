@@ -13,15 +13,8 @@ from tiny import random_ids, tiny_model
 from attnsurgery import attention_maps, patch
 from attnsurgery.engine import Engine
 from attnsurgery.errors import AttnSurgeryError, UnsupportedModelError
-from attnsurgery.eval.outliers import (
-    OutlierStats,
-    iter_batches,
-    kurtosis,
-    masked_stats,
-    outlier_stats,
-    plot_outliers,
-    render_outlier_table,
-)
+from attnsurgery.eval.outliers import iter_batches, kurtosis, masked_stats, outlier_stats
+from attnsurgery.eval.outliers_report import OutlierStats, plot_outliers, render_outlier_table
 
 ARCHS = ["llama", "gemma3", "gpt2", "opt"]
 #: the submodule each site should be read from, named independently of the code under test

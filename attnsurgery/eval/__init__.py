@@ -8,7 +8,8 @@
   (``kind: vlm`` tables).
 * :mod:`.scoring` -- choice log-likelihoods and text-window loss, shared by the tables and by calibration.
 * :mod:`.report` -- the one renderer (markdown, JSON, PNG) of text and vision tables.
-* :mod:`.outliers`, :mod:`.quant` -- activation-outlier statistics and low-precision checks.
+* :mod:`.outliers` / :mod:`.outliers_report`, :mod:`.quant` -- activation-outlier statistics (measured; their
+  table and plot) and low-precision checks.
 
 Submodules are imported on use (``lm_eval`` and ``torch`` are heavy), e.g.
 ``from attnsurgery.eval.text import evaluate_arms, make_arms``.

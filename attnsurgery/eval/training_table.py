@@ -331,7 +331,7 @@ def run_training_table(
     finish, so an interrupted table continues where it stopped)."""
     from ..models import load_model
     from ..train import prepare_data
-    from .outliers import OutlierStats, plot_outliers
+    from .outliers_report import OutlierStats, plot_outliers
 
     table = load_training_table(path)
     out = Path(out_dir) if out_dir else Path("evals/results") / table.name
