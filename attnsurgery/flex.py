@@ -259,13 +259,36 @@ def _no_value(key: torch.Tensor) -> torch.Tensor:
     return key.new_zeros(*key.shape[:3], NO_VALUE_DIM)
 
 
+_WIDE_VALUES: set[str] = set()  # passes whose 16-wide value tensor this machine's compiler refused
+
+
 def _lse_pass(query, key, block_mask, scale):
     return _flex(query, key, _no_value(key), None, block_mask, scale, lse=True)[1]
 
 
+def _lse_pass_wide(query, key, block_mask, scale):  # the key itself as the (unread) value: no narrow head dim
+    return _flex(query, key, key, None, block_mask, scale, lse=True)[1]
+
+
+def _narrow_or_wide(name: str, narrow: Callable, wide: Callable, *args) -> torch.Tensor:
+    """A log-sum-exp pass with a 16-wide value tensor, or, where the compiler refuses a value head dim unlike the
+    keys' (older Triton templates), with full-width values: the same numbers, more work."""
+    if name not in _WIDE_VALUES:
+        try:
+            return _run(narrow, *args)
+        except Exception as err:
+            if not args[0].is_cuda:
+                raise
+            _warn(f"attnsurgery: {name} with a {NO_VALUE_DIM}-wide value tensor failed to compile ({err!s:.200}); "
+                  "using full-width values.")  # fmt: skip
+            _WIDE_VALUES.add(name)
+    return _run(wide, *args)
+
+
 def log_sum_exp(query: torch.Tensor, key: torch.Tensor, vis: Visibility, scale: float) -> torch.Tensor:
     """(B, H, Tq) fp32 log-sum-exp of every query row (``-inf`` for a row that sees no key)."""
-    return _run(_lse_pass, query, key[:, :, : vis.key_len], vis.forward, scale).float()
+    key = key[:, :, : vis.key_len]
+    return _narrow_or_wide("log_sum_exp", _lse_pass, _lse_pass_wide, query, key, vis.forward, scale).float()
 
 
 def _colsum_pass(keys_as_queries, query, lse, block_mask, scale):
@@ -273,6 +296,13 @@ def _colsum_pass(keys_as_queries, query, lse, block_mask, scale):
         return score - lse[b, h, kv_idx]
 
     return _flex(keys_as_queries, query, _no_value(query), score_mod, block_mask, scale, lse=True)[1]
+
+
+def _colsum_pass_wide(keys_as_queries, query, lse, block_mask, scale):
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score - lse[b, h, kv_idx]
+
+    return _flex(keys_as_queries, query, query, score_mod, block_mask, scale, lse=True)[1]
 
 
 def column_sums(
@@ -290,7 +320,10 @@ def column_sums(
     keys = repeat_kv(key[:, :, : vis.key_len], groups).contiguous()
     # a row that sees no key has lse = -inf: keep it finite (it is masked out of the transposed pass anyway)
     lse = torch.nan_to_num(lse, neginf=0.0).float()
-    log_cols = _run(_colsum_pass, keys, query, lse, vis.transposed(query_valid, query.shape[2]), scale)
+    transposed = vis.transposed(query_valid, query.shape[2])
+    log_cols = _narrow_or_wide(
+        "column_sums", _colsum_pass, _colsum_pass_wide, keys, query, lse, transposed, scale
+    )
     cols = log_cols.float().exp()  # a column no query sees: exp(-inf) = 0
     if out_len > cols.shape[-1]:
         cols = torch.nn.functional.pad(cols, (0, out_len - cols.shape[-1]))
