@@ -66,8 +66,10 @@ GPU_TARGETS = {
         for n in (2048, 8192, 32768)
         for metric, limit in (("time", 1.5), ("memory", 1.2))
     },
-    ("moh 75% heads (skipped work)", 8192): ("time", 0.9),
-    ("moh 75% heads (skipped work)", 32768): ("time", 0.9),
+    # on the attention call: skipping 2/9 of the heads cannot bring a whole 7B prefill to 0.9x at 8k (attention is
+    # ~14% of its FLOPs there, so 0.97x at best; ~40% at 32k, 0.91x at best)
+    ("moh 75% heads (skipped work)", 8192): ("attention", 0.9),
+    ("moh 75% heads (skipped work)", 32768): ("attention", 0.9),
 }
 
 
