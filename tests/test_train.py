@@ -481,7 +481,7 @@ def test_validation_curves_plot_every_trained_arm_and_term(tmp_path):
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    from attnsurgery.eval.training_table import plot_validation_curves
+    from attnsurgery.eval.training_table_report import plot_validation_curves
 
     def history(*terms):
         return [
@@ -513,7 +513,8 @@ def test_validation_curves_plot_every_trained_arm_and_term(tmp_path):
 def test_training_table_keeps_rows_another_process_wrote(tmp_path):
     """Two `reproduce --model` runs of one table at once: each read table.json when it started, and the one that
     writes last must not drop the other's rows (it adds and updates only its own)."""
-    from attnsurgery.eval.training_table import TrainingTable, _write_results
+    from attnsurgery.eval.training_table import _write_results
+    from attnsurgery.eval.training_table_def import TrainingTable
 
     table = TrainingTable(name="t", models=["a", "b"], arms=[{"name": "x"}], measure=("perplexity",))
     row = {"ppl_fp": 1.0, "train_steps": 0, "train_tokens": 0, "train_minutes": 0.0, "test_windows": 2}
@@ -599,7 +600,7 @@ def test_training_table_stages_training_free_arms_measure_and_tasks(tmp_path):
         )
     )
     from attnsurgery.errors import RecipeError
-    from attnsurgery.eval.training_table import load_training_table
+    from attnsurgery.eval.training_table_def import load_training_table
 
     with pytest.raises(RecipeError, match="Did you mean 'perplexity'"):
         load_training_table(bad)
@@ -693,7 +694,8 @@ def test_act_gradients_fused_equal_tiled():
 def test_training_table_checks_goals_that_name_a_column():
     """Goals reading as a relative bound on a column are checked per arm ('goals met') and summarised; free-text
     goals are listed only."""
-    from attnsurgery.eval.training_table import TrainingTable, render_training_table
+    from attnsurgery.eval.training_table_def import TrainingTable
+    from attnsurgery.eval.training_table_report import render_training_table
 
     table = TrainingTable(
         name="t",

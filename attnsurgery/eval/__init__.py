@@ -10,6 +10,9 @@
 * :mod:`.report` -- the one renderer (markdown, JSON, PNG) of text and vision tables.
 * :mod:`.outliers` / :mod:`.outliers_report`, :mod:`.quant` -- activation-outlier statistics (measured; their
   table and plot) and low-precision checks.
+* :mod:`.training_table` / :mod:`.training_table_def` / :mod:`.training_table_report` -- ``kind: training``
+  tables: train each arm, then measure it on the test split (the run; the YAML definition; ``table.md`` and the
+  validation curves).
 
 Submodules are imported on use (``lm_eval`` and ``torch`` are heavy), e.g.
 ``from attnsurgery.eval.text import evaluate_arms, make_arms``.

@@ -28,164 +28,33 @@ Results: ``table.json`` (everything), ``table.md`` (the comparison with relative
 ``outliers-<model>.png`` per model (per-layer curves of every arm, when outliers are measured), one
 ``validation-<model>.png`` (each trained arm's validation terms over its steps), and
 ``runs/<model>/<arm>/`` (each arm's recipe folder: ``patch(model, folder)`` loads it).
+
+This module runs a table; its definition (the YAML, :class:`TrainingTable`) is :mod:`.training_table_def`, its
+markdown and plots :mod:`.training_table_report`, both re-exported here.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..errors import RecipeError, did_you_mean
-
-_TABLE_KEYS = {
-    "name", "description", "kind", "models", "dtype", "data", "seq_len", "eval", "arms", "goals",
-    "measure", "tasks", "batch_size", "limit",
-}  # fmt: skip
-_ARM_KEYS = {"name", "surgeries", "train", "note", "from", "models"}
-#: what a training table can score on the test split (``measure:``)
-MEASURES = ("perplexity", "ood", "w8a8", "outliers")
-DEFAULT_MEASURES = ("perplexity", "w8a8", "outliers")
-#: the row key that says a measure was taken
-_MEASURED = {"perplexity": "ppl_fp", "ood": "ppl_ood", "w8a8": "ppl_w8a8", "outliers": "max_kurtosis"}
-#: the offline multiple-choice tasks whose test prompts make the ``ood`` text
-OOD_TASKS = ("bb_general_knowledge", "bb_emoji_movie", "bb_similarities_abstraction", "bb_phrase_relatedness",
-             "mmlu_subset")  # fmt: skip
-_EVAL_KEYS = {"test_windows", "calib_windows", "outlier_windows", "ood_windows"}
-
-
-@dataclass
-class TrainingTable:
-    name: str
-    models: list[str]
-    arms: list[dict[str, Any]]
-    data: str = "gutenberg_ppl"
-    seq_len: int = 256
-    dtype: str = "float32"
-    eval: dict[str, int] = field(
-        default_factory=lambda: {"test_windows": 24, "calib_windows": 4, "outlier_windows": 8}
-    )
-    description: str = ""
-    goals: dict[str, Any] = field(default_factory=dict)
-    measure: tuple[str, ...] = DEFAULT_MEASURES
-    tasks: list[str] = field(default_factory=list)  # offline lm-eval tasks scored after training ([]: none)
-    batch_size: int = 4  # lm-eval batch size for ``tasks``
-    limit: int | None = None  # lm-eval docs per task (None: all)
-
-
-def _check(where: str, data: dict, allowed: set[str]) -> None:
-    for key in data:
-        if key not in allowed:
-            raise RecipeError(
-                f"{where}: unknown key {key!r}.{did_you_mean(str(key), allowed)} Allowed: {', '.join(sorted(allowed))}."
-            )
-
-
-def is_training_table(path: str | Path) -> bool:
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
-        return False
-    return isinstance(data, dict) and data.get("kind") == "training"
-
-
-def load_training_table(path: str | Path) -> TrainingTable:
-    from ..train import TrainConfig
-
-    path = Path(path)
-    data = yaml.safe_load(path.read_text())
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a training table is a YAML mapping.")
-    _check(str(path), data, _TABLE_KEYS)
-    arms = data.get("arms") or []
-    if not arms or not isinstance(arms, list):
-        raise RecipeError(f"{path}: 'arms' must be a non-empty list.")
-    train_fields = set(TrainConfig.__dataclass_fields__) | {"lora"}
-    names = set()
-    for i, arm in enumerate(arms):
-        where = f"{path}: arms[{i}]"
-        if not isinstance(arm, dict) or "name" not in arm:
-            raise RecipeError(f"{where}: each arm needs a 'name'.")
-        _check(where, arm, _ARM_KEYS)
-        _check(f"{where}.train", arm.get("train") or {}, train_fields)
-        if arm["name"] in names:
-            raise RecipeError(f"{where}: duplicate arm name {arm['name']!r}.")
-        source = arm.get("from")
-        if source is not None:
-            if source not in names:
-                raise RecipeError(
-                    f"{where}: 'from: {source}' must name an earlier arm.{did_you_mean(str(source), names)}"
-                )
-            if not arm.get("train"):
-                raise RecipeError(f"{where}: an arm 'from' another trains on top of it; give it 'train'.")
-        arm_models = arm.get("models")
-        if arm_models is not None:
-            unknown = [m for m in arm_models if m not in (data.get("models") or [])]
-            if not isinstance(arm_models, list) or unknown:
-                raise RecipeError(
-                    f"{where}: 'models' lists models of the table ({', '.join(data.get('models') or [])}); "
-                    f"got {unknown or arm_models!r}."
-                )
-            if source is not None and set(arm_models) - set(_arm_models(arms, source, data)):
-                raise RecipeError(
-                    f"{where}: arm {source!r} it starts from does not run on all of its models."
-                )
-        names.add(arm["name"])
-        if arm.get("surgeries"):
-            from ..recipe import parse_recipe
-
-            parse_recipe({"surgeries": arm["surgeries"]}, where)  # names and arguments, before any training
-        elif arm.get("train") and source is None and not (arm["train"] or {}).get("lora"):
-            raise RecipeError(f"{where}: 'train' needs 'surgeries' (or 'from', or 'lora') to train.")
-    eval_cfg = {
-        "test_windows": 24, "calib_windows": 4, "outlier_windows": 8, "ood_windows": 24, **(data.get("eval") or {})
-    }  # fmt: skip
-    _check(f"{path}: eval", eval_cfg, _EVAL_KEYS)
-    measure = data.get("measure", list(DEFAULT_MEASURES))
-    if not isinstance(measure, list) or not measure:
-        raise RecipeError(f"{path}: 'measure' is a non-empty list of {', '.join(MEASURES)}.")
-    for m in measure:
-        if m not in MEASURES:
-            raise RecipeError(
-                f"{path}: unknown measure {m!r}.{did_you_mean(str(m), MEASURES)} Measures: {', '.join(MEASURES)}."
-            )
-    if "w8a8" in measure and "perplexity" not in measure:
-        raise RecipeError(f"{path}: 'w8a8' reports the gap to FP perplexity; add 'perplexity' to 'measure'.")
-    tasks = data.get("tasks") or []
-    if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
-        raise RecipeError(f"{path}: 'tasks' is a list of lm-eval task names (see `attnsurgery list`).")
-    if tasks and arms[0].get("name") != "baseline":
-        raise RecipeError(f"{path}: with 'tasks', the first arm must be '- name: baseline' (paired deltas).")
-    return TrainingTable(
-        name=str(data.get("name") or path.stem),
-        models=list(data.get("models") or []),
-        arms=arms,
-        data=str(data.get("data", "gutenberg_ppl")),
-        seq_len=int(data.get("seq_len", 256)),
-        dtype=str(data.get("dtype", "float32")),
-        eval=eval_cfg,
-        description=str(data.get("description") or ""),
-        goals=dict(data.get("goals") or {}),
-        measure=tuple(m for m in MEASURES if m in measure),
-        tasks=list(tasks),
-        batch_size=int(data.get("batch_size", 4)),
-        limit=data.get("limit"),
-    )
-
-
-def _arm_models(arms: list[dict], name: str, data: dict) -> list[str]:
-    arm = next(a for a in arms if a["name"] == name)
-    return list(arm.get("models") or data.get("models") or [])
-
-
-def _runs_on(arm: dict, model_name: str) -> bool:
-    return not arm.get("models") or model_name in arm["models"]
+from ..errors import RecipeError
+from .training_table_def import (  # noqa: F401  (the definition's public names: re-exported)
+    _MEASURED,
+    DEFAULT_MEASURES,
+    MEASURES,
+    OOD_TASKS,
+    TrainingTable,
+    _runs_on,
+    is_training_table,
+    load_training_table,
+)
+from .training_table_report import plot_validation_curves, render_training_table
 
 
 def _test_windows(tokenizer: Any, source: str, seq_len: int, n: int) -> Any:
@@ -434,49 +303,6 @@ def run_training_table(
     return out
 
 
-def plot_validation_curves(runs: Path, arms: list[dict], out: Path, title: str = "") -> Path | None:
-    """One panel per validation term (``objective``, ``lm``, each penalty: what ``training.json`` recorded on the
-    held-back calibration slice), one line per trained arm over its steps; ``None`` when no arm has a finished run.
-    The curves show *when* a run changed (a collapse, a plateau), which the table's end-of-run scores cannot."""
-    curves = {}
-    for arm in arms:
-        path = runs / arm["name"] / "training.json"
-        if path.is_file():
-            history = json.loads(path.read_text()).get("validation") or []
-            if len(history) > 1:
-                curves[arm["name"]] = history
-    if not curves:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .report import save_figure
-
-    terms = []  # in first-seen order; ppl repeats lm
-    for history in curves.values():
-        terms += [k for k in history[0] if k not in ("step", "ppl") and k not in terms]
-    fig, axes = plt.subplots(1, len(terms), figsize=(3.6 * len(terms) + 2.4, 3.2), squeeze=False)
-    palette = plt.get_cmap("tab10")
-    # one colour and line style per arm in every panel: ten colours, solid, then dashed, then dotted
-    style = {
-        name: dict(color=palette(i % 10), ls=("-", "--", ":")[i // 10 % 3]) for i, name in enumerate(curves)
-    }
-    for ax, term in zip(axes[0], terms):
-        for name, history in curves.items():
-            points = [(h["step"], h[term]) for h in history if term in h]
-            if points:
-                ax.plot(*zip(*points), marker=".", lw=1, **style[name])
-        ax.set_title(term, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-    handles = [plt.Line2D([], [], marker=".", lw=1, **style[name]) for name in curves]
-    axes[0][-1].legend(handles, list(curves), fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.suptitle(f"{title}: validation on the held-back calibration slice", fontsize=9)
-    return save_figure(fig, out, dpi=110)
-
-
 def _write_results(out: Path, results: dict, table: TrainingTable) -> None:
     """Write ``table.json`` and ``table.md``. Rows another process wrote since this one read the file (a second
     ``reproduce --model`` on the same table) are kept: each run only adds or updates its own rows."""
@@ -531,113 +357,3 @@ def _score_tasks(
 def _slug(name: str) -> str:
     """A folder name for a model alias, hub id or path (a path must not escape the output folder)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "--", str(name).strip("/")) or "model"
-
-
-def _rel(value: float | None, base: float | None) -> str:
-    if value is None or base is None or base == 0 or not math.isfinite(value):
-        return ""
-    return f" ({(value - base) / abs(base) * 100:+.0f}%)"
-
-
-#: table columns: (header, row key, format, relative change vs baseline), shown when the row has the key
-_COLUMNS = (
-    ("FP ppl", "ppl_fp", "{:.3f}", True),
-    ("OOD ppl", "ppl_ood", "{:.3f}", True),
-    ("W8A8 ppl", "ppl_w8a8", "{:.1f}", False),
-    ("W8A8 gap", "w8a8_gap", "{:.1f}", True),
-    ("max kurtosis", "max_kurtosis", "{:.0f}", True),
-    ("max inf-norm", "max_inf_norm", "{:.0f}", True),
-    ("first-token share (L>=2)", "sink_share", "{:.3f}", True),
-)
-
-
-#: a goal on a column's change against the baseline: "-50% relative" (at most -50%), "within +2%" (at most +2%)
-_GOAL = re.compile(r"^\s*(within\s+)?([+-]\d+(?:\.\d+)?)%(\s+relative)?\s*$")
-
-
-def _goal_checks(table: TrainingTable) -> list[tuple[str, str, float]]:
-    """(goal name, row key, largest allowed relative change in %) for each goal that names a column and reads as
-    a relative bound; other goals (free text) are shown but not checked."""
-    checks = []
-    for name, text in table.goals.items():
-        column = next((c for c in _COLUMNS if c[0].lower().startswith(str(name).lower())), None)
-        match = _GOAL.match(str(text))
-        if column is not None and match:
-            checks.append((str(name), column[1], float(match.group(2))))
-    return checks
-
-
-def _goals_met(row: dict, base: dict, checks: list[tuple[str, str, float]]) -> str:
-    met = 0
-    for _, key, bound in checks:
-        value, ref = row.get(key), base.get(key)
-        if value is None or not ref or not math.isfinite(value):
-            return ""
-        met += (value - ref) / abs(ref) * 100 <= bound
-    return f"{met}/{len(checks)}"
-
-
-def render_training_table(results: dict, table: TrainingTable) -> str:
-    rows = results["rows"]
-    columns = [c for c in _COLUMNS if any(c[1] in r for r in rows)]
-    checks = _goal_checks(table)
-    lines = [
-        f"# {table.name}",
-        "",
-        table.description.strip(),
-        "",
-        f"Test split of `{table.data}` ({rows[0]['test_windows'] if rows else 0} windows of "
-        f"{table.seq_len} tokens; no arm trains on it). Relative changes are against the model's baseline arm.",
-        *(
-            [
-                "",
-                "OOD ppl: another domain than the training corpus -- the test prompts of the offline "
-                f"multiple-choice tasks ({', '.join(OOD_TASKS)}) with their gold answers "
-                f"({table.eval['ood_windows']} windows; no arm trains on them).",
-            ]
-            if any("ppl_ood" in r for r in rows)
-            else []
-        ),
-        "",
-        "| model | arm | "
-        + " | ".join(c[0] for c in columns)
-        + " | train steps / tokens / min |"
-        + (" goals met |" if checks else ""),
-        "|---|---|" + "---:|" * len(columns) + "---:|" + ("---:|" if checks else ""),
-    ]
-    base = {r["model"]: r for r in rows if r["arm"] == "baseline"}
-    met = {
-        (r["model"], r["arm"]): _goals_met(r, base.get(r["model"], {}), checks)
-        for r in rows
-        if checks and r["arm"] != "baseline"
-    }
-    for r in rows:
-        b = base.get(r["model"], {})
-        cells = []
-        for _, key, fmt, rel in columns:
-            value = r.get(key)
-            text = "" if value is None else fmt.format(value)
-            cells.append(text + (_rel(value, b.get(key)) if rel and value is not None else ""))
-        lines.append(
-            f"| {r['model']} | {r['arm']} | " + " | ".join(cells) + " | "
-            f"{r['train_steps']} / {r['train_tokens']:,} / {r['train_minutes']} |"
-            + (f" {met.get((r['model'], r['arm']), '')} |" if checks else "")
-        )
-    if table.tasks:
-        lines += [
-            "",
-            f"Offline tasks ({', '.join(table.tasks)}), every arm on the same documents: `tasks.md` (written once "
-            "every arm of a model is trained and scored; absent while that step has not run).",
-        ]
-    if table.goals:
-        lines += ["", "Goals: " + "; ".join(f"{k}: {v}" for k, v in table.goals.items())]
-        if checks:
-            everything = f"{len(checks)}/{len(checks)}"
-            for model in dict.fromkeys(r["model"] for r in rows):
-                winners = [arm for (m, arm), got in met.items() if m == model and got == everything]
-                lines.append(
-                    f"- {model}: every goal met by {', '.join(winners)}"
-                    if winners
-                    else f"- {model}: no arm meets every goal"
-                )
-    return "\n".join(lines) + "\n"
