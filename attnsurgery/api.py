@@ -225,19 +225,21 @@ def save_surgery(handle: SurgeryHandle, directory: str | Path, *, overwrite: boo
     Only the surgery (arguments, targets, calibrated/trained tensors) is written, never the model weights. A folder
     that already holds a saved surgery is replaced only with ``overwrite=True``.
     """
+    if not isinstance(handle, SurgeryHandle):
+        raise AttnSurgeryError(
+            f"save_surgery saves what patch returned (a SurgeryHandle), not a {type(handle).__name__} {handle!r}: "
+            "handle = patch(model, ...); save_surgery(handle, folder)."
+        )
+    check_save_folder(directory, overwrite=overwrite)
     directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise AttnSurgeryError(
-            f"{directory} is a file; save_surgery writes a folder. Name a new or existing folder."
-        )
-    if (directory / CONFIG_NAME).exists() and not overwrite:
-        raise AttnSurgeryError(
-            f"{directory} already holds a saved surgery ({CONFIG_NAME}); pass overwrite=True (--overwrite) to "
-            "replace it, or name another folder."
-        )
     if not handle.surgeries:
         raise AttnSurgeryError("this handle holds no surgery to save.")
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise AttnSurgeryError(
+            f"cannot create the folder {directory}: {err.strerror}; name a folder you can write to."
+        ) from None
     entries, tensors = [], {}
     for i, surgery in enumerate(handle.surgeries):
         entries.append(
@@ -260,6 +262,52 @@ def save_surgery(handle: SurgeryHandle, directory: str | Path, *, overwrite: boo
     tmp_state.replace(directory / STATE_NAME)
     tmp_config.replace(directory / CONFIG_NAME)
     return directory
+
+
+def check_save_folder(directory: str | Path, *, overwrite: bool = False, option: str = "") -> None:
+    """What :func:`save_surgery` refuses, checked without writing anything (``apply --save`` runs it before the model
+    loads): an empty name, a file, a folder that already holds a saved surgery (unless ``overwrite``), and a path
+    that cannot be created (under a file, or in a folder that is not writable). ``option`` prefixes the message
+    (``"--save "``)."""
+    import os
+
+    if not isinstance(directory, (str, Path)) or not str(directory).strip():
+        raise AttnSurgeryError(
+            f"{option}{directory!r}: name the folder to save the surgery to (e.g. 'my_surgery/'); an empty name "
+            "would write into the current folder."
+        )
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise AttnSurgeryError(
+            f"{option}{directory} is a file; save_surgery writes a folder. Name a new or existing folder."
+        )
+    if (directory / CONFIG_NAME).exists() and not overwrite:
+        raise AttnSurgeryError(
+            f"{option}{directory} already holds a saved surgery ({CONFIG_NAME}); pass overwrite=True (--overwrite) "
+            "to replace it, or name another folder."
+        )
+    parent = directory.absolute()
+    while not parent.exists():  # the nearest existing folder above it must be a writable folder
+        parent = parent.parent
+    if not parent.is_dir():
+        raise AttnSurgeryError(
+            f"{option}{directory} cannot be created: {parent} is a file, not a folder. Name another folder."
+        )
+    if not os.access(parent, os.W_OK | os.X_OK) or not (directory.exists() or _creatable(parent)):
+        raise AttnSurgeryError(
+            f"{option}{directory} cannot be created: {parent} is not writable. Name a folder you can write to."
+        )
+
+
+def _creatable(parent: Path) -> bool:
+    """Whether a folder can be made in ``parent`` (os.access says yes on read-only mounts such as /proc)."""
+    import tempfile
+
+    try:
+        tempfile.TemporaryDirectory(dir=parent).cleanup()
+    except OSError:
+        return False
+    return True
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
@@ -293,16 +341,12 @@ def load_surgery(model: nn.Module, directory: str | Path) -> SurgeryHandle:
         raise AttnSurgeryError(
             f"{config_path} has no 'surgeries' list, so it is not a file save_surgery wrote; save the surgery again."
         )
+    entries = [_saved_entry(config_path, i, entry) for i, entry in enumerate(config["surgeries"])]
     tensors = _read_state(directory / STATE_NAME) if (directory / STATE_NAME).is_file() else {}
     handles = []
     try:
-        for i, entry in enumerate(config["surgeries"]):
-            heads = entry.get("heads")
-            if heads is not None:
-                heads = {int(k): v for k, v in heads.items()}
-            handle = patch(
-                model, entry["surgery"], layers=entry.get("layers"), heads=heads, **entry.get("args", {})
-            )
+        for i, (name, layers, heads, args) in enumerate(entries):
+            handle = patch(model, name, layers=layers, heads=heads, **args)
             handles.append(handle)  # before its state loads: a state that does not fit removes it too
             prefix = f"{i}."
             own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -312,6 +356,34 @@ def load_surgery(model: nn.Module, directory: str | Path) -> SurgeryHandle:
             handle.remove()
         raise
     return SurgeryHandle(model, [s for h in handles for s in h.surgeries])
+
+
+def _saved_entry(config_path: Path, i: int, entry: Any) -> tuple[str, Any, Any, dict[str, Any]]:
+    """``(surgery, layers, heads, args)`` of one ``surgeries`` entry of a saved config, or an error naming it."""
+    where = f"{config_path}: surgeries[{i}]"
+    damaged = "; the saved surgery is damaged or not written by save_surgery: save it again."
+    if not isinstance(entry, dict) or not isinstance(entry.get("surgery"), str):
+        raise AttnSurgeryError(
+            f"{where} is {entry!r}, not a mapping with a 'surgery' name ({{'surgery': 'temperature', 'args': "
+            f"{{...}}}}){damaged}"
+        )
+    args = entry.get("args") or {}
+    if not isinstance(args, dict):
+        raise AttnSurgeryError(
+            f"{where}: 'args' is {args!r}, not a mapping of argument names to values{damaged}"
+        )
+    heads = entry.get("heads")
+    if heads is not None:
+        if not isinstance(heads, dict):
+            raise AttnSurgeryError(
+                f"{where}: 'heads' is {heads!r}, not a mapping {{layer: [heads]}}{damaged}"
+            )
+        try:
+            heads = {int(k): v for k, v in heads.items()}
+        except (TypeError, ValueError):
+            bad = next(k for k in heads if not str(k).lstrip("-").isdigit())
+            raise AttnSurgeryError(f"{where}: 'heads' key {bad!r} is not a layer index{damaged}") from None
+    return entry["surgery"], entry.get("layers"), heads, args
 
 
 @torch.no_grad()
@@ -324,6 +396,11 @@ def attention_maps(
     surgery sees and produces). Only the requested layers materialise a full map. Layers whose attention a
     ``REPLACE`` surgery computes with its own kernel (MoH, hedgehog) have no probabilities and are left out.
     """
+    if not isinstance(inputs, (torch.Tensor, Mapping)):
+        raise AttnSurgeryError(
+            f"attention_maps takes token ids (a tensor) or the tokenizer's output, not a {type(inputs).__name__}: "
+            "tokenize first, attention_maps(model, tokenizer(text, return_tensors='pt'))."
+        )
     engine = Engine.of(model)
     selected = parse_layers(layers, engine.info.num_layers)
     if isinstance(inputs, torch.Tensor):

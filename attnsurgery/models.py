@@ -149,6 +149,12 @@ def model_location(name_or_path: str, *, cache_dir: str | os.PathLike | None = N
     returned directory can be handed to any ``from_pretrained``-style loader (lm-eval's ``HFLM`` included).
     Raises :class:`ModelNotFoundError` (with "did you mean") for paths and names that cannot be resolved.
     """
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
+        raise ModelNotFoundError(
+            f"model {name_or_path!r}: name a model, an alias ({', '.join(_ALIASES)}), a local folder, a .gguf "
+            "file or a hub id 'owner/name'."
+        )
+    name_or_path = str(name_or_path)
     spec = _ALIASES.get(name_or_path.strip().lower())
     path = Path(name_or_path).expanduser()
     root = Path(cache_dir or Path(os.environ.get("ATTNSURGERY_CACHE", "~/.cache/attnsurgery")) / "models")
@@ -168,6 +174,11 @@ def model_location(name_or_path: str, *, cache_dir: str | os.PathLike | None = N
                 f"{path} is a directory but not a transformers checkpoint (no config.json)."
             )
         return path
+    if path.is_file():
+        raise ModelNotFoundError(
+            f"Model path {name_or_path!r} is a file, not a model folder (a transformers checkpoint folder with "
+            "config.json) or a .gguf file."
+        )
     looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.endswith(".gguf")
     if looks_like_path or path.exists() or name_or_path.count("/") > 1:
         raise ModelNotFoundError(

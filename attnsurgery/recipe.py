@@ -105,12 +105,25 @@ def parse_recipe(data: Any, source: str = "<recipe>", base_dir: Path | None = No
             state = (
                 (base_dir / state) if base_dir is not None and not Path(state).is_absolute() else Path(state)
             )
+            if state.is_dir():
+                raise RecipeError(
+                    f"{where}: state {state} is a folder; 'state' names a .safetensors file (relative to the recipe)."
+                )
             if not state.is_file():
                 raise RecipeError(f"{where}: state file {state} does not exist.")
         specs.append(SurgerySpec(cls.name, dict(args), item.get("layers"), item.get("heads"), state))
     for key in ("eval", "calibration", "training"):
         if data.get(key) is not None and not isinstance(data[key], dict):
-            raise RecipeError(f"{source}: {key!r} must be a mapping.")
+            raise RecipeError(
+                f"{source}: {key!r} must be a mapping (e.g. `eval: {{tasks: [bb_emoji_movie]}}`), got "
+                f"{type(data[key]).__name__} {data[key]!r}."
+            )
+    for key in ("name", "description", "model", "notes"):  # str() would turn a list or mapping into a name
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise RecipeError(
+                f"{source}: {key!r} must be a string, got {type(data[key]).__name__} {data[key]!r}"
+                + (" (one model per recipe: an alias, hub id or path)." if key == "model" else ".")
+            )
     return Recipe(
         name=str(data.get("name") or source),
         surgeries=specs,
@@ -123,16 +136,54 @@ def parse_recipe(data: Any, source: str = "<recipe>", base_dir: Path | None = No
     )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping: plain YAML keeps the last one silently, so a
+    second ``surgeries:`` (or ``tau:``) would drop the first without a word."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class says so
+                break
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found key {key!r} twice (first on line {first.line + 1}); plain YAML would keep only the last: "
+                    "merge them or delete one",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_strict(text: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys (see :class:`_UniqueKeyLoader`)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_recipe_file(path: str | Path) -> Recipe:
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as err:
         raise RecipeError(f"cannot read recipe {path}: {err.strerror}.") from None
+    except UnicodeDecodeError:
+        raise RecipeError(
+            f"{path} is not a text file (not UTF-8); a recipe is a YAML file such as recipes/temperature/default.yaml."
+        ) from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml_strict(text)
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    if data is None:
+        raise RecipeError(
+            f"{path} is empty; a recipe is a YAML mapping with a 'surgeries' list, e.g. "
+            "`surgeries: [{surgery: temperature, args: {tau: 0.9}}]`."
+        )
     recipe = parse_recipe(data, str(path), path.parent)
     recipe.path = path
     return recipe
@@ -238,6 +289,11 @@ def find_recipe(name: str | Path, model: str | None = None) -> Recipe:
     earlier and cached (:func:`cached_recipe_path`), else ``default.yaml``; with several recipes and none of
     those, raises :class:`NoRecipeForModelError`.
     """
+    if not isinstance(name, (str, Path)) or not str(name).strip():
+        raise RecipeError(
+            f"recipe {name!r}: name a shipped recipe (e.g. 'temperature/position', see `attnsurgery list`), a YAML "
+            "file or a run folder."
+        )
     path = Path(name)
     if path.is_dir() and str(name).strip("/") not in list_recipe_folders():
         # a run folder written by `attnsurgery train` (or any folder holding a recipe.yaml)
@@ -289,6 +345,7 @@ def find_recipe(name: str | Path, model: str | None = None) -> Recipe:
         )
     known = list_recipes()
     raise RecipeError(
-        f"unknown recipe {str(name)!r}: not a YAML file and not a shipped recipe.{did_you_mean(text, known)} "
+        f"unknown recipe {str(name)!r}: not a YAML file and not a shipped recipe."
+        f"{did_you_mean(text, list_recipe_folders() + known)} "
         f"Shipped recipes: {', '.join(known)} (see `attnsurgery list`)."
     )

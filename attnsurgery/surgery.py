@@ -275,7 +275,7 @@ class SurgeryConfig:
             if lo is None and hi is None:
                 continue
             for x in numbers_in(value):
-                bad = not math.isfinite(x) and not (hi is None and x == math.inf and not meta["high_open"])
+                bad = not math.isfinite(x)  # the range text says "inf)": tau=inf or scale=inf are no settings
                 bad = bad or (lo is not None and (x < lo or (meta["low_open"] and x == lo)))
                 bad = bad or (hi is not None and (x > hi or (meta["high_open"] and x == hi)))
                 if bad:

@@ -144,10 +144,15 @@ def _head_list(spec: Any, num_heads: int, where: str) -> tuple[int, ...]:
         )
     out = []
     for h in spec:
+        raw = h
+        if (
+            isinstance(h, bool) or isinstance(h, float) and not h.is_integer()
+        ):  # True, 0.5: not a silent 1 / 0
+            raise SurgeryConfigError(f"heads{where}: {raw!r} is not a head index (a whole number).")
         try:
             h = int(h)
         except (TypeError, ValueError):
-            raise SurgeryConfigError(f"heads{where}: {h!r} is not a head index.") from None
+            raise SurgeryConfigError(f"heads{where}: {raw!r} is not a head index.") from None
         if not 0 <= h < num_heads:
             raise SurgeryConfigError(
                 f"heads{where}: head {h} is out of range; this model has {num_heads} query heads "
@@ -196,7 +201,15 @@ def per_layer_head(value: Any, name: str, num_layers: int, num_heads: int, fill:
 
     if isinstance(value, Mapping):
         for key, v in value.items():
-            layer = int(key)
+            try:
+                layer = int(key)
+                if isinstance(key, bool) or isinstance(key, float) and not key.is_integer():
+                    raise ValueError
+            except (TypeError, ValueError):
+                raise SurgeryConfigError(
+                    f"{name}: {{{key!r}: ...}} does not name a layer; the keys of {{layer: value}} are layer indices "
+                    f"(0..{num_layers - 1}, or negative from the end)."
+                ) from None
             if not -num_layers <= layer < num_layers:
                 raise SurgeryConfigError(
                     f"{name}: layer {key} is out of range (model has {num_layers} layers)."

@@ -15,7 +15,7 @@ import torch
 import yaml
 from tiny import tiny_model, tiny_tokenizer
 
-from attnsurgery import load_surgery, patch, save_surgery
+from attnsurgery import attention_maps, find_recipe, load_model, load_surgery, patch, save_surgery
 from attnsurgery.engine import Engine
 from attnsurgery.errors import AttnSurgeryError
 
@@ -77,8 +77,23 @@ def _recipe(data):
         import tempfile
 
         path = Path(tempfile.mkdtemp()) / "r.yaml"  # outside the folder whose files the test watches
-        path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+        if isinstance(data, bytes):
+            path.write_bytes(data)
+        else:
+            path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+        (path.parent / "statedir").mkdir()
         return patch(m, str(path))
+
+    return run
+
+
+def _save_to(target):
+    def run(m, tmp):
+        handle = patch(m, "temperature", tau=0.8)
+        try:
+            save_surgery(handle, target(tmp))
+        finally:
+            handle.remove()
 
     return run
 
@@ -207,6 +222,56 @@ API_CASES = [
         "gone.safetensors",
     ),
     ("encoder-decoder-model", lambda m, tmp: patch(_t5(), "temperature", tau=0.8), "encoder-decoder model"),
+    # issue 27's sweep (evals/bad_inputs.py): each of these was a bare exception or a silent acceptance
+    ("heads-fraction", _p("temperature", tau=0.8, heads=[0.5]), "0.5 is not a head index"),
+    ("heads-bool", _p("temperature", tau=0.8, heads=[True]), "True is not a head index"),
+    ("tau-layer-key-word", _p("temperature", tau={"x": 0.5}), "'x'.*does not name a layer"),
+    ("tau-inf", _p("temperature", tau=float("inf")), "tau=inf is out of range"),
+    ("scale-inf", _p("head_scale", scale=float("inf")), "scale=inf is out of range"),
+    ("find-recipe-none", lambda m, tmp: find_recipe(None), "recipe None: name a shipped recipe"),
+    ("find-recipe-empty", lambda m, tmp: find_recipe(""), "recipe '': name a shipped recipe"),
+    ("recipe-binary", _recipe(b"\xff\xfe\x00\x81binary"), "not a text file"),
+    ("recipe-empty-file", _recipe(""), "is empty"),
+    (
+        "recipe-key-twice",
+        _recipe("surgeries: [temperature]\nsurgeries: [head_scale]\n"),
+        "key 'surgeries' twice",
+    ),
+    (
+        "recipe-argument-twice",
+        _recipe("surgeries:\n  - surgery: temperature\n    args: {tau: 0.8, tau: 0.5}\n"),
+        "key 'tau' twice",
+    ),
+    (
+        "recipe-model-list",
+        _recipe({"model": ["a", "b"], "surgeries": ["temperature"]}),
+        "'model' must be a string",
+    ),
+    (
+        "recipe-state-folder",
+        _recipe({"surgeries": [{"surgery": "head_scale", "args": {"trainable": True}, "state": "statedir"}]}),
+        "statedir is a folder",
+    ),
+    ("save-not-a-handle", lambda m, tmp: save_surgery("temperature", tmp / "s"), "not a str 'temperature'"),
+    ("save-empty-path", _save_to(lambda tmp: ""), "an empty name would write into the current folder"),
+    (
+        "save-under-a-file",
+        _save_to(lambda tmp: tmp / "fixtures" / "a-file.txt" / "x"),
+        "a-file.txt is a file",
+    ),
+    ("load-entry-without-name", _load("fixtures/entry-no-name"), r"surgeries\[0\] is .*not a mapping"),
+    ("load-entry-string", _load("fixtures/entry-string"), r"surgeries\[0\] is 'temperature'"),
+    ("load-heads-list", _load("fixtures/heads-list"), "'heads' is \\[0\\], not a mapping"),
+    ("load-heads-word-key", _load("fixtures/heads-word"), "'heads' key 'x' is not a layer index"),
+    ("load-args-list", _load("fixtures/args-list"), "'args' is \\[0.8\\], not a mapping"),
+    ("load-model-none", lambda m, tmp: load_model(None), "model None: name a model"),
+    ("load-model-empty", lambda m, tmp: load_model(""), "model '': name a model"),
+    (
+        "load-model-a-file",
+        lambda m, tmp: load_model(str(tmp / "fixtures" / "a-file.txt")),
+        "is a file, not a model",
+    ),
+    ("attention-maps-text", lambda m, tmp: attention_maps(m, "The capital"), "not a str: tokenize first"),
 ]
 
 
@@ -236,6 +301,16 @@ def fixtures(tmp_path_factory):
     for name, text in (("not-json", "{not json"), ("no-surgeries", json.dumps({"attnsurgery_version": "0"}))):
         (root / "fixtures" / name).mkdir()
         (root / "fixtures" / name / "attnsurgery_config.json").write_text(text)
+    for name, entry in (
+        ("entry-no-name", {"args": {"tau": 0.8}}),
+        ("entry-string", "temperature"),
+        ("heads-list", {"surgery": "temperature", "args": {"tau": 0.8}, "heads": [0]}),
+        ("heads-word", {"surgery": "temperature", "args": {"tau": 0.8}, "heads": {"x": [0]}}),
+        ("args-list", {"surgery": "temperature", "args": [0.8]}),
+    ):  # damaged saved configs: each was a bare KeyError / AttributeError / TypeError / ValueError
+        (root / "fixtures" / name).mkdir()
+        config = {"attnsurgery_version": "0", "surgeries": [entry]}
+        (root / "fixtures" / name / "attnsurgery_config.json").write_text(json.dumps(config))
     handle = patch(model, "head_scale", scale=0.5, trainable=True)
     save_surgery(handle, root / "fixtures" / "truncated")
     handle.remove()
@@ -425,6 +500,163 @@ CLI_CASES = [
         2,
         "test split",
     ),
+    # issue 27's sweep (evals/bad_inputs.py): each was a traceback, the "unexpected error" catch-all, a silent
+    # acceptance, an unclear message or a refusal only after the model had loaded and run
+    (
+        "apply-arg-twice",
+        ["apply", "temperature", M, "--arg", "tau=0.8", "--arg", "tau=0.9"],
+        2,
+        "more than once",
+    ),
+    ("apply-arg-no-name", ["apply", "temperature", M, "--arg", "=0.8"], 2, "no name before '='"),
+    (
+        "apply-arg-and-layers",
+        ["apply", "temperature", M, "--arg", "layers=0", "--layers", "1"],
+        2,
+        "--layers only",
+    ),
+    (
+        "apply-heads-empty",
+        ["apply", "temperature", M, "--arg", "tau=0.8", "--heads", ""],
+        4,
+        "--heads is empty",
+    ),
+    (
+        "apply-save-under-file",
+        ["apply", "temperature", M, "--save", "{tmp}/a-file.txt/s"],
+        2,
+        "a-file.txt is a file",
+    ),
+    ("apply-save-empty", ["apply", "temperature", M, "--save", ""], 2, "an empty name"),
+    (
+        "apply-overwrite-alone",
+        ["apply", "temperature", M, "--overwrite"],
+        2,
+        "without --save nothing is written",
+    ),
+    ("apply-prompt-empty", ["apply", "temperature", M, "--prompt", ""], 2, "--prompt '' is empty"),
+    ("apply-recipe-empty", ["apply", "--recipe", "", M], 5, "recipe '': name a shipped recipe"),
+    ("apply-recipe-and-surgery", ["apply", "--recipe", "temperature", "head_scale", M], 2, "not both"),
+    (
+        "apply-device-map",
+        ["apply", "temperature", M, "--device-map", "gpu9"],
+        2,
+        "'gpu9' is neither a device map",
+    ),
+    ("recipe-binary", ["apply", "--recipe", "{tmp}/binary.yaml", M], 5, "not a text file"),
+    ("recipe-key-twice", ["apply", "--recipe", "{tmp}/twice.yaml", M], 5, "key 'surgeries' twice"),
+    ("recipe-state-folder", ["apply", "--recipe", "{tmp}/statedir.yaml", M], 5, "is a folder"),
+    (
+        "inspect-arg-alone",
+        ["inspect", M, "--arg", "tau=0.8", "--out", "{tmp}/new.png"],
+        2,
+        "configure a surgery, but no surgery is named",
+    ),
+    (
+        "inspect-surgery-and-recipe",
+        ["inspect", M, "--surgery", "head_scale", "--recipe", "temperature", "--out", "{tmp}/new.png"],
+        2,
+        "give one of them",
+    ),
+    (
+        "inspect-out-exists",
+        ["inspect", M, "--out", "{tmp}/old.png"],
+        2,
+        "old.png already exists.*--overwrite",
+    ),
+    ("inspect-out-under-file", ["inspect", M, "--out", "{tmp}/a-file.txt/m.png"], 2, "a-file.txt is a file"),
+    (
+        "eval-limit-1.5",
+        ["eval", M, "--tasks", "bb_emoji_movie", "--limit", "1.5"],
+        2,
+        "neither a number of docs",
+    ),
+    (
+        "eval-out-file",
+        ["eval", M, "--tasks", "bb_emoji_movie", "--out", "{tmp}/a-file.txt"],
+        2,
+        "a-file.txt is a file",
+    ),
+    ("reproduce-binary", ["reproduce", "{tmp}/binary.yaml"], 2, "not a text file"),
+    ("reproduce-folder", ["reproduce", "{tmp}/emptydir"], 2, "is a folder"),
+    (
+        "calibrate-heads-unclosed",
+        ["calibrate", "act", M, "--data", "bb_general_knowledge", "--heads", "[0,"],
+        4,
+        "brackets",
+    ),
+    (
+        "calibrate-limit-negative",
+        ["calibrate", "act", M, "--data", "bb_general_knowledge", "--limit", "-5"],
+        2,
+        r"--limit -5 is out of range",
+    ),
+    (
+        "calibrate-out-exists",
+        ["calibrate", "act", M, "--data", "bb_general_knowledge", "--out", "{tmp}/a-file.txt"],
+        2,
+        "exists; pass --overwrite",
+    ),
+    (
+        "calibrate-records-without-choices",
+        ["calibrate", "act", M, "--data", "{tmp}/norecords.jsonl"],
+        2,
+        "norecords.jsonl: calibration record 0",
+    ),
+    (
+        "calibrate-temperature-steps",
+        ["calibrate", "temperature", M, "--data", "gutenberg_ppl", "--steps", "0"],
+        2,
+        r"--steps.*\[1, inf\)",
+    ),
+    ("calibrate-var-tau", ["calibrate", "var", M, "--tau", "-1"], 2, r"--tau.*\(0, inf\)"),
+    (
+        "train-surgery-and-recipe",
+        ["train", M, "head_scale", "--recipe", "temperature", "--out", "{tmp}/t"],
+        2,
+        "both name what to train",
+    ),
+    (
+        "train-lora-targets-alone",
+        ["train", M, "head_scale", "--lora-targets", "q_proj", "--out", "{tmp}/t"],
+        2,
+        "--lora-r is 0",
+    ),
+    ("train-out-empty", ["train", M, "head_scale", "--out", ""], 2, "--out is empty"),
+    (
+        "train-data-empty-file",
+        ["train", M, "head_scale", "--data", "{tmp}/empty.txt", "--seq-len", "16", "--out", "{tmp}/t"],
+        2,
+        "empty.txt: the file is empty",
+    ),
+    (
+        "linearize-linear-only-window",
+        ["linearize", M, "--out", "{tmp}/l", "--linear-only", "--window", "32"],
+        2,
+        "give one of them",
+    ),
+    ("linearize-out-under-file", ["linearize", M, "--out", "{tmp}/a-file.txt/l"], 2, "a-file.txt is a file"),
+    (
+        "lm-eval-no-pretrained",
+        ["lm-eval", "run", "--model", "attnsurgery", "--model_args", "surgery=temperature"]
+        + ["--tasks", "bb_emoji_movie", "--limit", "1"],
+        2,
+        "pretrained=MODEL",
+    ),
+    (
+        "lm-eval-surgery-argument",
+        [
+            "lm-eval",
+            "run",
+            "--model",
+            "attnsurgery",
+            "--model_args",
+            "pretrained={model},surgery=temperature,tau=0.8",
+        ]
+        + ["--tasks", "bb_emoji_movie", "--limit", "1"],
+        2,
+        "surgery_args=tau:0.8",
+    ),
 ]
 
 
@@ -451,6 +683,16 @@ def cli_root(tmp_path_factory):
             {"surgeries": [{"surgery": "head_scale", "args": {"trainable": True}, "state": "s.safetensors"}]}
         )
     )
+    (root / "binary.yaml").write_bytes(b"\xff\xfe\x00\x81binary")
+    (root / "twice.yaml").write_text("surgeries: [temperature]\nsurgeries: [head_scale]\n")
+    (root / "statedir").mkdir()
+    (root / "statedir.yaml").write_text(
+        "surgeries:\n  - surgery: head_scale\n    args: {trainable: true}\n    state: statedir\n"
+    )
+    (root / "old.png").write_bytes(b"an earlier plot")
+    (root / "emptydir").mkdir()
+    (root / "empty.txt").write_text("")
+    (root / "norecords.jsonl").write_text('{"foo": 1}\n')
     test = Path(include_path()) / "data" / "bb_general_knowledge.test.jsonl"
     (root / "copy.jsonl").write_text(test.read_text())  # a test split under another name
     return root
@@ -468,6 +710,16 @@ def test_cli_refuses_with_its_exit_code_and_no_traceback(
     monkeypatch.delenv("ATTNSURGERY_DEBUG", raising=False)
     argv = [a.replace("{model}", str(cli_root / "model")).replace("{tmp}", str(cli_root)) for a in argv]
     files = _files(cli_root)
+    if (
+        argv[0] == "lm-eval"
+    ):  # lm-eval's handlers keep the stderr of the first test that ran it (closed by now)
+        import logging
+        import sys
+
+        for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+            for handler in getattr(logger, "handlers", []):
+                if type(handler) is logging.StreamHandler and getattr(handler.stream, "closed", False):
+                    handler.stream = sys.stderr
     try:
         rc = main(argv)
     except SystemExit as exit_:  # argparse: usage error

@@ -45,9 +45,67 @@ def bounded(
     return parse
 
 
+def doc_limit(text: str) -> float:
+    """``--limit``: a whole number of docs (1, 50), or a fraction of each task below 1 (0.1); not 1.5, whose
+    meaning lm-eval would pick silently (it truncates to 1 doc)."""
+    value = bounded(float, 0, low_open=True)(text)
+    if value > 1 and not value.is_integer():
+        raise argparse.ArgumentTypeError(
+            f"{text} is neither a number of docs (a whole number, e.g. {int(value)}) nor a fraction of each task "
+            "(below 1, e.g. 0.5)"
+        )
+    return value
+
+
+doc_limit.__name__ = "limit"
+
+
+def dtype_name(text: str) -> str:
+    """``--dtype``: a name ``load_model`` takes (checked as it is parsed, before anything loads)."""
+    from ..models import _DTYPES
+
+    if text != "auto" and text not in _DTYPES:
+        from ..errors import did_you_mean
+
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a dtype.{did_you_mean(text, [*_DTYPES, 'auto'])} Use one of {', '.join(_DTYPES)} or auto"
+        )
+    return text
+
+
+dtype_name.__name__ = "dtype"
+
+_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def device_map_name(text: str) -> str:
+    """``--device-map``: accelerate's strategies or one device (``cpu``, ``cuda:0``), checked as it is parsed."""
+    if text in _DEVICE_MAPS or text.isdigit():  # a GPU index
+        return text
+    import torch
+
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a device map ({', '.join(_DEVICE_MAPS)}) nor a device (cpu, cuda, cuda:0, mps)"
+        ) from None
+    return text
+
+
+device_map_name.__name__ = "device map"
+
+
 def model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto (default float32)")
-    p.add_argument("--device-map", default=None, help="accelerate device map, e.g. auto")
+    p.add_argument(
+        "--dtype",
+        type=dtype_name,
+        default="float32",
+        help="float32 | bfloat16 | float16 | auto (default float32)",
+    )
+    p.add_argument(
+        "--device-map", type=device_map_name, default=None, help="accelerate device map, e.g. auto"
+    )
 
 
 def surgery_options(p: argparse.ArgumentParser) -> None:
@@ -60,7 +118,7 @@ def surgery_options(p: argparse.ArgumentParser) -> None:
 def eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--limit",
-        type=bounded(float, 0, low_open=True),
+        type=doc_limit,
         default=None,
         help="docs per task (a quick look; same docs per arm); below 1, a fraction of each task",
     )
@@ -84,11 +142,69 @@ def parse_kv(pairs: list[str] | None) -> dict[str, Any]:
         if "=" not in pair:
             raise AttnSurgeryError(f"--arg {pair!r}: write arguments as name=value, e.g. --arg tau=0.8.")
         key, value = pair.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise AttnSurgeryError(
+                f"--arg {pair!r} has no name before '='; write name=value, e.g. --arg tau=0.8."
+            )
+        if key in out:  # the last one would win without a word
+            raise AttnSurgeryError(
+                f"--arg {key} is given more than once ({key}={out[key]!r} and {pair!r}); give it once."
+            )
         try:
-            out[key.strip()] = yaml.safe_load(value)
+            out[key] = yaml.safe_load(value)
         except yaml.YAMLError:
             raise AttnSurgeryError(f"--arg {pair!r}: the value is not valid YAML.") from None
     return out
+
+
+def check_output_path(path: str | None, option: str, *, folder: bool, overwrite: bool | None = None) -> None:
+    """Refuse, before any model loads, an output that cannot be written or would replace something: an empty name,
+    a folder where a file goes (or a file where a folder goes), a path under a file or in a folder that is not
+    writable, and (``overwrite`` False: the command has ``--overwrite``) an output file that exists already."""
+    import os
+
+    from ..errors import AttnSurgeryError
+
+    if path is None:
+        return
+    if not str(path).strip():
+        raise AttnSurgeryError(f"{option} is empty; name the output {'folder' if folder else 'file'}.")
+    target = Path(path)
+    if target.exists():
+        if folder and not target.is_dir():
+            raise AttnSurgeryError(f"{option} {target} is a file; the output is a folder. Name a folder.")
+        if not folder and target.is_dir():
+            raise AttnSurgeryError(f"{option} {target} is a folder; the output is a file. Name a file.")
+        if not folder and overwrite is False:
+            raise AttnSurgeryError(
+                f"{option} {target} exists; pass --overwrite to replace it, or name another file."
+            )
+    parent = target.absolute() if folder else target.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise AttnSurgeryError(
+            f"{option} {target} cannot be written: {parent} is a file, not a folder. Name another path."
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise AttnSurgeryError(
+            f"{option} {target} cannot be written: {parent} is not writable. Name a path you can write to."
+        )
+    if not (target.exists() or _creatable(parent)):  # os.access says yes on read-only mounts (/proc)
+        raise AttnSurgeryError(
+            f"{option} {target} cannot be written: nothing can be created in {parent}. Name a path you can write to."
+        )
+
+
+def _creatable(parent: Path) -> bool:
+    import tempfile
+
+    try:
+        tempfile.TemporaryDirectory(dir=parent).cleanup()
+    except OSError:
+        return False
+    return True
 
 
 def surgery_request(args: argparse.Namespace, model_name: str):
@@ -98,9 +214,23 @@ def surgery_request(args: argparse.Namespace, model_name: str):
     from ..recipe import find_recipe
 
     kwargs = parse_kv(args.arg)
+    for name in ("layers", "heads"):
+        if getattr(args, name) is not None and name in kwargs:
+            from ..errors import AttnSurgeryError
+
+            raise AttnSurgeryError(
+                f"--arg {name}={kwargs[name]!r} and --{name} {getattr(args, name)!r} both say where the surgery acts; "
+                f"give --{name} only."
+            )
     if args.layers is not None:
         kwargs["layers"] = args.layers
     if args.heads is not None:
+        if not args.heads.strip():  # YAML reads '' as null: every head, without a word
+            from ..errors import SurgeryConfigError
+
+            raise SurgeryConfigError(
+                "--heads is empty; omit it (every head) or name heads: '[0, 3]', '0,3' or '{10: [0, 3]}'."
+            )
         try:
             kwargs["heads"] = yaml.safe_load(args.heads)
         except yaml.YAMLError:
@@ -110,7 +240,7 @@ def surgery_request(args: argparse.Namespace, model_name: str):
                 f"--heads {args.heads!r} is not a list or mapping of head indices; write '[0, 3]', '0,3' or "
                 "'{10: [0, 3]}' (brackets and braces closed)."
             ) from None
-    if args.recipe:
+    if args.recipe is not None:
         return find_recipe(args.recipe, model=model_name), kwargs
     from ..registry import get_surgery_class
 
@@ -280,6 +410,16 @@ def calibration_records(data: list[str], limit: int | None, kind: str) -> tuple[
                 raise AttnSurgeryError(
                     f"calibration data file {path}: line {err.lineno} is not JSON ({err.msg})."
                 ) from None
+            if kind == "multiple_choice":  # the file is named here, before the model loads, not after
+                from ..eval.scoring import check_choice_records
+
+                try:
+                    check_choice_records(records)
+                except AttnSurgeryError as err:
+                    raise AttnSurgeryError(
+                        f"calibration data file {path}: {err} Each line is one JSON record "
+                        "{'query': ..., 'choices': [...], 'gold': index}."
+                    ) from None
             from ..train.data import refuse_test_content
 
             texts = [r.get("text") or r.get("query") for r in records if isinstance(r, dict)]

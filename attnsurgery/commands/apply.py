@@ -70,12 +70,27 @@ def run(args: argparse.Namespace) -> int:
 
     if args.prompt is None and not args.save:
         args.prompt = DEMO_PROMPT
+    if args.prompt is not None and not args.prompt.strip():
+        raise AttnSurgeryError(
+            f"--prompt {args.prompt!r} is empty; give text to generate from, or leave --prompt out for the demo "
+            "prompt."
+        )
+    if args.overwrite and not args.save:
+        raise AttnSurgeryError(
+            "--overwrite replaces a surgery saved in --save DIR; without --save nothing is written. Add --save DIR "
+            "or drop --overwrite."
+        )
+    if args.save is not None:  # before any model loads: a run that cannot save its result is refused first
+        from ..api import check_save_folder
+
+        check_save_folder(args.save, overwrite=args.overwrite, option="--save ")
     positional = args.targets
-    if args.recipe:
+    if args.recipe is not None:
         if len(positional) != 1:
             raise AttnSurgeryError(
-                "apply --recipe R needs exactly one MODEL, e.g. `attnsurgery apply --recipe "
-                "temperature smollm2-135m`."
+                f"apply --recipe {args.recipe} needs exactly one MODEL, got {len(positional)}: "
+                f"{' '.join(repr(p) for p in positional)}. The recipe names the surgery; give SURGERY MODEL or "
+                "--recipe R MODEL, not both (e.g. `attnsurgery apply --recipe temperature smollm2-135m`)."
             )
         args.surgery, model_name = None, positional[0]
     else:
@@ -86,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
             )
         args.surgery, model_name = positional
     # no recipe made for this model: calibrate one (ACT), or refuse with --no-calibrate
-    loaded = ensure_recipe(args.recipe, model_name, args) if args.recipe else None
+    loaded = ensure_recipe(args.recipe, model_name, args) if args.recipe is not None else None
     what, kwargs = surgery_request(args, model_name)  # validate before the slow model load
     model, tokenizer = loaded or load(model_name, args)
     console = make_console()

@@ -23,7 +23,67 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     methods = p.add_subparsers(dest="method", required=True, parser_class=CalibrateParser)
     for name, help_text in commands.items():
-        methods.add_parser(name, help=help_text, surgery=name, common=model_options)
+        methods.add_parser(name, help=help_text, surgery=name, common=common_options)
+
+
+def common_options(p: argparse.ArgumentParser) -> None:
+    """What every ``calibrate <surgery>`` gets besides its own options: --dtype, --device-map, --overwrite."""
+    model_options(p)
+    if not any("--overwrite" in a.option_strings for a in p._actions):
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace an existing --out / --plot file or --save folder",
+        )
+
+
+#: options that several calibrate plugins share, checked here before the model loads (a plugin's own ``type=``
+#: may be a plain int/float): name -> (lowest value, highest value, open below)
+_RANGES = {
+    "limit": (1, None, False),
+    "batch_size": (1, None, False),
+    "head_batch": (1, None, False),
+    "max_length": (1, None, False),
+    "confidence": (0.0, 1.0, False),
+}
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse, before any model loads: numbers outside their range, a --heads that is not YAML, and outputs that
+    exist (without --overwrite) or cannot be written. Each message names the option and the value."""
+    import math
+
+    import yaml
+
+    from ..api import check_save_folder
+    from ..errors import AttnSurgeryError, SurgeryConfigError
+    from ._common import check_output_path
+
+    for name, (low, high, low_open) in _RANGES.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        bad = not math.isfinite(value) or value < low or (low_open and value == low)
+        if bad or (high is not None and value > high):
+            span = f"{'(' if low_open else '['}{low}, {'inf)' if high is None else f'{high}]'}"
+            raise AttnSurgeryError(f"{flag} {value} is out of range: it must lie in {span}.")
+    heads = getattr(args, "heads", None)
+    if isinstance(heads, str):
+        try:
+            parsed = yaml.safe_load(heads)
+        except yaml.YAMLError:
+            parsed = None
+        if parsed is None or isinstance(parsed, (bool, float)):
+            raise SurgeryConfigError(
+                f"--heads {heads!r} is not a list or mapping of head indices; write '[0, 3]', '0,3' or "
+                "'{10: [0, 3]}' (brackets and braces closed)."
+            )
+    overwrite = getattr(args, "overwrite", False)
+    for name in ("out", "plot"):
+        check_output_path(getattr(args, name, None), f"--{name}", folder=False, overwrite=overwrite)
+    if getattr(args, "save", None) is not None:
+        check_save_folder(args.save, overwrite=overwrite, option="--save ")
 
 
 def calibrate_commands() -> dict[str, str]:
@@ -63,6 +123,7 @@ class CalibrateParser(argparse.ArgumentParser):
 
 
 def run(args: argparse.Namespace) -> int:
+    check_arguments(args)
     tools = CalibrateTools(
         console=make_console(), load=lambda name: load(name, args), records=calibration_records
     )

@@ -68,10 +68,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from ..eval.text import check_tasks, evaluate_arms, make_arms, task_manager, write_report
+    from ._common import check_output_path
 
+    check_output_path(
+        args.out, "--out", folder=True
+    )  # a run that cannot write its table fails before it runs
     tasks = check_tasks([t for item in args.tasks for t in item.split(",") if t], task_manager())
     loaded = None
-    for recipe in args.recipe or []:  # `--recipe act MODEL` without a recipe for MODEL: calibrate one (cached)
+    for recipe in (
+        args.recipe or []
+    ):  # `--recipe act MODEL` without a recipe for MODEL: calibrate one (cached)
         # the model a calibration loaded is the one the arms run on (int8 loads its own), not a second load
         loaded = ensure_recipe(recipe, args.model, args, loaded) or loaded
     if args.quant == "int8":
@@ -103,9 +109,32 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0 if all(a.valid for a in report.arms) else 1
 
 
+def _check_table_file(table: str) -> None:
+    """Before the table kinds are told apart (each reader opens the file): a table is a readable YAML text file."""
+    from ..errors import AttnSurgeryError
+
+    path = Path(table)
+    if not path.exists():
+        raise AttnSurgeryError(
+            f"table file {table} does not exist (tables: evals/*.yaml, e.g. evals/mini.yaml)."
+        )
+    if not path.is_file():
+        raise AttnSurgeryError(f"table {table} is a folder; name a table YAML file, e.g. evals/mini.yaml.")
+    try:
+        path.read_text()
+    except UnicodeDecodeError:
+        raise AttnSurgeryError(
+            f"table {table} is not a text file (not UTF-8); a table is a YAML file."
+        ) from None
+    except OSError as err:
+        raise AttnSurgeryError(f"cannot read table {table}: {err.strerror}.") from None
+
+
 def run_reproduce(args: argparse.Namespace) -> int:
     from ..eval.text_tables import load_table, reproduce
     from ..eval.vision_tables import is_vlm_table
+
+    _check_table_file(args.table)
 
     if is_vlm_table(args.table):  # POPE / CHAIR tables of the VLM surgeries: their own runner, one model
         from ..eval.vision import run_vlm_table

@@ -53,8 +53,46 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--windows", type=bounded(int, 1), default=8, help="windows of --data measured")
     p.add_argument("--seq-len", type=bounded(int, 8), default=256, help="tokens per window of --data")
     p.add_argument("--batch-size", type=bounded(int, 1), default=4, help="windows of --data per forward")
+    p.add_argument("--overwrite", action="store_true", help="replace the files an earlier run wrote to --out")
     model_options(p)
     p.set_defaults(func=run)
+
+
+def _check(args: argparse.Namespace) -> None:
+    """What ``inspect`` refuses before the model loads: surgery options without a surgery, a surgery named twice,
+    an empty prompt, and outputs that cannot be written or would replace an earlier run's without --overwrite."""
+    from ..errors import AttnSurgeryError
+    from ._common import check_output_path
+
+    if args.surgery is not None and args.recipe is not None:
+        raise AttnSurgeryError(
+            f"--surgery {args.surgery} and --recipe {args.recipe} both name what to patch; give one of them."
+        )
+    if args.surgery is None and args.recipe is None:
+        given = [f"--{name}" for name in ("arg", "layers", "heads") if getattr(args, name) is not None]
+        if given:
+            raise AttnSurgeryError(
+                f"{', '.join(given)} configure a surgery, but no surgery is named (the model would be "
+                "inspected unpatched); add --surgery NAME or --recipe R, or drop them."
+            )
+    if not args.outliers and not args.prompt.strip():
+        raise AttnSurgeryError(
+            f"--prompt {args.prompt!r} is empty; give the text whose attention maps are drawn."
+        )
+    if args.outliers:
+        out = Path(args.out or "outliers")
+        check_output_path(str(out), "--out", folder=True)
+        written = [out / name for name in ("outliers.json", "outliers.md", "outliers.png")]
+    else:
+        out = Path(args.out or "attention.png")
+        check_output_path(str(out), "--out", folder=False)
+        written = [out, out.with_suffix(".json")]
+    existing = [str(p) for p in written if p.exists()]
+    if existing and not args.overwrite:
+        raise AttnSurgeryError(
+            f"--out: {', '.join(existing)} already exist{'s' if len(existing) == 1 else ''} (an earlier run); pass "
+            "--overwrite to replace, or name another --out."
+        )
 
 
 def _sink_stats(maps, threshold: float) -> list[dict[str, float]]:
@@ -131,7 +169,7 @@ def _inspect_outliers(args: argparse.Namespace) -> int:
 
     if args.windows < 1 or args.seq_len < 2:
         raise AttnSurgeryError("--windows must be at least 1 and --seq-len at least 2.")
-    request = surgery_request(args, args.model) if (args.recipe or args.surgery) else None
+    request = surgery_request(args, args.model) if (args.recipe is not None or args.surgery) else None
     model, tokenizer = load(args.model, args)
     max_context = getattr(model.config, "max_position_embeddings", None)
     if max_context is not None and args.seq_len > max_context:
@@ -182,12 +220,14 @@ def run(args: argparse.Namespace) -> int:
     from ..api import attention_maps, patch
     from ..plotting import plot_attention_grid
 
+    _check(args)
     if args.outliers:
         return _inspect_outliers(args)
-    model, tokenizer = load(args.model, args)
+    request = surgery_request(args, args.model) if (args.recipe is not None or args.surgery) else None
+    model, tokenizer = load(args.model, args)  # after every argument is checked
     handle = None
-    if args.recipe or args.surgery:
-        what, kwargs = surgery_request(args, args.model)
+    if request is not None:
+        what, kwargs = request
         handle = patch(model, what, **kwargs)
     inputs = tokenizer(args.prompt, return_tensors="pt").to(model.device)
     with make_console(stderr=True).status("recording attention ..."):

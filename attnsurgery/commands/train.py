@@ -122,6 +122,23 @@ def run(args: argparse.Namespace) -> int:
         raise AttnSurgeryError(
             "train: name a SURGERY, a --recipe, --lora-r N (LoRA alone) or --train-base attention."
         )
+    if args.surgery and args.recipe is not None:
+        raise AttnSurgeryError(
+            f"train: SURGERY {args.surgery} and --recipe {args.recipe} both name what to train; give one of them."
+        )
+    if not args.lora_r:  # LoRA options without LoRA would be ignored without a word
+        given = [
+            f"--{name.replace('_', '-')}"
+            for name in ("lora_alpha", "lora_targets", "lora_layers")
+            if getattr(args, name) is not None
+        ]
+        if given:
+            raise AttnSurgeryError(
+                f"{', '.join(given)} configure LoRA adapters, but --lora-r is 0 (no LoRA); add --lora-r N or drop them."
+            )
+    from ._common import check_output_path
+
+    check_output_path(args.out, "--out", folder=True)
     config = TrainConfig(
         objective=args.objective,
         steps=args.steps,

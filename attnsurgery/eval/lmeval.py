@@ -80,13 +80,33 @@ class _DropWiringWarnings(logging.Filter):
         return not str(record.msg).startswith(_WIRING_WARNINGS)
 
 
+def _refuse_surgery_arguments(kwargs: dict[str, Any], surgery: str | None) -> None:
+    """``--model_args surgery=temperature,tau=0.8``: ``tau`` would go to ``from_pretrained`` and fail deep inside the
+    model; say where surgery arguments go instead (before the model loads)."""
+    from ..registry import get_surgery_class
+
+    if not surgery:
+        return
+    try:
+        fields = get_surgery_class(surgery).config_class.__dataclass_fields__
+    except AttnSurgeryError:
+        return  # an unknown surgery name: patch() says so with its did-you-mean
+    for key in kwargs:
+        if key in fields:
+            raise AttnSurgeryError(
+                f"--model_args {key}={kwargs[key]!r} is an argument of the {surgery} surgery; pass it as "
+                f"surgery_args={key}:{kwargs[key]} (items separated by ';', because lm-eval splits "
+                "--model_args on commas)."
+            )
+
+
 @register_model("attnsurgery")
 class SurgeryLM(HFLM):
     """lm-eval's ``HFLM`` on an attnsurgery-patched model (see the module docstring)."""
 
     def __init__(
         self,
-        pretrained: Any,
+        pretrained: Any = None,
         recipe: str | None = None,
         surgery: str | None = None,
         surgery_args: Any = None,
@@ -98,6 +118,12 @@ class SurgeryLM(HFLM):
 
         if recipe and surgery:
             raise AttnSurgeryError("Pass either recipe=... or surgery=..., not both.")
+        if pretrained is None or isinstance(pretrained, str) and not pretrained.strip():
+            raise AttnSurgeryError(
+                "--model attnsurgery needs the model: --model_args pretrained=MODEL (an alias such as smollm2-135m, "
+                "a local folder or a hub id), e.g. --model_args pretrained=smollm2-135m,recipe=act."
+            )
+        _refuse_surgery_arguments(kwargs, surgery)
         model_name = pretrained if isinstance(pretrained, str) else None
         if isinstance(pretrained, str):
             pretrained = str(model_location(pretrained))
@@ -107,6 +133,16 @@ class SurgeryLM(HFLM):
         hf_log.addFilter(quiet)
         try:
             super().__init__(pretrained=pretrained, **kwargs)
+        except TypeError as err:  # an unknown model_args key reaches from_pretrained and the model's __init__
+            bad = [k for k in kwargs if f"'{k}'" in str(err)]
+            if "unexpected keyword argument" not in str(err) or not bad:
+                raise
+            raise AttnSurgeryError(
+                f"--model_args {bad[0]}={kwargs[bad[0]]!r}: not an argument of --model attnsurgery (recipe, surgery, "
+                "surgery_args, layers, check_outputs) nor of lm-eval's hf model (batch_size, dtype, device, "
+                "max_length ...); the model's loader refuses it too. Surgery arguments go in "
+                "surgery_args=name:value;name:value."
+            ) from None
         finally:
             hf_log.removeFilter(quiet)
         self.check_outputs = check_outputs

@@ -129,11 +129,22 @@ def load_texts(source: str) -> list[str]:
             f"{did_you_mean(name, _offline_tasks() + _corpora())} Offline tasks: {', '.join(_offline_tasks())}; "
             f"corpora: {', '.join(_corpora())}; join sources with '+'."
         )
-    if kind == "text":
-        # one document per blank-line-separated block, so validation can hold back whole documents
-        ds = datasets.load_dataset("text", data_files=files, split="train", sample_by="paragraph")
-    else:
-        ds = datasets.load_dataset("json", data_files=files, split="train")
+    if Path(files).is_file() and not Path(files).read_bytes().strip():
+        raise DataError(
+            f"{source}: the file is empty; no text to train on. Name a file with text, or an offline task."
+        )
+    try:
+        if kind == "text":
+            # one document per blank-line-separated block, so validation can hold back whole documents
+            ds = datasets.load_dataset("text", data_files=files, split="train", sample_by="paragraph")
+        else:
+            ds = datasets.load_dataset("json", data_files=files, split="train")
+    except Exception as err:  # datasets' DatasetGenerationError around a JSON or encoding error
+        cause = err.__cause__ or err.__context__ or err
+        raise DataError(
+            f"{source} cannot be read as {'text' if kind == 'text' else 'JSON lines (one object per line)'} "
+            f"({type(cause).__name__}: {str(cause).splitlines()[0][:200] if str(cause) else ''})."
+        ) from None
     texts = _texts_of(ds, source)
     if name not in _offline_tasks():  # a file (or corpus) holding a test split under another name
         refuse_test_content(texts, source)

@@ -27,13 +27,20 @@ STAGES = ("stage1", "stage2")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from attnsurgery.commands._common import (
+    from attnsurgery.commands._common import (  # checked as parsed: a bad flag fails before any load
         bounded,
-    )  # range-checked numbers: a bad flag fails before any load
+        device_map_name,
+        dtype_name,
+    )
 
     p.add_argument("model", help="model alias (smollm2-135m ...), hub id or local path")
     p.add_argument("--out", required=True, help="conversion folder (a recipe once finished)")
-    p.add_argument("--window", type=int, default=64, help="softmax window of the hybrid (LoLCATs: 64)")
+    p.add_argument(
+        "--window",
+        type=int,  # range-checked in run(), before any load
+        default=None,
+        help="softmax window of the hybrid (default 64, LoLCATs')",
+    )
     p.add_argument(
         "--linear-only", action="store_true", help="pure Hedgehog linear attention, no softmax window"
     )
@@ -73,8 +80,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--keep", choices=("last", "best"), default="best", help="ship the last or best-validation state"
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")
-    p.add_argument("--device-map", default=None)
+    p.add_argument("--dtype", type=dtype_name, default="float32", help="float32 | bfloat16 | float16 | auto")
+    p.add_argument(
+        "--device-map", type=device_map_name, default=None, help="accelerate device map, e.g. auto"
+    )
     p.add_argument("--resume", action="store_true", help="continue the conversion in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
@@ -214,6 +223,13 @@ def run(args: argparse.Namespace) -> int:
     from attnsurgery.train import TrainConfig, check_run_folder, prepare_data
 
     console = Console(stderr=True)
+    if args.linear_only and args.window is not None:
+        raise AttnSurgeryError(
+            f"linearize: --linear-only has no softmax window, so --window {args.window} would be ignored; give one "
+            "of them."
+        )
+    if args.window is None:
+        args.window = 64
     if args.window < 1:
         raise AttnSurgeryError(f"linearize: --window must be at least 1, got {args.window}.")
     if args.feature_dim < 1:
@@ -245,6 +261,9 @@ def run(args: argparse.Namespace) -> int:
 
     get_surgery_class("hedgehog").config_class.from_kwargs("hedgehog", surgery_args)
     get_surgery_class("lora").config_class.from_kwargs("lora", {"r": args.lora_r, "alpha": args.lora_alpha})
+    from attnsurgery.commands._common import check_output_path
+
+    check_output_path(args.out, "--out", folder=True)
     out = Path(args.out)
     check_run_folder(out, resume=args.resume, overwrite=args.overwrite, checkpoint=None)
     with console.status(f"loading {args.model} ..."):

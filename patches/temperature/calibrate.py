@@ -97,10 +97,10 @@ class FitResult:
         Engine.of(model).refresh()  # the loaded table switches layers on
         return handle
 
-    def save(self, model: nn.Module, directory: str | Path) -> Path:
+    def save(self, model: nn.Module, directory: str | Path, *, overwrite: bool = False) -> Path:
         """``save_surgery`` of the shipped table; ``load_surgery(model, directory)`` restores it exactly."""
         with self.apply(model) as handle:
-            return save_surgery(handle, directory)
+            return save_surgery(handle, directory, overwrite=overwrite)
 
     def summary(self) -> str:
         c = self.coef[self.layers]
@@ -405,23 +405,41 @@ def fit_temperature(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``attnsurgery calibrate temperature`` (the CLI adds MODEL, --dtype and --device-map)."""
+    """Options of ``attnsurgery calibrate temperature`` (the CLI adds MODEL, --dtype and --device-map); numbers are
+    range-checked as they are parsed, so a bad flag names itself before any load."""
+    from attnsurgery.commands._common import bounded
+
     parser.add_argument("--data", action="append", help="offline task(s) (their calibration split) or .jsonl")
     parser.add_argument(
         "--per", choices=("layer", "head"), default="layer", help="one c per layer or per head"
     )
-    parser.add_argument("--steps", type=int, default=200, help="maximum optimiser steps (default 200)")
-    parser.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default 0.01)")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per training window (default 256)")
-    parser.add_argument("--batch-size", type=int, default=1, help="windows per step (default 1)")
-    parser.add_argument("--layers", default=None, help="layers to fit, e.g. 2: (default all)")
-    parser.add_argument("--eval-every", type=int, default=25, help="validation every N steps (default 25)")
-    parser.add_argument("--patience", type=int, default=3, help="stop after N validations without gain")
     parser.add_argument(
-        "--min-c", type=float, default=0.0, help="lower bound of c (default 0, the paper's range)"
+        "--steps", type=bounded(int, 1), default=200, help="maximum optimiser steps (default 200)"
     )
-    parser.add_argument("--heldout-fraction", type=float, default=0.2, help="texts held out for perplexity")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N texts")
+    parser.add_argument(
+        "--lr", type=bounded(float, 0, low_open=True), default=0.01, help="Adam learning rate (default 0.01)"
+    )
+    parser.add_argument(
+        "--seq-len", type=bounded(int, 8), default=256, help="tokens per training window (default 256)"
+    )
+    parser.add_argument("--batch-size", type=bounded(int, 1), default=1, help="windows per step (default 1)")
+    parser.add_argument("--layers", default=None, help="layers to fit, e.g. 2: (default all)")
+    parser.add_argument(
+        "--eval-every", type=bounded(int, 1), default=25, help="validation every N steps (default 25)"
+    )
+    parser.add_argument(
+        "--patience", type=bounded(int, 1), default=3, help="stop after N validations without gain"
+    )
+    parser.add_argument(
+        "--min-c", type=bounded(float), default=0.0, help="lower bound of c (default 0, the paper's range)"
+    )
+    parser.add_argument(
+        "--heldout-fraction",
+        type=bounded(float, 0, 1, low_open=True, high_open=True),
+        default=0.2,
+        help="texts held out for perplexity",
+    )
+    parser.add_argument("--limit", type=bounded(int, 1), default=None, help="use only the first N texts")
     parser.add_argument("--save", default=None, metavar="DIR", help="save_surgery the fitted table to DIR")
     parser.add_argument("--out", default=None, help="write the recipe YAML (+ .safetensors state) here")
     parser.add_argument(
@@ -453,7 +471,7 @@ def run(args: argparse.Namespace, tools: CalibrateTools) -> int:
     )
     tools.console.print(result.summary())
     if args.save:
-        saved = result.save(model, args.save)
+        saved = result.save(model, args.save, overwrite=getattr(args, "overwrite", False))
         tools.console.print(f"saved to {saved}")
     if args.out:
         tools.wrote_recipe(

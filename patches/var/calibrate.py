@@ -134,9 +134,18 @@ def select_sink_dims(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``attnsurgery calibrate var`` (the CLI adds MODEL, --dtype and --device-map)."""
     parser.add_argument("--prompt", action="append", help="prompt (repeatable; a few defaults otherwise)")
-    parser.add_argument("--tau", type=float, default=20.0, help="|x/RMS(x)| threshold (VAR's tau)")
-    parser.add_argument("--min-fraction", type=float, default=0.5)
-    parser.add_argument("--max-dims", type=int, default=4)
+    from attnsurgery.commands._common import bounded  # a bad flag names itself before the model loads
+
+    parser.add_argument(
+        "--tau", type=bounded(float, 0, low_open=True), default=20.0, help="|x/RMS(x)| threshold (VAR's tau)"
+    )
+    parser.add_argument(
+        "--min-fraction",
+        type=bounded(float, 0, 1, low_open=True),
+        default=0.5,
+        help="share of (prompt, layer) pairs a channel must pass --tau in",
+    )
+    parser.add_argument("--max-dims", type=bounded(int, 1), default=4, help="most sink dimensions kept")
 
 
 def run(args: argparse.Namespace, tools: CalibrateTools) -> int:
