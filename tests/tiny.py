@@ -272,3 +272,17 @@ def causal(b: int, t: int, s: int | None = None) -> torch.Tensor:
     """(b, 1, t, s) bool causal pattern, the last t of s keys (decode rows see every earlier key)."""
     s = s or t
     return torch.ones(t, s, dtype=torch.bool).tril(s - t)[None, None].expand(b, 1, t, s)
+
+
+def float_noise(single, exact) -> float:
+    """max |single - exact| of a float32 result against the same computation in float64 (tensors, floats or lists),
+    and at least float32's resolution of the result (eps x max |exact|): a result that happens to round the same
+    still carries a rounding. The scale for comparing two float32 computations of one number; tests multiply it by
+    NOISE_FACTOR (a whole forward or training run) or KERNEL_NOISE_FACTOR (one op)."""
+
+    def f64(x):
+        return (x.detach() if torch.is_tensor(x) else torch.as_tensor(x)).to(torch.float64)
+
+    single, exact = f64(single), f64(exact)
+    eps = torch.finfo(torch.float32).eps
+    return max(float((single - exact).abs().max()), eps * float(exact.abs().max()))
