@@ -1,6 +1,9 @@
 """A sweep of bad inputs through every CLI subcommand and the Python API (issue 27, "what a user meets").
 
-    .venv/bin/python evals/bad_inputs.py [--out FILE] [-k SUBSTRING ...] [--json FILE]
+    .venv/bin/python evals/bad_inputs.py [--out FILE] [--jobs 2] [-k SUBSTRING ...] [--no-load] [--subprocess]
+
+(default --out evals/results/bad_inputs/results.md, with every case as JSON beside it; about 5 minutes with --jobs 2
+on a 2-core CPU).
 
 Each case is a bad input a user could plausibly type. The project standard it checks: a clear error that names the
 bad value (and the fix), before any model loads where possible; no traceback reaches a CLI user (and no bare

@@ -566,6 +566,12 @@ CLI_CASES = [
     ),
     ("inspect-out-under-file", ["inspect", M, "--out", "{tmp}/a-file.txt/m.png"], 2, "a-file.txt is a file"),
     (
+        "inspect-prompt-empty",
+        ["inspect", M, "--prompt", " ", "--out", "{tmp}/new.png"],
+        2,
+        "--prompt ' ' is empty",
+    ),
+    (
         "eval-limit-1.5",
         ["eval", M, "--tasks", "bb_emoji_movie", "--limit", "1.5"],
         2,
