@@ -13,6 +13,9 @@
 * :mod:`.training_table` / :mod:`.training_table_def` / :mod:`.training_table_report` -- ``kind: training``
   tables: train each arm, then measure it on the test split (the run; the YAML definition; ``table.md`` and the
   validation curves).
+* :mod:`.budget` / :mod:`.budget_def` / :mod:`.budget_report` -- ``kind: budget`` tables: trained surgeries
+  against their training budget (the runner and shipping; the YAML definition; the curve, its plot and the
+  extrapolation). :mod:`.longctx` -- long-context perplexity and passkey retrieval of a state.
 
 Submodules are imported on use (``lm_eval`` and ``torch`` are heavy), e.g.
 ``from attnsurgery.eval.text import evaluate_arms, make_arms``.
