@@ -86,7 +86,12 @@ def flex_ready(query: torch.Tensor, call) -> bool:
         return False
     if call.kwargs.get("s_aux") is not None or call.kwargs.get("position_bias") is not None:
         return False
-    return not has_bias(call.attention_mask)
+    mask = call.attention_mask
+    if (
+        mask is not None and mask.dim() == 4 and mask.shape[1] > 1
+    ):  # a mask per head: the block masks have one
+        return False
+    return not has_bias(mask)
 
 
 # -- compilation ---------------------------------------------------------------------------------------------

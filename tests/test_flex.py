@@ -159,6 +159,8 @@ def test_flex_paths_stay_off_where_they_do_not_apply(monkeypatch):
     biased = torch.zeros(1, 1, 8, 8)
     biased[..., 0] = 0.5
     assert not flex.flex_ready(q, SimpleNamespace(**{**vars(call), "attention_mask": biased}))
+    per_head = torch.ones(1, 2, 8, 8, dtype=torch.bool).tril()
+    assert not flex.flex_ready(q, SimpleNamespace(**{**vars(call), "attention_mask": per_head}))
     trainable = q.clone().requires_grad_()
     assert not flex.flex_ready(q, SimpleNamespace(**{**vars(call), "query": trainable}))
     monkeypatch.setattr(flex, "MODE", "0")
