@@ -187,12 +187,15 @@ def test_clipped_softmax_bf16_runs_and_is_close():
     model = tiny_model("llama", dtype=torch.bfloat16)
     ids = random_ids(1, 16)
     ref32 = tiny_model("llama")
+    with torch.no_grad():  # what bf16 costs the stock model on these inputs
+        stock = float((model(ids).logits.float() - ref32(ids).logits).abs().max())
     with patch(model, "clipped_softmax", gamma=-0.02), patch(ref32, "clipped_softmax", gamma=-0.02):
         with torch.no_grad():
             a = model(ids).logits.float()
             b = ref32(ids).logits
     assert torch.isfinite(a).all()
-    torch.testing.assert_close(a, b, atol=0.1, rtol=0.05)
+    # test_lowprec's bound: at most twice the stock model's own bf16 error
+    assert float((a - b).abs().max()) <= 2 * stock
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gemma2"])
