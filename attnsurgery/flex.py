@@ -44,8 +44,11 @@ except ImportError:  # pragma: no cover - older torch: the tiled path
 
 try:  # torch >= 2.9: return_lse is deprecated in favour of return_aux
     from torch.nn.attention.flex_attention import AuxRequest
+
+    #: built once, outside the compiled passes (a constant to the compiler, nothing to trace)
+    LSE_REQUEST = AuxRequest(lse=True)
 except ImportError:  # pragma: no cover
-    AuxRequest = None
+    LSE_REQUEST = None
 
 MODE = os.environ.get("ATTNSURGERY_FLEX", "1")
 #: flex_attention's block size (its default): block masks are built on this grid
@@ -134,10 +137,10 @@ def _flex(q, k, v, score_mod, block_mask, scale, lse: bool):
         return flex_attention(
             q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa
         )
-    if AuxRequest is not None:
+    if LSE_REQUEST is not None:
         out, aux = flex_attention(
             q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa,
-            return_aux=AuxRequest(lse=True),
+            return_aux=LSE_REQUEST,
         )  # fmt: skip
         return out, aux.lse
     return flex_attention(
