@@ -191,20 +191,12 @@ def check_output_path(path: str | None, option: str, *, folder: bool, overwrite:
         raise AttnSurgeryError(
             f"{option} {target} cannot be written: {parent} is not writable. Name a path you can write to."
         )
+    from ..api import _creatable
+
     if not (target.exists() or _creatable(parent)):  # os.access says yes on read-only mounts (/proc)
         raise AttnSurgeryError(
             f"{option} {target} cannot be written: nothing can be created in {parent}. Name a path you can write to."
         )
-
-
-def _creatable(parent: Path) -> bool:
-    import tempfile
-
-    try:
-        tempfile.TemporaryDirectory(dir=parent).cleanup()
-    except OSError:
-        return False
-    return True
 
 
 def surgery_request(args: argparse.Namespace, model_name: str):
