@@ -56,10 +56,11 @@ def _version() -> str:
     return __version__
 
 
-def _route_library_noise() -> Path:
+def route_library_noise() -> Path:
     """Messages a user can do nothing about (weight-loading bars, bitsandbytes' and kernels' offline notices,
     lm-eval's per-task hints) go to a log file instead of the console; our own progress and results stay.
-    ATTNSURGERY_VERBOSE=1 keeps everything on the console."""
+    ATTNSURGERY_VERBOSE=1 keeps everything on the console. Every entry point calls it first, `python -m` runners
+    included (the budget runner's LoRA arms printed bitsandbytes' offline kernel notice on every run)."""
     import logging
 
     root = os.environ.get("ATTNSURGERY_CACHE")
@@ -105,7 +106,7 @@ def _route_library_noise() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _route_library_noise()
+    route_library_noise()
     if argv[:1] == ["lm-eval"]:  # everything after it belongs to lm-eval's own parser
         from .eval.lmeval import harness_main
 

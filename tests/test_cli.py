@@ -97,3 +97,31 @@ def test_library_noise_goes_to_a_log_file(tmp_path):
         assert noise not in console, noise
     log = tmp_path / "cache" / "logs" / "libraries.log"
     assert not log.exists() or "Traceback" not in log.read_text()
+
+
+@pytest.mark.parametrize("module", ["attnsurgery.eval.budget", "attnsurgery.eval.longctx", "attnsurgery.train.corpora"])
+def test_python_m_runners_route_library_noise(module, tmp_path):
+    """The `python -m` runners route library noise like the CLI does: the budget runner's LoRA arms printed
+    bitsandbytes' offline kernel notice on every run. The same warnings, sent through the libraries' own loggers,
+    reach the console without the runner's main (the control) and only the log file with it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ATTNSURGERY_CACHE": str(tmp_path / "cache")}
+    env.pop("ATTNSURGERY_VERBOSE", None)
+    emit = (
+        "import logging\n"
+        "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('NOISE gemm_4bit_forward')\n"
+        "logging.getLogger('kernels._internals.hf_hub').warning('NOISE publisher trust')\n"
+    )
+    run_main = f"import importlib\ntry:\n    importlib.import_module('{module}').main(['--help'])\nexcept SystemExit:\n    pass\n"
+    control = subprocess.run([sys.executable, "-c", emit], env=env, capture_output=True, text=True, timeout=120)
+    assert "NOISE gemm_4bit_forward" in control.stderr  # unrouted, it reaches the console
+    routed = subprocess.run(
+        [sys.executable, "-c", run_main + emit], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert routed.returncode == 0, routed.stderr
+    assert "NOISE" not in routed.stdout + routed.stderr
+    log = (tmp_path / "cache" / "logs" / "libraries.log").read_text()
+    assert "NOISE gemm_4bit_forward" in log and "NOISE publisher trust" in log

@@ -388,6 +388,10 @@ def ship_states(
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
+    from ..cli import route_library_noise
+
+    route_library_noise()
+
     parser = argparse.ArgumentParser(
         prog="python -m attnsurgery.eval.budget", description=__doc__.split("\n\n")[0]
     )

@@ -188,6 +188,10 @@ def plot(results: dict[str, Any], path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
+    from ..cli import route_library_noise
+
+    route_library_noise()
+
     parser = argparse.ArgumentParser(
         prog="python -m attnsurgery.eval.longctx", description=__doc__.split("\n\n")[0]
     )

@@ -114,6 +114,9 @@ def build(name: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..cli import route_library_noise
+
+    route_library_noise()
     parser = argparse.ArgumentParser(
         prog="python -m attnsurgery.train.corpora", description=__doc__.split("\n\n")[0]
     )
