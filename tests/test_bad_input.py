@@ -616,6 +616,12 @@ CLI_CASES = [
         r"--steps.*\[1, inf\)",
     ),
     ("calibrate-var-tau", ["calibrate", "var", M, "--tau", "-1"], 2, r"--tau.*\(0, inf\)"),
+    (  # checked before any model loads: a model path that does not exist is never reached
+        "calibrate-act-beta-before-load",
+        ["calibrate", "act", "{tmp}/no-such-model", "--data", "bb_general_knowledge", "--beta", "2"],
+        4,
+        r"beta.*2",
+    ),
     (
         "train-surgery-and-recipe",
         ["train", M, "head_scale", "--recipe", "temperature", "--out", "{tmp}/t"],

@@ -336,6 +336,7 @@ def run(args: argparse.Namespace, tools: CalibrateTools) -> int:
     """Sweep, print the summary, and optionally plot (--plot) and write the recipe (--out)."""
     import yaml
 
+    _act_args(args.beta, args.threshold, args.alpha)  # a bad --beta costs a second, not a model load
     records, data = tools.records(args.data, args.limit, "multiple_choice")
     kwargs = {
         "beta": args.beta,
