@@ -12,7 +12,7 @@ import torch
 import yaml
 from attnsurgery.patches.act.calibrate import calibrate_act_heads, write_act_recipe
 from attnsurgery.patches.temperature.calibrate import fit_temperature, write_temperature_recipe
-from tiny import NOISE_FACTOR, VOCAB, random_ids, tiny_model
+from tiny import KERNEL_NOISE_FACTOR, NOISE_FACTOR, VOCAB, float_noise, random_ids, tiny_model
 
 from attnsurgery import (
     AttnSurgeryError,
@@ -89,21 +89,31 @@ def test_encode_pair_moves_context_whitespace_like_lm_eval():
     assert cont[0] == 100 + ord("y") % 20
 
 
+def score_atol(model, tok, records, **kw) -> float:
+    """KERNEL_NOISE_FACTOR x the float32 rounding of the *stock* model's choice log-likelihoods on these records
+    (against a float64 copy): the scale for two float32 computations of the same scores (batched vs one by one, fast
+    vs slow sweep). A different CPU or BLAS moves it; a wrong score misses by far more."""
+    single = score_choices(model, tok, records, **kw)
+    exact = score_choices(copy.deepcopy(model).double(), tok, records, **kw)
+    return KERNEL_NOISE_FACTOR * float_noise(single, exact)
+
+
 def test_batched_scoring_matches_one_sequence_at_a_time():
     model = tiny_model("llama")
     tok = CharTokenizer()
     records = mc_records()
+    tol = score_atol(model, tok, records, batch_size=1)
     batched = score_choices(model, tok, records, batch_size=5)
     single = score_choices(model, tok, records, batch_size=1)
     for a, b in zip(batched, single):
-        assert a == pytest.approx(b, abs=1e-4)
+        assert a == pytest.approx(b, abs=tol)
     # against a direct computation on the full logits
     ctx, cont = encode_pair(tok, records[0]["query"], records[0]["choices"][0])
     ids = torch.tensor([ctx + cont])
     with torch.no_grad():
         logp = model(ids[:, :-1]).logits.log_softmax(-1)[0]
     direct = sum(float(logp[len(ctx) - 1 + k, t]) for k, t in enumerate(cont))
-    assert batched[0][0] == pytest.approx(direct, abs=1e-4)
+    assert batched[0][0] == pytest.approx(direct, abs=tol)
 
 
 def test_bos_prefix_and_truncation():
@@ -136,6 +146,7 @@ def test_fast_sweep_equals_slow_sweep(arch):
     tok = CharTokenizer()
     records = mc_records()
     kw = dict(beta=0.3, threshold=0.08, batch_size=5, progress=False)
+    tol = score_atol(model, tok, records, batch_size=5)  # the README's claim: within float32 noise
     slow = calibrate_act_heads(model, tok, records, fast=False, **kw)
     fast = calibrate_act_heads(model, tok, records, fast=True, head_batch=3, **kw)
     assert (
@@ -146,11 +157,11 @@ def test_fast_sweep_equals_slow_sweep(arch):
     moved = 0
     for key in slow.head_ll:
         for a, b, base in zip(fast.head_ll[key], slow.head_ll[key], slow.baseline_ll):
-            assert a == pytest.approx(b, abs=2e-5)  # the README's claim: within 2e-5 nats
-            moved += max(abs(x - y) for x, y in zip(b, base)) > 1e-3
-    assert moved > 0  # ACT changed some heads' scores: the comparison is not vacuous
+            assert a == pytest.approx(b, abs=tol)
+            moved += max(abs(x - y) for x, y in zip(b, base)) > 10 * tol
+    assert moved > 0  # ACT moved some heads' scores far beyond the tolerance: the comparison is not vacuous
     for f, s in zip(fast.table(), slow.table()):
-        assert f.delta == pytest.approx(s.delta, abs=2e-5)
+        assert f.delta == pytest.approx(s.delta, abs=tol)
     # the model is left unpatched
     ids = random_ids(1, 12)
     with torch.no_grad():
@@ -161,12 +172,13 @@ def test_single_head_sweep_matches_patch():
     model = tiny_model("llama")
     tok = CharTokenizer()
     records = mc_records(4)
+    tol = score_atol(model, tok, records)
     result = calibrate_act_heads(model, tok, records, layers=[1], heads=[2], threshold=0.08, progress=False)
     assert list(result.head_ll) == [(1, 2)]
     with patch(model, "act", layers=[1], heads={1: [2]}, beta=0.4, threshold=0.08):
         direct = score_choices(model, tok, records)
     for a, b in zip(result.head_ll[(1, 2)], direct):
-        assert a == pytest.approx(b, abs=1e-4)
+        assert a == pytest.approx(b, abs=tol)
 
 
 def test_resume_skips_finished_heads_and_refuses_other_configs(tmp_path):
@@ -196,9 +208,10 @@ def test_resume_skips_finished_heads_and_refuses_other_configs(tmp_path):
     assert len(grown.head_ll) == 8 and calls  # layer 1 computed, layer 0 reused
     assert len(state.read_text().splitlines()) == 2 + 8
     fresh = calibrate_act_heads(model, tok, records, layers="0:2", threshold=0.08, progress=False)
+    tol = score_atol(model, tok, records)
     for key in fresh.head_ll:
         for a, b in zip(fresh.head_ll[key], grown.head_ll[key]):
-            assert a == pytest.approx(b, abs=1e-4)
+            assert a == pytest.approx(b, abs=tol)
 
     with pytest.raises(AttnSurgeryError, match="act differ"):
         calibrate_act_heads(model, tok, records, layers=[0], beta=0.5, threshold=0.08, state_path=state)
@@ -321,7 +334,7 @@ def test_fdr_rule_and_kept_heads_scored_together(tmp_path):
     assert "kept heads together" in result.summary()
     path = write_act_recipe(result, tmp_path / "act.yaml", "tiny-llama", heads=heads)
     cal = find_recipe(path).calibration
-    assert cal["together"]["delta"] == pytest.approx(together["delta"], abs=1e-5)
+    assert cal["together"]["delta"] == pytest.approx(together["delta"], abs=0.5e-5)  # the recipe rounds to 5 places
     assert "Benjamini-Hochberg" in cal["selection"]["rule"]
     other = write_act_recipe(result, tmp_path / "other.yaml", "tiny-llama", heads={1: [3]})
     assert "together" not in find_recipe(other).calibration  # measured for another head set
@@ -403,7 +416,9 @@ def test_fit_temperature_lowers_loss_and_touches_only_c(tmp_path):
     path = write_temperature_recipe(result, tmp_path / "temperature" / "tiny.yaml", "tiny-llama", force=True)
     assert (tmp_path / "temperature" / "tiny.safetensors").is_file()
     recipe = find_recipe(path)
-    assert recipe.calibration["heldout"]["ppl_before"] == pytest.approx(result.heldout_ppl_before, abs=1e-3)
+    assert recipe.calibration["heldout"]["ppl_before"] == pytest.approx(
+        result.heldout_ppl_before, abs=0.5e-4
+    )  # the recipe rounds to 4 places
     with patch(model, path), torch.no_grad():
         torch.testing.assert_close(model(ids).logits, expected, atol=0, rtol=0)
 
