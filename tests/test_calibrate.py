@@ -334,7 +334,9 @@ def test_fdr_rule_and_kept_heads_scored_together(tmp_path):
     assert "kept heads together" in result.summary()
     path = write_act_recipe(result, tmp_path / "act.yaml", "tiny-llama", heads=heads)
     cal = find_recipe(path).calibration
-    assert cal["together"]["delta"] == pytest.approx(together["delta"], abs=0.5e-5)  # the recipe rounds to 5 places
+    assert cal["together"]["delta"] == pytest.approx(
+        together["delta"], abs=0.5e-5
+    )  # the recipe rounds to 5 places
     assert "Benjamini-Hochberg" in cal["selection"]["rule"]
     other = write_act_recipe(result, tmp_path / "other.yaml", "tiny-llama", heads={1: [3]})
     assert "together" not in find_recipe(other).calibration  # measured for another head set
