@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 from attnsurgery.patches.var.reference import sink_tokens, var_reference
-from tiny import NOISE_FACTOR, force_real_path, stock_noise, tiny_model
+from tiny import KERNEL_NOISE_FACTOR, NOISE_FACTOR, force_real_path, stock_noise, tiny_model
 from vlm_tiny import IMAGE_TOKEN, VISION_END, VISION_START, VLM_ARCHS, prompt, tiny_vlm, vlm_inputs
 
 import attnsurgery.engine as engine_module
@@ -66,6 +66,32 @@ def _maps(model, inputs):
     finally:
         maps = engine.stop_recording()
     return {k: v[0] for k, v in maps.items()}, out
+
+
+def map_tolerances(model, inputs) -> dict[str, float]:
+    """KERNEL_NOISE_FACTOR x the float32 rounding of the *unpatched* model's attention maps on these inputs, against
+    a float64 copy, over real rows and keys: absolute ('abs'), relative ('rel') and of the row sums against 1
+    ('sums'). One edited layer is one op beyond the stock one; a different CPU or BLAS moves these, a wrong
+    redistribution does not fit under them."""
+    import copy
+
+    base, _ = _maps(model, inputs)
+    exact, _ = _maps(
+        copy.deepcopy(model).double(),
+        {k: (v.double() if v.is_floating_point() else v) for k, v in inputs.items()},
+    )
+    valid = inputs["attention_mask"].bool()
+    rows = valid[:, None, :, None] & valid[:, None, None, :]
+    noise = {"abs": 0.0, "rel": 0.0, "sums": 0.0}
+    for layer, probs in base.items():
+        err = (probs.double() - exact[layer]).abs() * rows
+        noise["abs"] = max(noise["abs"], float(err.max()))
+        noise["rel"] = max(noise["rel"], float((err / exact[layer].abs().clamp_min(1e-30)).max()))
+        noise["sums"] = max(
+            noise["sums"], float(((probs.double().sum(-1) - 1).abs() * valid[:, None, :]).max())
+        )
+    eps = torch.finfo(torch.float32).eps
+    return {k: KERNEL_NOISE_FACTOR * max(v, eps) for k, v in noise.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -159,7 +185,7 @@ def test_var_identity_settings(arch, identity):
         out = _logits(model, inputs)
     torch.testing.assert_close(_real(out, inputs), _real(ref, inputs), atol=atol(arch), rtol=0)
     with patch(model, "var", **VAR_ARGS):
-        assert (_real(_logits(model, inputs), inputs) - _real(ref, inputs)).abs().max() > 1e-3
+        assert (_real(_logits(model, inputs), inputs) - _real(ref, inputs)).abs().max() > 10 * atol(arch)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -171,6 +197,7 @@ def test_var_matches_reference_layer_by_layer(arch, side):
     valid = inputs["attention_mask"].bool()
     image = inputs["input_ids"] == IMAGE_TOKEN
     base, base_out = _maps(model, inputs)
+    tol = map_tolerances(model, inputs)
     edited_layers = 0
     for layer in (2, 3):
         with patch(model, "var", layers=[layer], **VAR_ARGS):
@@ -184,15 +211,20 @@ def test_var_matches_reference_layer_by_layer(arch, side):
         sinks = sink_tokens(hidden, [0, 1], 1.5)
         x = hidden.double()
         phi = (x[..., [0, 1]].abs() / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()).amax(-1)
-        borderline = (phi - 1.5).abs() < 1e-4  # fp32 detection vs fp64 reference at the threshold
+        # fp32 detection vs this fp64 reference can disagree only within float32 rounding of phi at the threshold
+        borderline = (phi - 1.5).abs() < KERNEL_NOISE_FACTOR * torch.finfo(torch.float32).eps * float(
+            phi.max()
+        )
         assert torch.equal(detected[~borderline], sinks[~borderline])
         expected = var_reference(base[layer], image, detected & valid, 0.3, 0.5, 0.05, query_valid=valid)
         rows = valid[:, None, :, None] & valid[:, None, None, :]
-        torch.testing.assert_close(maps[layer].double() * rows, expected * rows, atol=1e-5, rtol=1e-4)
-        edited_layers += bool((expected - base[layer].double()).abs().max() > 1e-4)
+        torch.testing.assert_close(
+            maps[layer].double() * rows, expected * rows, atol=tol["abs"], rtol=tol["rel"]
+        )
+        edited_layers += bool((expected - base[layer].double()).abs().max() > 100 * tol["abs"])
         for other in set(range(5)) - {layer}:  # earlier layers untouched
             if other < layer:
-                torch.testing.assert_close(maps[other], base[other], atol=1e-6, rtol=0)
+                torch.testing.assert_close(maps[other], base[other], atol=tol["abs"], rtol=0)
     assert edited_layers == 2
 
 
@@ -202,24 +234,27 @@ def test_var_invariants(arch):
     valid = inputs["attention_mask"].bool()
     image = inputs["input_ids"] == IMAGE_TOKEN
     base, _ = _maps(model, inputs)
+    tol = map_tolerances(model, inputs)
     with patch(model, "var", layers=[2], **VAR_ARGS):
         maps, _ = _maps(model, inputs)
         sinks = [v for k, v in Engine.of(model).request.extras.items() if k[0] == "var"][0] & valid
     a, new = base[2].double(), maps[2].double()  # (B, H, T, T)
     real_rows = valid[:, None, :]
     sums = new.sum(-1)[real_rows.expand_as(new.sum(-1))]
-    torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-5, rtol=0)  # rows sum to 1
+    torch.testing.assert_close(sums, torch.ones_like(sums), atol=tol["sums"], rtol=0)  # rows sum to 1
     assert torch.all(new >= 0)
     other = ~image & ~sinks  # non-visual, non-sink columns: unchanged
-    torch.testing.assert_close(new * other[:, None, None], a * other[:, None, None], atol=1e-6, rtol=0)
-    changed = (new - a).abs().amax(-1) > 1e-6  # (B, H, T) edited rows
+    torch.testing.assert_close(new * other[:, None, None], a * other[:, None, None], atol=tol["abs"], rtol=0)
+    changed = (new - a).abs().amax(-1) > tol["abs"]  # (B, H, T) edited rows
     assert changed.any()
     rest = image & ~sinks
     for b, h, i in changed.nonzero().tolist():
-        torch.testing.assert_close(new[b, h, i, sinks[b]], 0.3 * a[b, h, i, sinks[b]], atol=1e-6, rtol=1e-4)
-        # proportional: one factor on all visual non-sinks
+        torch.testing.assert_close(
+            new[b, h, i, sinks[b]], 0.3 * a[b, h, i, sinks[b]], atol=tol["abs"], rtol=tol["rel"]
+        )
+        # proportional: one factor on all visual non-sinks (a ratio of two maps: twice their relative rounding)
         ratio = new[b, h, i, rest[b]] / a[b, h, i, rest[b]]
-        torch.testing.assert_close(ratio, ratio[0].expand_as(ratio), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(ratio, ratio[0].expand_as(ratio), atol=0, rtol=2 * tol["rel"])
         assert ratio[0] > 1
         assert i > int(image[b].nonzero().max())  # only queries after the image
 
@@ -303,7 +338,9 @@ def test_var_last_layer(arch):
     torch.testing.assert_close(maps[3], base[3], atol=0, rtol=0)  # the paper skips the last layer
     with patch(model, "var", layers=[3], skip_last_layer=False, **VAR_ARGS):
         maps, _ = _maps(model, inputs)
-    assert (maps[3] - base[3]).abs().max() > 1e-4  # the released code modifies it
+    assert (maps[3] - base[3]).abs().max() > 100 * map_tolerances(model, inputs)[
+        "abs"
+    ]  # the released code does
 
 
 def test_var_remove_restores_and_fused_off_agrees(arch):
@@ -442,7 +479,7 @@ def test_vhr_identity_and_reference(arch):
     for layer in layers:
         assert torch.equal(chosen[layer][0], expected_heads[layer])
     torch.testing.assert_close(out, expected, atol=atol(arch), rtol=0)
-    assert (out - ref).abs().max() > 1e-3
+    assert (out - ref).abs().max() > 10 * atol(arch)
 
 
 def test_vhr_text_pass_sees_the_other_surgeries(arch):
@@ -461,8 +498,8 @@ def test_vhr_text_pass_sees_the_other_surgeries(arch):
             recorded = handle.surgeries[0]._text[3]
     hook.remove()
     stock_scaled, in_pass = seen[0], seen[1]
-    torch.testing.assert_close(in_pass, stock_scaled, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(recorded.flatten(1), stock_scaled, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(in_pass, stock_scaled, atol=0, rtol=0)
+    torch.testing.assert_close(recorded.flatten(1), stock_scaled, atol=0, rtol=0)
 
 
 def test_vhr_scales_at_most_half_and_leaves_the_rest(arch):
@@ -484,7 +521,7 @@ def test_vhr_scales_at_most_half_and_leaves_the_rest(arch):
     heads = chosen[1]  # layer 1: its input is the stock model's, so unscaled heads are bit-identical
     for b in range(3):
         torch.testing.assert_close(scaled[b][:, ~heads[b]], stock[b][:, ~heads[b]], atol=0, rtol=0)
-        torch.testing.assert_close(scaled[b][:, heads[b]], 2.0 * stock[b][:, heads[b]], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(scaled[b][:, heads[b]], 2.0 * stock[b][:, heads[b]], atol=0, rtol=0)
 
 
 def test_vhr_heads_fixed_through_decode(arch):
@@ -590,7 +627,7 @@ def test_vhr_generate_and_bad_input(arch):
     torch.testing.assert_close(out.scores[0], full, atol=atol(arch), rtol=0)
     assert all(torch.isfinite(s).all() for s in out.scores)
     assert not torch.allclose(
-        torch.stack(out.scores), torch.stack(stock.scores), atol=1e-3
+        torch.stack(out.scores), torch.stack(stock.scores), atol=10 * atol(arch), rtol=0
     )  # it changes generation
     with pytest.raises(UnsupportedModelError, match="vision-language"):
         patch(tiny_model("llama"), "vhr")
@@ -612,7 +649,7 @@ def test_var_and_vhr_compose(arch):
         with patch(model, "vhr", alpha=2.0):
             both = _logits(model, inputs)
         torch.testing.assert_close(_logits(model, inputs), var_only, atol=0, rtol=0)
-    assert (_real(both, inputs) - _real(var_only, inputs)).abs().max() > 1e-3
+    assert (_real(both, inputs) - _real(var_only, inputs)).abs().max() > 10 * atol(arch)
     assert torch.equal(_logits(model, inputs), ref)
 
 
@@ -671,7 +708,7 @@ def test_video_tokens_are_visual_tokens():
         assert torch.equal(Engine.of(model).request.image_mask, ids == VIDEO_TOKEN)
     with patch(model, "var", **VAR_ARGS), warnings.catch_warnings():
         warnings.simplefilter("error")  # no "no image tokens" notice
-        assert (_logits(model, inputs) - ref).abs().max() > 1e-3
+        assert (_logits(model, inputs) - ref).abs().max() > 10 * atol("qwen2_vl")
     with patch(model, "vhr", alpha=2.0), warnings.catch_warnings():
         warnings.simplefilter("error")
         layers = sorted(Engine.of(model).surgeries[0]._layers)
