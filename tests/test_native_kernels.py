@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import cache_kwarg, padded_batch, random_ids, tiny_model
+from tiny import cache_kwarg, logit_atol, padded_batch, random_ids, tiny_model
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -32,7 +32,6 @@ SURGERIES = [
 ARCHS = ["llama", "gemma3"]  # GQA; sliding-window + global layers with one kv head
 # not named "flash...": transformers would try to import a flash kernel by that name
 FLASH = "standin_fa2"
-ATOL = 2e-5
 
 
 def flash_standin(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -101,7 +100,7 @@ def test_flash_standin_matches_sdpa_unpatched():
         with torch.no_grad():
             ref = _model(arch, "sdpa")(ids, attention_mask=mask).logits
             out = _model(arch, FLASH)(ids, attention_mask=mask).logits
-        torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], atol=ATOL, rtol=1e-4)
+        torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], atol=logit_atol(arch), rtol=0)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -112,7 +111,7 @@ def test_flash_model_patched_equals_sdpa_model_patched(arch, surgery):
     flash = _model(arch, FLASH)
     out, _ = _run(flash, surgery, ids, mask, decode_steps=3)
     real = full_mask.bool()
-    torch.testing.assert_close(out[real], ref[real], atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(out[real], ref[real], atol=logit_atol(arch), rtol=0)
     assert flash.config._attn_implementation == FLASH  # removal hands the kernel back
 
 
@@ -194,6 +193,6 @@ def test_flex_model_patched_equals_sdpa_model_patched(arch):
         out, _ = _run(flex, surgery, ids, mask)
         real = full_mask.bool()
         torch.testing.assert_close(
-            out[real], ref[real], atol=ATOL, rtol=1e-4, msg=lambda m, s=surgery: f"{s}: {m}"
+            out[real], ref[real], atol=logit_atol(arch), rtol=0, msg=lambda m, s=surgery: f"{s}: {m}"
         )
         assert flex.config._attn_implementation == "flex_attention"

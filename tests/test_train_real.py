@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import yaml
+from tiny import KERNEL_NOISE_FACTOR, NOISE_FACTOR, float_noise
 
 from attnsurgery import load_model, patch
 from attnsurgery.cli import main
@@ -48,7 +51,10 @@ def test_train_gates_and_lora_on_smollm2(tmp_path):
     training = recipe["training"]
     before, last = training["validation"]["before"], training["validation"]["last"]
     # at init both surgeries are the identity: the kd term is 0 and the objective is the plain lm loss
-    assert before["objective"] == pytest.approx(before["lm"], abs=1e-5)
+    # (up to float32 resolution of the loss, at the model-level noise factor)
+    assert before["objective"] == pytest.approx(
+        before["lm"], abs=NOISE_FACTOR * torch.finfo(torch.float32).eps * before["lm"]
+    )
     assert all(torch.isfinite(torch.tensor([last["lm"], last["objective"]])))
     assert training["data"]["source"] == "gutenberg_ppl" and training["steps"] == 3
     # the folder is a recipe: it applies to the real model, changes it, and removal restores it exactly
@@ -75,14 +81,18 @@ def test_penalty_terms_on_smollm2_read_what_the_outlier_tables_report():
     model, tokenizer = load_model("smollm2-135m")
     text = "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of foolishness."
     ids = tokenizer(text, return_tensors="pt").input_ids
-    stats = outlier_stats(model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
+    batch = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    stats = outlier_stats(model, batch)
     assert stats.mean_sink_share > 0.2  # the sink is there to be penalised
+    # the stock model's float32 rounding of the share (against a float64 copy) is the scale
+    exact = outlier_stats(copy.deepcopy(model).double(), batch).mean_sink_share
+    tol = KERNEL_NOISE_FACTOR * float_noise(stats.mean_sink_share, exact)
     handle = patch(model, "gated_attention", form="headwise")  # identity at init
     engine = Engine.of(model)
     probe = attach_probe(model, engine)
     with torch.no_grad(), OutlierReader(engine.info.layers) as reader:
         model(ids)
-    assert float(probe.take()) == pytest.approx(stats.mean_sink_share, abs=1e-5)
+    assert float(probe.take()) == pytest.approx(stats.mean_sink_share, abs=tol)
     crest = torch.stack(reader.values)
     assert float(crest[11:28].min()) > float(crest[:10].max())  # the massive activation lives in layers 11-27
     engine.remove(probe)
