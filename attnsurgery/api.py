@@ -79,8 +79,7 @@ class SurgeryHandle:
 
 
 def _short_args(surgery: Surgery) -> str:
-    # a config may say how its defaults resolve (ACT's threshold None is 0.1): show what applies
-    args = getattr(surgery.config, "resolved_args", surgery.config.to_dict)()
+    args = surgery.resolved_args()  # what applies: ACT's threshold None is 0.1, MoH's head split on this model
     return ", ".join(f"{k}={v!r}" for k, v in args.items())
 
 

@@ -399,6 +399,12 @@ class Surgery(nn.Module):
         self.config = config
         self.targets = targets
 
+    def resolved_args(self) -> dict[str, Any]:
+        """The arguments as they apply on this model (what a handle's repr shows): defaults that resolve to a value
+        are named by it (ACT's threshold None is 0.1). A surgery whose defaults resolve only once it knows the model
+        (MoH's head split) overrides this; its ``setup`` has run by then."""
+        return getattr(self.config, "resolved_args", self.config.to_dict)()
+
     # -- life cycle ---------------------------------------------------------------------------------------
     def setup(self, model: nn.Module, engine: Any) -> None:
         """Called once when the surgery is installed (build per-layer tensors, register hooks via engine)."""

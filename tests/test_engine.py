@@ -197,3 +197,23 @@ def test_patched_model_save_pretrained_reloads_stock(tmp_path):
     assert reloaded.config._attn_implementation == "sdpa"
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize(
+    ("surgery", "args", "shown", "hidden"),
+    [
+        ("act", {}, ["threshold=0.1"], ["threshold=None"]),
+        ("moh", {}, ["shared=2", "top_k=1"], ["shared=None", "top_k=None", "active="]),  # 4 heads: 2 + 1
+        ("moh", {"active": 0.75}, ["shared=2", "top_k=1"], ["top_k=None", "active="]),
+        ("moh", {"shared": 1}, ["shared=1", "top_k=1"], ["top_k=None"]),
+    ],
+)
+def test_handle_repr_shows_the_values_that_apply(surgery, args, shown, hidden):
+    """A default that resolves (ACT's threshold, MoH's head split on this model) is shown as what applies."""
+    model = tiny_model("llama")
+    with patch(model, surgery, **args) as handle:
+        text = repr(handle)
+    for part in shown:
+        assert part in text, text
+    for part in hidden:
+        assert part not in text, text

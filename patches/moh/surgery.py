@@ -127,6 +127,15 @@ class MoHSurgery(Surgery):
     #: every routed head kept: the exact identity, through the gathered kernel
     identity_args = {"active": 1.0}
 
+    def resolved_args(self) -> dict[str, Any]:
+        """shared / top_k as this model's head count resolves them (None -> MoH-LLaMA3's split, or from 'active'),
+        ("active" is then implied by them and not repeated)."""
+        args = super().resolved_args()
+        if hasattr(self, "num_shared"):  # set up on a model
+            args.update(shared=self.num_shared, top_k=self.top_k)
+            args.pop("active", None)
+        return args
+
     # -- set-up --------------------------------------------------------------------------------------------------
     def setup(self, model: Any, engine: Any) -> None:
         info, config = engine.info, self.config
