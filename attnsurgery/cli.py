@@ -72,6 +72,7 @@ def route_library_noise() -> Path:
         "HF_HUB_DISABLE_PROGRESS_BARS", "1"
     )  # transformers' "Loading weights", datasets' splits
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
     class LazyFileHandler(logging.FileHandler):
         """Opens (and creates the folder of) its file at the first message only: a command that logs nothing, or is
         refused, leaves no cache folder behind."""
@@ -80,7 +81,9 @@ def route_library_noise() -> Path:
             Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
             return super()._open()
 
-        def handleError(self, record: logging.LogRecord) -> None:  # an unwritable cache: drop the noise, never fail
+        def handleError(
+            self, record: logging.LogRecord
+        ) -> None:  # an unwritable cache: drop the noise, never fail
             pass
 
     handler: logging.Handler = LazyFileHandler(path, delay=True)
