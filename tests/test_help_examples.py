@@ -11,6 +11,7 @@ import pytest
 
 from attnsurgery.cli import build_parser
 from attnsurgery.recipe import find_recipe
+from attnsurgery.registry import get_surgery_class
 
 ROOT = Path(__file__).parent.parent
 
@@ -96,3 +97,34 @@ def test_readme_says_which_defaults_edit_the_model():
         edits = any(defaults.get(k) != repr(v) for k, v in cls.identity_args.items())
         assert info.name in rows, f"README's surgery table lacks {info.name}"
         assert rows[info.name].startswith("edits") == edits, (info.name, rows[info.name])
+
+
+def _help_commands() -> list[str]:
+    """Example command lines in every --help text: whole lines starting 'attnsurgery ' (a trailing '(...)' note
+    dropped) and inline '(e.g. attnsurgery ...)' examples; usage templates in capitals are skipped."""
+    commands = []
+    for text in _help_texts().values():
+        for line in text.splitlines():
+            line = line.strip()
+            commands += re.findall(r"\(e\.g\. (attnsurgery [^)]*)\)", line)
+            if line.startswith("attnsurgery ") and not re.search(r"\b[A-Z]{4,}\b", line.split("(")[0]):
+                commands.append(re.split(r"\s{2,}\(", line)[0])
+    return commands
+
+
+def test_help_example_commands_parse():
+    commands = _help_commands()
+    assert len(commands) >= 7, commands  # apply x2, inspect x2, eval, calibrate, train, linearize
+    parser = build_parser()
+    for line in commands:
+        argv = [a.replace("...", "x") for a in shlex.split(line)[1:]]
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as err:
+            pytest.fail(f"--help example does not parse: {line} (exit {err.code})")
+        # and what it names resolves: the surgery (apply's first target, train's surgery) is registered
+        named = getattr(args, "surgery", None) or (
+            args.targets[0] if len(getattr(args, "targets", [])) > 1 else None
+        )
+        if named is not None:
+            get_surgery_class(named)  # raises UnknownSurgeryError with a did-you-mean
