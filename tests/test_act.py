@@ -373,7 +373,8 @@ def test_fused_equals_tiled_on_softcapped_gemma2_prefill_and_decode():
         stock = model(ids, attention_mask=mask).logits
     real = mask.bool()
     torch.testing.assert_close(fused[real], tiled[real], atol=logit_atol("gemma2"), rtol=0)
-    assert (fused[real] - stock[real]).abs().max() > 1e-3
+    # ACT edited something: the logits move by far more than the tolerance the two paths agree to
+    assert (fused[real] - stock[real]).abs().max() > 10 * logit_atol("gemma2")
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
@@ -402,7 +403,7 @@ def test_fused_equals_reference_with_additive_float_mask(arch):
     torch.testing.assert_close(tiled_maps[1], expected, atol=map_atol(arch), rtol=0)
     # something was edited: the edit moves the map by more than the stock model's float noise in its maps
     assert (expected - base[1].float()).abs().max() > map_atol(arch)
-    assert (fused - unbiased).abs().max() > 1e-3  # the bias matters
+    assert (fused - unbiased).abs().max() > 10 * logit_atol(arch)  # the bias matters, far beyond rounding
 
 
 def test_handle_repr_shows_the_threshold_that_applies():
