@@ -130,6 +130,21 @@ def test_identity_arm_equals_baseline_and_patched_arm_differs(include, loaded, t
     assert loaded[0].config._attn_implementation == "sdpa"
 
 
+def test_an_arm_outside_a_git_repository_prints_no_git_error(include, loaded, tmp_path, monkeypatch, capfd):
+    """lm-eval probes the working directory's git commit with the console as git's stderr; run from a folder that
+    is no repository, every arm printed "fatal: not a git repository". The control shows lm-eval's own probe does."""
+    from lm_eval.loggers.utils import get_git_commit_hash
+
+    outside = tmp_path / "not-a-repo"
+    outside.mkdir()
+    monkeypatch.chdir(outside)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # never find a repository above it
+    get_git_commit_hash()
+    assert "not a git repository" in capfd.readouterr().err  # the control: the unwrapped probe prints it
+    evaluate_arms("tiny", _arms(SHARPEN), ["t_mc"], loaded=loaded, cache_dir=tmp_path / "cache", limit=2)
+    assert "not a git repository" not in capfd.readouterr().err
+
+
 def test_arms_are_cached_and_rerun_skips_them(include, loaded, tmp_path, monkeypatch):
     evaluate_arms("tiny", _arms(SHARPEN), ["t_mc"], loaded=loaded, cache_dir=tmp_path, limit=4)
     seen = []

@@ -306,6 +306,33 @@ def _quiet_int8_casts() -> Iterator[None]:
         log.removeFilter(keep)
 
 
+@contextmanager
+def _quiet_git_probe() -> Iterator[None]:
+    """lm-eval records the git commit of the working directory by running ``git describe`` with the console as its
+    stderr: outside a repository every arm printed "fatal: not a git repository". Same probe, stderr discarded
+    (None outside a repository, as lm-eval's own fallback gives); left alone if lm-eval no longer has it."""
+    import subprocess
+
+    import lm_eval.evaluator as evaluator
+
+    original = getattr(evaluator, "get_git_commit_hash", None)
+
+    def quiet() -> str | None:
+        try:
+            done = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=True)
+        except (subprocess.CalledProcessError, OSError):
+            return None
+        return done.stdout.strip() or None
+
+    if original is not None:
+        evaluator.get_git_commit_hash = quiet
+    try:
+        yield
+    finally:
+        if original is not None:
+            evaluator.get_git_commit_hash = original
+
+
 def run_arm(
     loaded: tuple[Any, Any],
     arm: Arm,
@@ -342,7 +369,7 @@ def run_arm(
             }
         lm = SurgeryLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         start = time.perf_counter()
-        with _quiet_int8_casts():
+        with _quiet_int8_casts(), _quiet_git_probe():
             raw = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=list(tasks),
