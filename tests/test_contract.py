@@ -85,7 +85,8 @@ def test_example_args_change_the_model(arch, surgery):
     ref = logits(model, ids)
     with patch(model, surgery, **get_surgery_class(surgery).example_args):
         out = logits(model, ids)
-    assert (out - ref).abs().max() > 1e-3
+    # the example settings edit the model far beyond the tolerance its exactness checks use
+    assert (out - ref).abs().max() > 10 * logit_atol(arch)
 
 
 def test_remove_restores_bit_for_bit(arch, surgery):
@@ -159,7 +160,8 @@ def test_causal_mask_is_kept(arch, surgery):
     with patch(model, surgery, **get_surgery_class(surgery).example_args):
         a, b = logits(model, ids), logits(model, changed)
     torch.testing.assert_close(a[:, :10], b[:, :10], atol=logit_atol(arch), rtol=0)
-    assert (a[:, 10:] - b[:, 10:]).abs().max() > 1e-4
+    # ... and the changed tokens really do move the later logits, far beyond that tolerance
+    assert (a[:, 10:] - b[:, 10:]).abs().max() > 10 * logit_atol(arch)
 
 
 def test_save_load_round_trip(arch, surgery, tmp_path):
@@ -184,7 +186,7 @@ def test_composition_and_partial_removal(arch):
     h = patch(model, "head_scale", heads=[0, 1], scale=0.5)
     c = patch(model, "clipped_softmax", gamma=-0.02, layers="1:")
     all_three = logits(model, ids)
-    assert (all_three - only_t).abs().max() > 1e-3
+    assert (all_three - only_t).abs().max() > 10 * logit_atol(arch)  # the other two act, beyond rounding
     h.remove()
     c.remove()
     torch.testing.assert_close(logits(model, ids), only_t, atol=0, rtol=0)
