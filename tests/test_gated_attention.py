@@ -94,7 +94,8 @@ def test_matches_reference(arch, form, heads):
     head_map = None if heads is None else {layer: heads for layer in gates}
     with gated_reference(model, gates, form, scale, head_map):
         ref = logits(model, ids)
-    assert (fast - base).abs().max() > 1e-2
+    # the gates edit the model far beyond the tolerance the fast path and the reference agree to
+    assert (fast - base).abs().max() > 10 * logit_atol(arch)
     torch.testing.assert_close(fast, ref, atol=logit_atol(arch), rtol=0)
 
 
