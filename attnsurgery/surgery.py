@@ -279,8 +279,9 @@ class SurgeryConfig:
                 bad = bad or (lo is not None and (x < lo or (meta["low_open"] and x == lo)))
                 bad = bad or (hi is not None and (x > hi or (meta["high_open"] and x == hi)))
                 if bad:
+                    shown = value if isinstance(value, (int, float)) else x  # r=0 as given, not as 0.0
                     raise SurgeryConfigError(
-                        f"argument {f.name}={x!r} is out of range: it must lie in {_range_text(meta)}. "
+                        f"argument {f.name}={shown!r} is out of range: it must lie in {_range_text(meta)}. "
                         f"{meta['doc']}"
                     )
 

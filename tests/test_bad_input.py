@@ -118,7 +118,7 @@ API_CASES = [
     ("trainable-maybe", _p("head_scale", trainable="maybe"), "true or false"),
     ("trainable-one", _p("head_scale", trainable=1), "true or false"),
     ("lora-r-fraction", _p("lora", r=2.5), "whole number"),
-    ("lora-r-zero", _p("lora", r=0), "out of range"),
+    ("lora-r-zero", _p("lora", r=0), r"r=0 is out of range"),  # as given, not as 0.0
     ("lora-r-word", _p("lora", r="eight"), "whole number"),
     ("lora-targets-number", _p("lora", targets=5), "name"),
     ("lora-targets-unknown", _p("lora", targets="qq_proj"), "qq_proj"),
@@ -506,7 +506,7 @@ CLI_CASES = [
         "apply-arg-twice",
         ["apply", "temperature", M, "--arg", "tau=0.8", "--arg", "tau=0.9"],
         2,
-        "more than once",
+        r"more than once \(tau=0.8 and tau=0.9\)",
     ),
     ("apply-arg-no-name", ["apply", "temperature", M, "--arg", "=0.8"], 2, "no name before '='"),
     (

@@ -138,6 +138,7 @@ def parse_kv(pairs: list[str] | None) -> dict[str, Any]:
     from ..errors import AttnSurgeryError
 
     out: dict[str, Any] = {}
+    given: dict[str, str] = {}  # as typed, for the message
     for pair in pairs or []:
         if "=" not in pair:
             raise AttnSurgeryError(f"--arg {pair!r}: write arguments as name=value, e.g. --arg tau=0.8.")
@@ -149,8 +150,9 @@ def parse_kv(pairs: list[str] | None) -> dict[str, Any]:
             )
         if key in out:  # the last one would win without a word
             raise AttnSurgeryError(
-                f"--arg {key} is given more than once ({key}={out[key]!r} and {pair!r}); give it once."
+                f"--arg {key} is given more than once ({given[key]} and {pair.strip()}); give it once."
             )
+        given[key] = pair.strip()
         try:
             out[key] = yaml.safe_load(value)
         except yaml.YAMLError:
