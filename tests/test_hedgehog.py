@@ -98,7 +98,7 @@ def test_chunked_equals_quadratic_reference_equals_recurrent(window):
         torch.testing.assert_close(y.double(), ref, atol=atol, rtol=0)
     if window not in (None, 64):  # the tolerance sees a one-key shift of the window
         other = hybrid_reference(q, k, v, fq, fk, **{**kw, "window": window + 1})
-        assert (other - ref).abs().max() > 1e-2
+        assert (other - ref).abs().max() > 10 * atol
 
 
 def test_affine_factor_and_softcap_match_the_reference():
@@ -107,9 +107,10 @@ def test_affine_factor_and_softcap_match_the_reference():
     kw = dict(window=4, gamma=gamma, linear_factor=1 - gamma, scaling=0.3, softcap=2.0)
     ref = hybrid_reference(q, k, v, fq, fk, **kw)
     y, _, _ = hybrid_attention(q, k, v, fq, fk, chunk=5, **kw)
-    torch.testing.assert_close(y.double(), ref, atol=kernel_atol(q, k, v, causal(2, 37), 0.3)["out"], rtol=0)
+    atol = kernel_atol(q, k, v, causal(2, 37), 0.3)["out"]
+    torch.testing.assert_close(y.double(), ref, atol=atol, rtol=0)
     uncapped = hybrid_reference(q, k, v, fq, fk, **{**kw, "softcap": None})
-    assert (uncapped - ref).abs().max() > 1e-2
+    assert (uncapped - ref).abs().max() > 10 * atol  # the cap bites: the tolerance would see it dropped
 
 
 def test_hybrid_shares_one_normaliser():
@@ -176,7 +177,7 @@ def test_identity_runs_the_hybrid_kernel(monkeypatch):
         with patch(
             model, "hedgehog", window=23, init="random"
         ):  # one key on the linear side: not the identity
-            assert (logits(model, ids) - ref).abs().max() > 1e-3
+            assert (logits(model, ids) - ref).abs().max() > 10 * logit_atol(arch)
     assert calls and set(calls) == {None, 24, 23}
 
 
@@ -295,7 +296,7 @@ def test_save_load_remove_and_sliding_layers_kept():
     handle = patch(model, "hedgehog", window=4, feature_dim=8, init="random")
     assert handle.surgeries[0].skipped == [0, 1, 3] and list(handle.surgeries[0].maps) == ["2"]
     expected = logits(model, ids)
-    assert (expected - ref).abs().max() > 1e-3
+    assert (expected - ref).abs().max() > 10 * logit_atol("gemma3")  # layer 2 linearized, beyond rounding
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
