@@ -31,7 +31,8 @@ def test_identity_init_runs_the_adapters_and_equals_base(arch):
             next(iter(surgery.adapters.values()))["B"].weight.normal_(
                 0, 0.1
             )  # not a constant: LayerNorm removes those
-        assert (logits(model, ids) - ref).abs().max() > 1e-3
+        # ... far beyond the tolerance the identity check above uses
+        assert (logits(model, ids) - ref).abs().max() > 10 * logit_atol(arch)
     assert torch.equal(logits(model, ids), ref)
 
 

@@ -122,7 +122,8 @@ def test_query_norm_fast_matches_masked_and_reference(arch, side, monkeypatch):
     layers = list(range(1, model.config.num_hidden_layers))
     with moh_reference(model, layers, shared, top_k):
         ref = logits(model, ids, **kw)
-    assert (fast - base)[real].abs().max() > 1e-2
+    # routing heads off edits the model far beyond the tolerance the three paths agree to
+    assert (fast - base)[real].abs().max() > 10 * logit_atol(arch)
     torch.testing.assert_close(fast[real], masked[real], atol=logit_atol(arch), rtol=0)
     torch.testing.assert_close(fast[real], ref[real], atol=logit_atol(arch), rtol=0)
 
@@ -152,7 +153,8 @@ def test_learned_fast_matches_masked_and_reference(arch, gates, monkeypatch):
     masked_handle.remove()
     with moh_reference(model, sorted(params), 1, 2, router=params, binary=gates == "binary"):
         ref = logits(model, ids, **kw)
-    assert (fast - base)[real].abs().max() > 1e-2
+    # as above: the routing edits the model far beyond the tolerance the three paths agree to
+    assert (fast - base)[real].abs().max() > 10 * logit_atol(arch)
     torch.testing.assert_close(fast[real], masked[real], atol=logit_atol(arch), rtol=0)
     torch.testing.assert_close(fast[real], ref[real], atol=logit_atol(arch), rtol=0)
 

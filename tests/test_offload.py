@@ -38,7 +38,7 @@ def test_device_map_with_offload(tmp_path):
             )
         with patch(model, "clipped_softmax", gamma=-0.02, layers=[1]):
             out = model(ids).logits
-        assert (out - ref).abs().max() > 1e-4
+        assert (out - ref).abs().max() > 10 * logit_atol("llama")  # far beyond the tolerance above
         assert torch.equal(model(ids).logits, ref)
     assert {n: getattr(m, "_hf_hook", None) for n, m in model.named_modules()} == hooks_before
 
@@ -76,7 +76,9 @@ def test_bitsandbytes_quantised_model(tmp_path, flag):
             # (one surgery at a time: ACT's discrete sink sets can flip under the noise when stacked on others)
             assert (out - out32).abs().max() <= 1.5 * quant_error + 1e-4, name
         with patch(model, "temperature", tau=0.7), patch(model, "act", beta=0.3, threshold=0.08):
-            assert (model(ids).logits - ref).abs().max() > 1e-3
+            # quantisation, not float noise, is this model's scale: the stack stands out of it as each surgery
+            # alone does in fp32 above (measured: 21x / 1.9x this bound for 8 / 4 bits)
+            assert (model(ids).logits - ref).abs().max() > 3 * quant_error
         assert torch.equal(model(ids).logits, ref)
     with pytest.raises(SurgeryConfigError, match="quantised"):  # its weights cannot train: LoRA can
         patch(model, "finetune")
