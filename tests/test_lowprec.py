@@ -23,7 +23,7 @@ import copy
 
 import pytest
 import torch
-from tiny import ARCHS, random_ids, tiny_model
+from tiny import ARCHS, NOISE_FACTOR, random_ids, stock_noise, tiny_model
 from vlm_tiny import prompt, tiny_vlm, vlm_inputs
 
 import attnsurgery.engine as engine_module
@@ -100,11 +100,17 @@ def _check(models, feeds, name, args, dtype, real=None):
         diff = (logits[dtype] - logits["fp32"]).abs()
         return float((diff if real is None else diff[real]).max())
 
+    fp32 = dict(feeds["fp32"])
+    # the fp32 logit tolerance of the stock model on these inputs: NOISE_FACTOR x its own fp32 rounding
+    atol = NOISE_FACTOR * stock_noise(models["fp32"], fp32.pop("input_ids"), **fp32)
     stock, _ = _run(models, feeds, None, {})
     out, sinks = _run(models, feeds, name, args)
     ideal, _ = _run(models, feeds, name, args, core=True)
     changed = (out["fp32"] - stock["fp32"]).abs()
-    assert (changed if real is None else changed[real]).max() > 1e-3, "the settings must change the model"
+    # in fp32, far beyond its rounding (measured: >= 300x this bound, and >= 7x the stock model's bf16 error)
+    assert (changed if real is None else changed[real]).max() > 10 * atol, (
+        "the settings must change the model"
+    )
     for layer, found in sinks["fp32"].items():  # no sink flipped across the threshold by rounding
         assert torch.equal(sinks[dtype][layer], found), f"sink set of {layer} differs in {dtype}"
     err, err_stock, err_core = error(out), error(stock), error(ideal)
