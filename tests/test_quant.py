@@ -162,7 +162,8 @@ def test_model_ranges_are_static_across_batch_mates():
             finally:
                 handle.remove()
     torch.testing.assert_close(together[:1], alone, atol=logit_atol("llama"), rtol=0)
-    assert (together[1] - alone[0]).abs().max() > 1e-2
+    # the batch mate is another input (not a copy of row 0): its logits differ far beyond the tolerance above
+    assert (together[1] - alone[0]).abs().max() > 10 * logit_atol("llama")
 
 
 def test_padding_left_out_of_ranges():
@@ -207,7 +208,11 @@ def test_remove_restores_bit_for_bit(arch):
     assert len(handle.weight_ranges) == len(_linears(model)) > 0  # every decoder linear / Conv1D
     with torch.no_grad():
         quantised = model(ids).logits
-    assert torch.isfinite(quantised).all() and (quantised - ref).abs().max() > 1e-4
+    # W8A8 changed the logits beyond float rounding (measured: 0.04-0.11, >= 370x this bound). Float noise, not
+    # the quantisation step, is the scale of this check: it asks whether the quantiser ran at all; that it
+    # quantises to int8 is the grid check below
+    assert torch.isfinite(quantised).all()
+    assert (quantised - ref).abs().max() > 10 * logit_atol(arch)
     # weights sit on their int8 grid: integer multiples of a / 127 in [-128, 127]
     for name, module in discover(model).decoder.named_modules():
         if name in handle.weight_ranges:

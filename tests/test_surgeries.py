@@ -70,8 +70,8 @@ def test_position_temperature_uses_real_positions_under_left_padding():
             out = model(ids, **kw).logits
     torch.testing.assert_close(out[0, 0], ref[0, 0], atol=atol, rtol=0)
     torch.testing.assert_close(out[1, 5], ref[1, 5], atol=atol, rtol=0)
-    # literal: how large c = 0.5's effect on later tokens is (thousands of times the tolerance), not a noise bound
-    assert (out[1, 6:] - ref[1, 6:]).abs().max() > 1e-3
+    # ... while later tokens (n > 1) move far beyond that tolerance
+    assert (out[1, 6:] - ref[1, 6:]).abs().max() > 10 * atol
 
 
 def test_entropy_non_increasing_in_c():
@@ -252,7 +252,7 @@ def test_var_fused_equals_tiled_with_additive_float_mask():
     ids = inputs.pop("input_ids")
     atol = NOISE_FACTOR * stock_noise(model, ids, **inputs)
     torch.testing.assert_close(fused, tiled, atol=atol, rtol=0)
-    assert (fused - unbiased).abs().max() > 1e-3
+    assert (fused - unbiased).abs().max() > 10 * atol  # the bias matters, far beyond the paths' tolerance
 
 
 def test_attention_sinks_are_refused_on_every_own_kernel():
