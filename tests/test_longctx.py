@@ -3,8 +3,10 @@ sits at its depth, and perplexity by window length separates a windowed hybrid f
 
 from __future__ import annotations
 
+import copy
+
 import pytest
-from tiny import tiny_model, tiny_tokenizer
+from tiny import NOISE_FACTOR, float_noise, tiny_model, tiny_tokenizer
 
 from attnsurgery import patch
 from attnsurgery.errors import AttnSurgeryError
@@ -31,10 +33,14 @@ def test_hybrid_equals_softmax_inside_its_window_and_not_past_it(tmp_path):
     )
     base, hyb = results["arms"]["baseline"], results["arms"]["hybrid-w32"]
     assert base["32"]["windows"] == 2 and base["128"]["windows"] == 2
-    assert hyb["32"]["ppl"] == pytest.approx(
-        base["32"]["ppl"], rel=1e-5
-    )  # all keys inside the window: softmax
-    assert abs(hyb["128"]["ppl"] / base["128"]["ppl"] - 1) > 1e-3  # past it, the linear part speaks
+    # NOISE_FACTOR x the stock model's own float32 rounding of each perplexity (against a float64 copy)
+    double = copy.deepcopy(model).double()
+    exact = evaluate_long_context(double, tok, [("baseline", None)], [32, 128], ppl_windows=2, passkey=0)
+    tol = {n: NOISE_FACTOR * float_noise(base[n]["ppl"], exact["arms"]["baseline"][n]["ppl"]) for n in base}
+    # all keys inside the window: softmax, to rounding
+    assert hyb["32"]["ppl"] == pytest.approx(base["32"]["ppl"], abs=tol["32"], rel=0)
+    # past it, the linear part speaks: far beyond rounding (measured: 0.25 against 10 x 7.6e-4)
+    assert abs(hyb["128"]["ppl"] - base["128"]["ppl"]) > 10 * tol["128"]
     assert 0 <= base["128"]["passkey_accuracy"] <= 1 and base["128"]["passkey_trials"] == 2
     assert "hybrid-w32" in render(results)
     assert plot(results, tmp_path / "l.png").is_file()
