@@ -402,7 +402,7 @@ def test_fused_equals_reference_with_additive_float_mask(arch):
     expected = act_reference(base[1], 0.3, 0.08).float()
     torch.testing.assert_close(tiled_maps[1], expected, atol=map_atol(arch), rtol=0)
     # something was edited: the edit moves the map by more than the stock model's float noise in its maps
-    assert (expected - base[1].float()).abs().max() > map_atol(arch)
+    assert (expected - base[1].float()).abs().max() > 10 * map_atol(arch)
     assert (fused - unbiased).abs().max() > 10 * logit_atol(arch)  # the bias matters, far beyond rounding
 
 

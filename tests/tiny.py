@@ -281,7 +281,8 @@ def float_noise(single, exact) -> float:
     NOISE_FACTOR (a whole forward or training run) or KERNEL_NOISE_FACTOR (one op)."""
 
     def f64(x):
-        return (x.detach() if torch.is_tensor(x) else torch.as_tensor(x)).to(torch.float64)
+        # Python floats are doubles: convert them as such (as_tensor's default float32 would round them first)
+        return x.detach().to(torch.float64) if torch.is_tensor(x) else torch.as_tensor(x, dtype=torch.float64)
 
     single, exact = f64(single), f64(exact)
     eps = torch.finfo(torch.float32).eps
