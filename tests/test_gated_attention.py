@@ -62,10 +62,10 @@ def test_identity_at_init(arch, form, gate_init):
     with patch(model, "gated_attention", form=form, gate_init=gate_init) as handle:
         out = logits(model, ids)
         means = handle.surgeries[0].mean_gates()
-    assert (out - ref).abs().max() <= 1e-6
-    # the gates really ran on every layer (no short-circuit), and all start at 1
+    assert (out - ref).abs().max() <= logit_atol(arch)
+    # the gates really ran on every layer (no short-circuit), and all start at 1 (to float32 rounding of a mean)
     assert sorted(means) == list(range(model.config.num_hidden_layers))
-    assert all(abs(v - 1.0) <= 1e-6 for v in means.values())
+    assert all(abs(v - 1.0) <= KERNEL_NOISE_FACTOR * torch.finfo(torch.float32).eps for v in means.values())
     if gate_init == 0.5:
         assert torch.equal(out, ref)  # 2 * sigmoid(0) == 1 exactly
 

@@ -74,7 +74,9 @@ def test_bitsandbytes_quantised_model(tmp_path, flag):
             assert (out32 - full(ids).logits).abs().max() > 3 * quant_error, name
             # ... and on the quantised model it does what it does in fp32, to the quantisation's own error
             # (one surgery at a time: ACT's discrete sink sets can flip under the noise when stacked on others)
-            assert (out - out32).abs().max() <= 1.5 * quant_error + 1e-4, name
+            assert (out - out32).abs().max() <= 1.5 * quant_error + logit_atol("llama"), (
+                name
+            )  # + fp32 rounding
         with patch(model, "temperature", tau=0.7), patch(model, "act", beta=0.3, threshold=0.08):
             # quantisation, not float noise, is this model's scale: the stack stands out of it as each surgery
             # alone does in fp32 above (measured: 21x / 1.9x this bound for 8 / 4 bits)
