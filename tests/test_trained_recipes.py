@@ -4,8 +4,11 @@ trained surgery without training it."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from tiny import NOISE_FACTOR, float_noise
 
 from attnsurgery import find_recipe, list_recipes, patch
 
@@ -50,7 +53,11 @@ def _model_and_baseline(model_name: str, data: str, seq_len: int, windows: int):
         model, tokenizer = load_model(model_name)
         test = _test_windows(tokenizer, data, seq_len, windows)
         with torch.no_grad():
-            _LOADED[key] = (model, test, perplexity(model, test))
+            baseline = perplexity(model, test)
+            # the stock model's float32 rounding of this perplexity (against a float64 copy) on this machine: the
+            # scale for reproducing a perplexity recorded on another
+            noise = float_noise(baseline, perplexity(copy.deepcopy(model).double(), test))
+        _LOADED[key] = (model, test, baseline, NOISE_FACTOR * noise)
     return _LOADED[key]
 
 
@@ -62,17 +69,19 @@ def test_trained_recipe_reproduces_its_recorded_perplexity(name):
     recipe = find_recipe(name)
     point = recipe.training["point"]
     ev = point["eval"]
-    model, test, baseline = _model_and_baseline(recipe.model, ev["data"], ev["seq_len"], ev["windows"])
+    model, test, baseline, tol = _model_and_baseline(recipe.model, ev["data"], ev["seq_len"], ev["windows"])
     with torch.no_grad():
         reference = model(test[:1]).logits
         with patch(model, name):
             trained = perplexity(model, test)
         assert torch.equal(model(test[:1]).logits, reference)  # removed: the model is itself again
-    # fp32 perplexity over thousands of tokens moves by ~1e-5 relative between machines; a wrong or untrained state
-    # moves it by whole percents (the untrained learned router: +100% or more)
-    assert baseline == pytest.approx(point["baseline_ppl"], rel=1e-3)
+    # the stock model's perplexity moves between machines by its float32 rounding (tol, measured here). A trained
+    # state's may move by more: MoH's top-k routing is discrete, and a near-tie that rounds the other way on another
+    # BLAS flips a head for a token. So its bound is a fixed 1e-3 relative (as before this audit), still
+    # far below what a wrong or untrained state moves (whole percents: the untrained learned router +100% or more)
+    assert baseline == pytest.approx(point["baseline_ppl"], abs=tol, rel=0)
     assert trained == pytest.approx(point["ppl"], rel=1e-3)
-    assert trained != pytest.approx(baseline, rel=1e-3)
+    assert abs(trained - baseline) > 10 * max(tol, 1e-3 * baseline)
 
 
 @pytest.mark.slow
