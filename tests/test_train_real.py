@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import yaml
-from tiny import KERNEL_NOISE_FACTOR, NOISE_FACTOR, float_noise
+from tiny import KERNEL_NOISE_FACTOR, NOISE_FACTOR, float_noise, stock_noise
 
 from attnsurgery import load_model, patch
 from attnsurgery.cli import main
@@ -60,11 +60,13 @@ def test_train_gates_and_lora_on_smollm2(tmp_path):
     # the folder is a recipe: it applies to the real model, changes it, and removal restores it exactly
     model, tokenizer = load_model("smollm2-135m")
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    atol = NOISE_FACTOR * stock_noise(model, ids)  # the logit tolerance the identity checks of the suite use
     with torch.no_grad():
         ref = model(ids).logits
         with patch(model, str(out)) as handle:
             assert [s.name for s in handle.surgeries] == ["gated_attention", "lora"]
-            assert (model(ids).logits - ref).abs().max() > 1e-4
+            change = float((model(ids).logits - ref).abs().max())
+            assert change > 10 * atol, (change, atol)  # three steps moved it far beyond rounding
         assert torch.equal(model(ids).logits, ref)
     # the same folder again without --resume/--overwrite is refused (exit 2), nothing touched
     assert main(argv) == 2
