@@ -410,18 +410,33 @@ def _calibrate(handle: W8A8Handle, batches: Any) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
+#: the most float32 logits one forward of :func:`perplexity` may hold: a large vocabulary makes them the biggest
+#: tensor of a forward (Gemma-3's 262k tokens x 256 positions x 24 windows are 6.4 GB, twice that with the
+#: log-softmax), so a batch is scored a few rows at a time
+LOGITS_BUDGET_BYTES = 1 << 30
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, inputs: Any, *, attention_mask: torch.Tensor | None = None) -> float:
-    """Token-level perplexity over every real next-token pair (padding excluded), pooled over all batches."""
+    """Token-level perplexity over every real next-token pair (padding excluded), pooled over all batches; each
+    batch runs in row chunks whose logits fit :data:`LOGITS_BUDGET_BYTES` (rows are independent sequences)."""
     total, count = 0.0, 0
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    vocab = head.weight.shape[0] if head is not None else 1  # no known head: whole batches, as before
     for batch in iter_batches(inputs, attention_mask):
         kwargs = model_inputs(model, batch)
-        logits = model(**kwargs).logits[:, :-1].float()
         ids, mask = kwargs["input_ids"], kwargs["attention_mask"].bool()
-        target, valid = ids[:, 1:], mask[:, 1:] & mask[:, :-1]
-        nll = -torch.log_softmax(logits, dim=-1).gather(-1, target[..., None])[..., 0]
-        total += float(nll[valid].sum())
-        count += int(valid.sum())
+        rows = max(1, LOGITS_BUDGET_BYTES // (4 * vocab * ids.shape[1]))
+        for start in range(0, ids.shape[0], rows):
+            part = {k: (v[start : start + rows] if torch.is_tensor(v) and v.shape[:1] == ids.shape[:1] else v)
+                    for k, v in kwargs.items()}  # fmt: skip
+            logits = model(**part).logits[:, :-1].float()
+            chunk_ids, chunk_mask = ids[start : start + rows], mask[start : start + rows]
+            target, valid = chunk_ids[:, 1:], chunk_mask[:, 1:] & chunk_mask[:, :-1]
+            nll = -torch.log_softmax(logits, dim=-1).gather(-1, target[..., None])[..., 0]
+            total += float(nll[valid].sum())
+            count += int(valid.sum())
+            del logits, nll
     if count == 0:
         raise AttnSurgeryError("perplexity needs at least one sequence of two or more real tokens.")
     return math.exp(total / count)
