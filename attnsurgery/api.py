@@ -79,9 +79,8 @@ class SurgeryHandle:
 
 
 def _short_args(surgery: Surgery) -> str:
-    args = (
-        surgery.resolved_args()
-    )  # what applies: ACT's threshold None is 0.1, MoH's head split on this model
+    # what applies: ACT's threshold None is 0.1, MoH's head split on this model
+    args = surgery.resolved_args()
     return ", ".join(f"{k}={v!r}" for k, v in args.items())
 
 

@@ -81,9 +81,8 @@ def route_library_noise() -> Path:
             Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
             return super()._open()
 
-        def handleError(
-            self, record: logging.LogRecord
-        ) -> None:  # an unwritable cache: drop the noise, never fail
+        # an unwritable cache: drop the noise, never fail
+        def handleError(self, record: logging.LogRecord) -> None:
             pass
 
     handler: logging.Handler = LazyFileHandler(path, delay=True)
