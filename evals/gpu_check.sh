@@ -37,7 +37,7 @@ timeout "${BENCH_S:-210}" "${BENCH[@]}" --lengths 2048 8192 --repeats 2 \
     --out "$OUT/benchmarks-gpu.json" 2>"$OUT/bench.log" | tail -22
 echo "== bench 32k, every arm on its fast path"
 timeout "${BENCH32_S:-170}" "${BENCH[@]}" --lengths 32768 --repeats 1 \
-    --arms identity temperature head_scale "clipped_softmax (tiled" "act beta=0.4 thr=0.1 (fused" gated moh \
+    --arms identity temperature head_scale "clipped_softmax (own kernel" "act beta=0.4 thr=0.1 (fused" gated moh \
     --out "$OUT/benchmarks-gpu-32k.json" 2>>"$OUT/bench.log" | tail -12
 grep -i "warn\|error\|fail" "$OUT/bench.log" | sort | uniq -c | head -20
 echo "== tests/test_cuda.py"

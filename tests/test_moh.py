@@ -161,6 +161,7 @@ def test_learned_fast_matches_masked_and_reference(arch, gates, monkeypatch):
 
 def test_routed_off_pairs_are_not_computed(monkeypatch):
     """The gathered kernel attends, per routed head, only the queries routed to it (the longest batch row's count)."""
+    monkeypatch.setenv("ATTNSURGERY_ROWBLOCK", "0")  # the torch path (the CPU row-block kernel: the test below)
     seen = []
     original = moh_kernel.gathered_head_attention
 
@@ -176,6 +177,31 @@ def test_routed_off_pairs_are_not_computed(monkeypatch):
         keep = handle.surgeries[0].last_routing()[2][0]  # (T, E=4)
     assert seen == [int(n) for n in keep.sum(0) if n > 0]
     assert sum(seen) == 32  # each query attended by exactly one head: a quarter of the work
+
+
+def test_row_block_kernel_computes_routed_pairs_only(monkeypatch):
+    """On CPU at inference the compiled row-block kernel runs MoH: it is asked for exactly the routed (head, query)
+    pairs plus every query of the shared heads (tests/test_rowblock.py checks it never computes the others)."""
+    from attnsurgery import rowblock
+
+    asked = []
+    original = rowblock.attention
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs["active"].clone())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(rowblock, "attention", spy)
+    model = tiny_model("llama")
+    ids = random_ids(1, 32)
+    with patch(model, "moh", shared=1, top_k=1, layers=[2]) as handle:
+        logits(model, ids)
+        keep = handle.surgeries[0].last_routing()[2][0]  # (T, E=3)
+    assert len(asked) == 1
+    active = asked[0][0]  # (H, T)
+    assert active[0].all()  # the shared head
+    assert torch.equal(active[1:], keep.T)
+    assert int(active[1:].sum()) == 32  # each query on one routed head
 
 
 @pytest.mark.parametrize("arch", QUERY_NORM_ARCHS)

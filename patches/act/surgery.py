@@ -4,7 +4,7 @@ from typing import Any
 
 import torch
 
-from attnsurgery import flex
+from attnsurgery import flex, rowblock
 from attnsurgery.kernels import (
     AttentionStats,
     column_mask,
@@ -83,6 +83,16 @@ class ActSurgery(Surgery):
         its lse (B, H, Tq) and the sink set (B, H, Tk) bool, on targeted heads only. At prefill with
         ``decode="frozen"`` the set is stored for decode."""
         valid_q, counts = self._viewers(call)
+        if rowblock.ready(call):  # CPU inference: the compiled pass gives all three at about flash's cost
+            out, lse, column_sums = rowblock.attention(
+                call.query, call.key, call.value, call.attention_mask, call.scaling, call.is_causal,
+                column_weights=valid_q,
+            )  # fmt: skip
+            return (
+                out.transpose(1, 2).to(out_dtype or call.query.dtype),
+                lse,
+                self._select(column_sums, counts, call),
+            )
         stats = AttentionStats(query_valid=valid_q)
         out = tiled_attention(
             call.query,

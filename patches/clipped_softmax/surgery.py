@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from attnsurgery import flex
+from attnsurgery import flex, rowblock
 from attnsurgery.surgery import AttentionCall, AttentionTile, Stage, Surgery
 
 from .config import ClippedSoftmaxConfig
@@ -41,13 +41,24 @@ class ClippedSoftmaxSurgery(Surgery):
     def attention(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, call: AttentionCall
     ) -> torch.Tensor | None:
-        if not flex.flex_ready(query, call):
-            return None  # the engine's tiled path, with :meth:`normalize`
         heads = self.targets.head_mask(call.layer_idx, query.device)
+        stretch, gamma = self.config.zeta - self.config.gamma, self.config.gamma
+        if not flex.flex_ready(query, call):
+            if rowblock.ready(call):  # CPU inference: one compiled pass (lse, then the clipped row, per row)
+                out, _, _ = rowblock.attention(
+                    query,
+                    key,
+                    value,
+                    call.attention_mask,
+                    scaling,
+                    call.is_causal,
+                    clip=(heads, stretch, gamma),
+                )
+                return out.transpose(1, 2).to(query.dtype)
+            return None  # the engine's tiled path, with :meth:`normalize`
         try:
             out = flex.clipped_softmax(
-                query, key, value, flex.Visibility.of(call), scaling, self.config.zeta - self.config.gamma,
-                self.config.gamma, heads,
+                query, key, value, flex.Visibility.of(call), scaling, stretch, gamma, heads,
             )  # fmt: skip
         except Exception as err:  # a compiler failure on this machine: the engine's tiled path
             flex.give_up(err)

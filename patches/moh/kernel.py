@@ -10,8 +10,9 @@ windows, additive biases), or from SDPA's upper-left causal rule when transforme
 
 On a GPU, a maskless causal prefill (what ``generate`` and the benchmarks run) goes to
 :func:`attnsurgery.flex.routed_attention` instead: every head's routed rows packed into one block-sparse
-flex_attention call, with no per-block launches. The blocks below stay the path for masks, softcapping, eager
-models, training and CPU.
+flex_attention call, with no per-block launches. On a CPU at inference, :mod:`attnsurgery.rowblock`'s compiled
+kernel does the same in one pass (every head's routed rows packed into its GEMMs). The blocks below stay the path
+for softcapping, additive biases, training and where that kernel cannot be built.
 
 Scores follow the model's backend: fused SDPA on a boolean mask for SDPA models, and the eager recipe (fp32
 scores, Gemma-2 logit softcapping, the additive float mask) through :func:`attnsurgery.kernels.tiled_attention`
@@ -26,7 +27,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from attnsurgery import flex
+from attnsurgery import flex, rowblock
 from attnsurgery.kernels import flash_cpu_available, has_bias, softcapped, tiled_attention
 
 #: gathered query rows per block of a routed head: smaller blocks skip more of the causal upper triangle (the
@@ -245,6 +246,12 @@ def moh_attention(
             return out.transpose(1, 2)
         except Exception as err:  # a compiler failure on this machine: the gathered blocks below
             flex.give_up(err)
+    if softcap is None and rowblock.usable(query, key, value, attention_mask):
+        # CPU inference: one compiled pass over every head, each computing only the queries routed to it
+        selected = torch.ones(bsz, num_heads, q_len, dtype=torch.bool)
+        selected[:, shared:] = keep.transpose(1, 2).cpu()
+        out, _, _ = rowblock.attention(query, key, value, attention_mask, scaling, is_causal, active=selected)
+        return out.transpose(1, 2).to(query.dtype)
     heads: list[torch.Tensor] = []
     if shared:
         kv = torch.arange(shared, device=key.device) // groups

@@ -1,0 +1,171 @@
+"""The CPU row-block kernel: exact attention that also returns what probability-level surgeries need.
+
+PyTorch's CPU flash kernel gives the output and log-sum-exp but not the column sums ACT's detection reads, and
+clipped softmax needs each row's final lse before it can change one probability. :func:`attention` does both in
+one pass over blocks of whole query rows (``csrc/rowblock.cpp``): scores from one GEMM, each row normalised while it
+is in cache, column sums and clipping fused there, the value product as a second GEMM. On the 2-core CI machine
+(SmolLM2 shapes, fp32) it costs about 1.15x PyTorch's flash kernel where the same pass in torch ops costs 2x
+(``evals/bench.py``, docs/benchmarks-act.md).
+
+The kernel is C++ compiled on first use with ``torch.utils.cpp_extension`` (about 25 s once per machine and torch
+version; cached by torch under ``$TORCH_EXTENSIONS_DIR``). Where no compiler is found or the build fails, callers
+keep the exact torch path (:func:`attnsurgery.kernels.tiled_attention`) and a single warning says why;
+``ATTNSURGERY_ROWBLOCK=0`` chooses that path on purpose. Inference only: a call that needs gradients takes the
+torch path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .kernels import has_bias, visible
+
+log = logging.getLogger("attnsurgery")
+
+SOURCE = Path(__file__).with_name("csrc") / "rowblock.cpp"
+#: the score block a thread holds is (heads per kv head x rows) x keys fp32; about 6 MiB of it was fastest on
+#: SmolLM2 shapes (256 rows at 2k tokens, 64 at 8k: measured 1.07-1.13x flash), fewer than 64 rows starve the GEMMs
+TARGET_BLOCK_BYTES = 6 * 2**20
+MIN_ROWS, MAX_ROWS = 64, 256
+#: the most one thread's score block may take at long context (rows shrink below MIN_ROWS past it)
+MAX_BLOCK_BYTES = int(float(os.environ.get("ATTNSURGERY_TILE_MB", "64")) * 2**20)
+
+_module: Any = None
+_failure: str | None = None
+
+
+def _flags() -> list[str]:
+    flags = ["-O3"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        flags.append("-march=native")
+        # ATen's vector types pick their instruction set from these macros (as PyTorch's own kernels are built)
+        capability = torch.backends.cpu.get_cpu_capability()
+        if capability in ("AVX2", "AVX512"):
+            flags += [f"-DCPU_CAPABILITY_{capability}", f"-DCPU_CAPABILITY={capability}"]
+    return flags
+
+
+def enabled() -> bool:
+    return os.environ.get("ATTNSURGERY_ROWBLOCK", "1") != "0"
+
+
+def load() -> Any:
+    """The compiled module, building it on first use; None where it cannot be built (warned once, with why)."""
+    global _module, _failure
+    if _module is not None or _failure is not None:
+        return _module
+    try:
+        from torch.utils.cpp_extension import load as build
+
+        log.info("attnsurgery: compiling the CPU row-block attention kernel (once per machine, about 25 s)")
+        _module = build(
+            name="attnsurgery_rowblock", sources=[str(SOURCE)], extra_cflags=_flags(), verbose=False
+        )
+    except Exception as err:  # no compiler, no ninja, an unexpected toolchain: the torch path still works
+        _failure = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+        warnings.warn(
+            "attnsurgery: the CPU row-block kernel could not be built "
+            f"({_failure}); ACT and clipped softmax use the slower exact torch path on CPU. Install a C++ "
+            "compiler (e.g. apt install g++) and ninja (pip install ninja), or set ATTNSURGERY_ROWBLOCK=0 to "
+            "silence this.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return _module
+
+
+def ready(call: Any) -> bool:
+    """True when ``call`` can take the kernel (see :func:`usable`); the kernel builds (once) on the first call that
+    qualifies."""
+    return usable(call.query, call.key, call.value, call.attention_mask, call.kwargs)
+
+
+def usable(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    kwargs: dict | None = None,
+) -> bool:
+    """CPU, inference, plain ``q.k`` scores (no softcap, sinks, position bias or additive bias) and one visibility
+    mask for all heads (or none); builds the kernel on first use and is False where it cannot be built."""
+    if not enabled() or query.device.type != "cpu":
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        return False
+    # float32 and the half types (computed in float32, as the torch path does); float64 keeps its precision there
+    if not all(t.dtype in (torch.float32, torch.bfloat16, torch.float16) for t in (query, key, value)):
+        return False
+    kwargs = kwargs or {}
+    if any(kwargs.get(name) is not None for name in ("softcap", "s_aux", "position_bias")):
+        return False
+    mask = attention_mask
+    if mask is not None and (mask.dim() != 4 or mask.shape[1] > 1 or has_bias(mask)):
+        return False
+    return load() is not None
+
+
+def block_rows(groups: int, key_len: int) -> int:
+    per_row = 4 * groups * max(1, key_len)
+    rows = min(MAX_ROWS, max(MIN_ROWS, TARGET_BLOCK_BYTES // per_row))
+    return max(1, min(rows, MAX_BLOCK_BYTES // per_row))
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    is_causal: bool,
+    *,
+    clip: tuple[torch.Tensor | None, float, float] | None = None,
+    column_weights: torch.Tensor | None = None,
+    active: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Exact attention of ``query`` (B, H, Tq, D) over ``key``/``value`` (B, Hkv, Tk, D|Dv) in fp32.
+
+    ``attention_mask`` and ``is_causal`` as transformers passes them (a boolean or additive 0/-inf mask, or None
+    for a plain causal prefill). ``clip=(heads, a, b)``: on ``heads`` ((H,) bool, None = all) the probabilities
+    become ``clamp(a p + b, 0, 1)``. ``column_weights`` (B, Tq): also return ``sum_i w_i p_ij`` (B, H, Tk).
+    ``active`` (B, H, Tq) bool: compute only those (head, query) rows (MoH's routed pairs); the others are never
+    computed: out 0, lse ``+inf``, nothing in the column sums.
+    Returns ``out`` (B, H, Tq, Dv) fp32, ``lse`` (B, H, Tq) fp32 (``+inf`` on a row that sees no key, whose output
+    is 0) and the column sums or None. Call :func:`ready` first.
+    """
+    module = load()
+    bsz, num_heads, q_len, _ = query.shape
+    k_len = key.shape[2]
+    mask, causal = None, False
+    if attention_mask is None:
+        causal = is_causal and q_len > 1
+    else:
+        mask = visible(attention_mask, is_causal, q_len, k_len, query.device)
+        mask = mask.expand(mask.shape[0], 1, q_len, k_len).contiguous()
+    heads, a, b = None, 0.0, 0.0
+    if clip is not None:
+        heads, a, b = clip
+        heads = torch.ones(num_heads, dtype=torch.bool) if heads is None else heads.to("cpu", torch.bool)
+    weights = None if column_weights is None else column_weights.to(torch.float32).expand(bsz, q_len)
+    out, lse, cols = module.rowblock_attention(
+        query.float().contiguous(),
+        key.float().contiguous(),
+        value.float().contiguous(),
+        float(scaling),
+        mask,
+        causal,
+        block_rows(num_heads // key.shape[1], k_len),
+        heads,
+        float(a),
+        float(b),
+        weights,
+        None if active is None else active.to("cpu", torch.bool).expand(bsz, num_heads, q_len),
+    )
+    return out, lse, (cols if column_weights is not None else None)
