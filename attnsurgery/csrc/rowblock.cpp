@@ -75,12 +75,13 @@ inline float row_max(const float* x, int64_t n) {
   return out;
 }
 
-// x <- exp(x - shift); returns the sum
+// x <- exp(x - shift); returns the sum. exp_u20 (a polynomial, up to 20 ulp) is the exp PyTorch's own CPU flash
+// kernel uses: the stock op's rounding, 5-8% faster than Sleef's 1-ulp exp here.
 inline float exp_sum(float* x, int64_t n, float shift) {
   Vec s(0.f), sh(shift);
   int64_t j = 0;
   for (; j + Vec::size() <= n; j += Vec::size()) {
-    Vec e = (Vec::loadu(x + j) - sh).exp();
+    Vec e = (Vec::loadu(x + j) - sh).exp_u20();
     e.store(x + j);
     s = s + e;
   }
