@@ -16,9 +16,9 @@ torch path.
 
 from __future__ import annotations
 
-import logging
 import os
 import platform
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,6 @@ from typing import Any
 import torch
 
 from .kernels import has_bias, visible
-
-log = logging.getLogger("attnsurgery")
 
 SOURCE = Path(__file__).with_name("csrc") / "rowblock.cpp"
 #: the score block a thread holds is (heads per kv head x rows) x keys fp32; about 6 MiB of it was fastest on
@@ -61,24 +59,40 @@ def load() -> Any:
     global _module, _failure
     if _module is not None or _failure is not None:
         return _module
+    # a cached build loads in well under a second; say what the wait is only when there is one (a compile)
+    notice = threading.Timer(1.0, _say_compiling)
+    notice.daemon = True
+    notice.start()
     try:
         from torch.utils.cpp_extension import load as build
 
-        log.info("attnsurgery: compiling the CPU row-block attention kernel (once per machine, about 25 s)")
         _module = build(
-            name="attnsurgery_rowblock", sources=[str(SOURCE)], extra_cflags=_flags(), verbose=False
+            name="attnsurgery_rowblock",
+            sources=[str(SOURCE)],
+            extra_cflags=_flags(),
+            verbose=os.environ.get("ATTNSURGERY_ROWBLOCK_VERBOSE", "0") == "1",  # the compiler's output
         )
     except Exception as err:  # no compiler, no ninja, an unexpected toolchain: the torch path still works
         _failure = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
         warnings.warn(
             "attnsurgery: the CPU row-block kernel could not be built "
-            f"({_failure}); ACT and clipped softmax use the slower exact torch path on CPU. Install a C++ "
-            "compiler (e.g. apt install g++) and ninja (pip install ninja), or set ATTNSURGERY_ROWBLOCK=0 to "
-            "silence this.",
+            f"({_failure}); ACT, clipped softmax and MoH use their slower exact torch paths on CPU. Install a "
+            "C++ compiler (e.g. apt install g++) and ninja (pip install ninja); ATTNSURGERY_ROWBLOCK_VERBOSE=1 "
+            "shows the compiler's output, ATTNSURGERY_ROWBLOCK=0 silences this.",
             RuntimeWarning,
             stacklevel=3,
         )
+    finally:
+        notice.cancel()
     return _module
+
+
+def _say_compiling() -> None:
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False, markup=False, soft_wrap=True).print(
+        "[attnsurgery] compiling the CPU attention kernel (once per machine and torch version, about 25 s)..."
+    )
 
 
 def ready(call: Any) -> bool:

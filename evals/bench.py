@@ -27,6 +27,7 @@ import gc
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -379,16 +380,18 @@ def _report(args, argv, results: list[dict]) -> tuple[str, list[str]]:
     """The markdown table and the missed targets of ``results``; with ``--out``, both files are (re)written, so a
     run stopped part-way (a GPU lease running out) keeps the lengths it finished."""
     failures = []
-    command = "python evals/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    # quoted as a shell would need it: arm prefixes hold spaces and parentheses
+    command = "python evals/bench.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     lines = [
         f"Regenerate: `{command.strip()}` (rewrites this file and its JSON).",
         "",
         f"Model {args.model}, {args.dtype} on {_device_name(args)}, torch {torch.__version__}; "
         + (
-            f"best of {args.repeats} interleaved prefills (at most 2 at 8192), logits_to_keep=1; "
+            f"best of {args.repeats or '3'} interleaved prefills{'' if args.repeats else ' (2 at 8192)'}, "
+            "logits_to_keep=1; "
             "memory: one prefill per arm in a fresh process."
             if args.device == "cpu"
-            else f"best of {args.repeats} interleaved prefills after one warm-up each, logits_to_keep=1; the "
+            else f"best of {args.repeats or 3} interleaved prefills after one warm-up each, logits_to_keep=1; the "
             "attention call timed in separate runs (synchronised around each call); memory: the CUDA "
             "allocator's peak during one prefill, over what was allocated before."
         ),
@@ -431,7 +434,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed prefills per arm (default 3; 2 at 8,192+ tokens on CPU)",
+    )
     parser.add_argument("--eager", action="store_true", help="also time stock eager attention")
     parser.add_argument("--out", default=None, help="write results JSON here (and a .md beside it)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
@@ -460,7 +468,10 @@ def main(argv: list[str] | None = None) -> int:
         samples: dict[str, list[float]] = {name: [] for name in names}
         attention: dict[str, list[float]] = {name: [] for name in names}
         cuda = args.device != "cpu"
-        repeats = max(1, args.repeats if length < 8192 or cuda else min(args.repeats, 2))
+        if args.repeats is not None:
+            repeats = max(1, args.repeats)
+        else:  # a CPU prefill of 8k tokens takes ~30 s per arm and run
+            repeats = 3 if length < 8192 or cuda else 2
         for name in names if cuda else []:  # cuBLAS heuristics and allocator growth are not the arm's time
             warm = time_one(model, ids, name, arms, attention=False)[0]
             print(f"  {length:>5} tokens  {name:<40} warm-up: {warm:.3f}s", file=sys.stderr, flush=True)

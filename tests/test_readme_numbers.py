@@ -138,3 +138,41 @@ def test_readme_how_long_table_matches_the_committed_benchmark():
     shown = [int(x) for x in re.findall(r"^\| `[^|]+\| (\d+) s \|$", block, re.M)]
     assert shown == [round(r["seconds"]) for r in bench["rows"]]
     assert all(r["rc"] == 0 for r in bench["rows"])
+
+
+def test_row_block_speed_rows_match_committed_benchmarks():
+    """The README's CPU row-block rows: times from docs/benchmarks-cpu-kernels-time.json (best of 4), memory at 8k
+    from docs/benchmarks-cpu-kernels.json, and the quoted 3-run times from the latter."""
+    text = (ROOT / "README.md").read_text()
+    timed = {
+        (r["arm"], r["tokens"]): r
+        for r in json.loads((ROOT / "docs/benchmarks-cpu-kernels-time.json").read_text())["results"]
+    }
+    run3 = {
+        (r["arm"], r["tokens"]): r
+        for r in json.loads((ROOT / "docs/benchmarks-cpu-kernels.json").read_text())["results"]
+    }
+    names = {  # the README's row labels -> the benchmark's arm names
+        "`clipped_softmax`, CPU row-block kernel": "clipped_softmax (own kernel)",
+        "`clipped_softmax`, the torch tiled pass": "clipped_softmax (no row-block kernel: torch pass)",
+        "`act` beta 0.4, threshold 0.1, all heads: CPU row-block": "act beta=0.4 thr=0.1 (fused + correction)",
+        "`act`, the torch tiled pass": "act beta=0.4 thr=0.1 (no row-block kernel: torch pass)",
+        "`moh` 7 of 9 heads": "moh 75% heads (skipped work)",
+    }
+    rows = re.findall(r"^\| (.+?) \| – \| ([\d.]+)x \| ([\d.]+)x \| ([\d.]+)x \|$", text, re.M)
+    checked = 0
+    for label, t2k, t8k, m8k in rows:
+        arm = next((v for k, v in names.items() if label.startswith(k)), None)
+        if arm is None:
+            continue
+        assert f"{timed[(arm, 2048)]['time_ratio']:.2f}" == t2k, label
+        assert f"{timed[(arm, 8192)]['time_ratio']:.2f}" == t8k, label
+        assert f"{run3[(arm, 8192)]['memory_ratio']:.2f}" == m8k, label
+        checked += 1
+    assert checked == len(names), "the README's row-block rows are missing"
+    for arm, quoted in (
+        ("act beta=0.4 thr=0.1 (fused + correction)", "ACT measured {} / {}"),
+        ("clipped_softmax (own kernel)", "clipped softmax {} / {}"),
+    ):
+        ratios = [f"{run3[(arm, n)]['time_ratio']:.2f}x" for n in (2048, 8192)]
+        assert quoted.format(*ratios) in " ".join(text.split()), arm
