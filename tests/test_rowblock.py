@@ -147,6 +147,25 @@ def test_skipped_rows_are_never_computed(case):
     assert (cols - ref_cols).abs().max() <= tol["sums"]
 
 
+def test_column_sums_are_deterministic_at_any_thread_count():
+    """Threads add their column sums in a fixed order: the same call gives the same bits, and another thread count
+    (other chunks) still matches float64."""
+    q, k, v, allowed, mask, is_causal = inputs("left-padded")
+    weights = torch.ones(q.shape[0], q.shape[2])
+    first = rowblock.attention(q, k, v, mask, SCALE, is_causal, column_weights=weights)[2]
+    assert torch.equal(first, rowblock.attention(q, k, v, mask, SCALE, is_causal, column_weights=weights)[2])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = rowblock.attention(q, k, v, mask, SCALE, is_causal, column_weights=weights)[2]
+    finally:
+        torch.set_num_threads(threads)
+    _, _, ref_cols = reference(q, k, v, allowed, weights=weights)
+    tol = kernel_atol(q, k, v, allowed, SCALE, valid=allowed.any(-1)[:, 0])
+    assert (single - ref_cols).abs().max() <= tol["sums"]
+    assert (first - ref_cols).abs().max() <= tol["sums"]
+
+
 def test_block_boundaries_do_not_matter(monkeypatch):
     """Rows are independent: any block size gives the same numbers bit for bit (GEMMs of other shapes may round
     differently, so compare against the float64 reference at one size and for equality of the softmax part)."""

@@ -24,6 +24,8 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <vector>
 
 // The BLAS PyTorch itself links (MKL on x86 wheels, OpenBLAS on others) exports the Fortran sgemm_.
@@ -172,9 +174,13 @@ std::vector<at::Tensor> rowblock_attention(const at::Tensor& q, const at::Tensor
   }
   auto out = ap != nullptr ? at::zeros({B, H, Tq, Dv}, q.options()) : at::empty({B, H, Tq, Dv}, q.options());
   auto lse = ap != nullptr ? at::full({B, H, Tq}, kInf, q.options()) : at::empty({B, H, Tq}, q.options());
-  const int64_t nthreads = at::get_num_threads();
-  // one column-sum buffer per thread, summed at the end: no two threads write the same float
-  auto cols = want_cols ? at::zeros({nthreads, B, H, Tk}, q.options()) : at::Tensor();
+  // Column sums: each chunk of work parallel_for hands a thread accumulates into its own buffer over the (batch,
+  // kv-head) groups it covers (its units are contiguous, so about B x Hkv / threads + 1 groups); the buffers are
+  // added in chunk order afterwards, so the sums do not depend on thread timing. Memory: about the output's size
+  // plus one group per chunk, not a copy of the output per thread.
+  auto cols = want_cols ? at::zeros({B, H, Tk}, q.options()) : at::Tensor();
+  std::mutex partials_lock;
+  std::map<int64_t, std::pair<int64_t, std::vector<float>>> partials;  // chunk start -> (first group, sums)
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
@@ -190,7 +196,8 @@ std::vector<at::Tensor> rowblock_attention(const at::Tensor& q, const at::Tensor
     const int64_t R = G * block_rows;
     std::vector<float> qs(R * D), s(R * Tk), o(R * Dv), inv(R);
     std::vector<int64_t> lo(block_rows), hi(block_rows), row_g(R), row_i(R);
-    float* my_cols = want_cols ? cp + at::get_thread_num() * B * H * Tk : nullptr;
+    const int64_t first_group = begin / nblocks;
+    std::vector<float> local(want_cols ? ((end - 1) / nblocks - first_group + 1) * G * Tk : 0);
     for (int64_t u = begin; u < end; ++u) {
       // Under causality later row blocks cost more: alternate early and late blocks so that the contiguous
       // ranges parallel_for hands each thread carry about equal work.
@@ -235,6 +242,7 @@ std::vector<at::Tensor> rowblock_attention(const at::Tensor& q, const at::Tensor
         float* dst = qs.data() + r * D;
         for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * fscale;
       }
+      float* group_cols = want_cols ? local.data() + (bh - first_group) * G * Tk : nullptr;
       const float* kb = kp + ((b * Hkv + kv) * Tk + k_lo) * D;
       const float* vb = vp + ((b * Hkv + kv) * Tk + k_lo) * Dv;
       // scores (rows x nk), row-major: s = qs @ k^T
@@ -263,7 +271,7 @@ std::vector<at::Tensor> rowblock_attention(const at::Tensor& q, const at::Tensor
         inv[r] = 1.f / total;
         if (want_cols) {
           const float wi = wp[b * Tq + r0 + i];
-          if (wi != 0.f) axpy(my_cols + (b * H + head) * Tk + k_lo + a, x + a, e - a, wi * inv[r]);
+          if (wi != 0.f) axpy(group_cols + row_g[r] * Tk + k_lo + a, x + a, e - a, wi * inv[r]);
         }
         if (clipped[head]) {  // masked keys are exp(-inf) = 0 here; clamp(b) would give them b > 0
           clip(x + a, e - a, a_clip * inv[r], b_clip);
@@ -284,8 +292,16 @@ std::vector<at::Tensor> rowblock_attention(const at::Tensor& q, const at::Tensor
         for (int64_t d = 0; d < Dv; ++d) dst[d] = f == 0.f ? 0.f : src[d] * f;
       }
     }
+    if (want_cols) {
+      std::lock_guard<std::mutex> guard(partials_lock);
+      partials.emplace(begin, std::make_pair(first_group, std::move(local)));
+    }
   });
-  return {out, lse, want_cols ? cols.sum(0) : at::Tensor()};
+  for (const auto& [start, partial] : partials) {  // cols (B, H, Tk) is (B x Hkv groups) x G x Tk
+    const auto& [group, sums] = partial;
+    axpy(cp + group * G * Tk, sums.data(), static_cast<int64_t>(sums.size()), 1.f);
+  }
+  return {out, lse, cols};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
