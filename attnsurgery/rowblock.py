@@ -5,7 +5,7 @@ clipped softmax needs each row's final lse before it can change one probability.
 one pass over blocks of whole query rows (``csrc/rowblock.cpp``): scores from one GEMM, each row normalised while it
 is in cache, column sums and clipping fused there, the value product as a second GEMM. On the 2-core CI machine
 (SmolLM2 shapes, fp32) it costs about 1.15x PyTorch's flash kernel where the same pass in torch ops costs 2x
-(``evals/bench.py``, docs/benchmarks-act.md).
+(``evals/bench.py``, docs/benchmarks-cpu-kernels.md).
 
 The kernel is C++ compiled on first use with ``torch.utils.cpp_extension`` (about 25 s once per machine and torch
 version; cached by torch under ``$TORCH_EXTENSIONS_DIR``). Where no compiler is found or the build fails, callers

@@ -5,7 +5,7 @@
 // it can touch a single probability. Both are one pass when a block holds whole rows: the block's scores come
 // from one GEMM, each row is normalised while it is hot in cache, the column sums accumulate from it, and the
 // value product is a second GEMM. Measured on SmolLM2 shapes (2 threads, fp32): about 1.15x flash at 2k-8k
-// tokens with the column sums, against 2x for the same pass written as torch ops (docs/benchmarks-act.md).
+// tokens with the column sums, against 2x for the same pass written as torch ops (docs/benchmarks-cpu-kernels.md).
 //
 // Built on first use by attnsurgery/rowblock.py (torch.utils.cpp_extension); everything here has an exact
 // torch fallback (attnsurgery.kernels.tiled_attention), which the tests compare it against.
