@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .kernels import has_bias, visible
+from .kernels import TILE_BYTES, has_bias, visible
 
 SOURCE = Path(__file__).with_name("csrc") / "rowblock.cpp"
 #: the score block a thread holds is (heads per kv head x rows) x keys fp32; about 6 MiB of it was fastest on
@@ -33,7 +33,7 @@ SOURCE = Path(__file__).with_name("csrc") / "rowblock.cpp"
 TARGET_BLOCK_BYTES = 6 * 2**20
 MIN_ROWS, MAX_ROWS = 64, 256
 #: the most one thread's score block may take at long context (rows shrink below MIN_ROWS past it)
-MAX_BLOCK_BYTES = int(float(os.environ.get("ATTNSURGERY_TILE_MB", "64")) * 2**20)
+MAX_BLOCK_BYTES = TILE_BYTES  # the torch tiled pass's budget (ATTNSURGERY_TILE_MB), read once in kernels
 
 _module: Any = None
 _failure: str | None = None
