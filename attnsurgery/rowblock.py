@@ -5,7 +5,8 @@ clipped softmax needs each row's final lse before it can change one probability.
 one pass over blocks of whole query rows (``csrc/rowblock.cpp``): scores from one GEMM, each row normalised while it
 is in cache, column sums and clipping fused there, the value product as a second GEMM. On the 2-core CI machine
 (SmolLM2 shapes, fp32) it costs about 1.15x PyTorch's flash kernel where the same pass in torch ops costs 2x
-(``evals/bench.py``, docs/benchmarks-cpu-kernels.md).
+(``evals/bench.py``, docs/benchmarks-cpu-kernels.md). Calls that need neither (MoH's routed rows) take key tiles
+with an online softmax (flash attention's loop) instead, which keeps each tile's scores in a core's L2.
 
 The kernel is C++ compiled on first use with ``torch.utils.cpp_extension`` (about 25 s once per machine and torch
 version; cached by torch under ``$TORCH_EXTENSIONS_DIR``). Where no compiler is found or the build fails, callers
@@ -126,6 +127,22 @@ def usable(
     return load() is not None
 
 
+#: keys per tile and the score tile's size (heads per kv head x rows x keys, fp32) of the online-softmax path that
+#: calls needing neither column sums nor clipping take (MoH's routed rows): the tile stays in a core's L2 where whole
+#: rows stream through the shared L3. Measured on SmolLM2 shapes (3 heads per kv head, 2 threads, 8k tokens): 256
+#: rows x 256 keys was fastest of 3x3 shapes from 128 to 512, 1.06x flash where whole rows took 1.13-1.74x (they
+#: slow down when a neighbour shares the L3; the tiles do not)
+TILE_KEYS = 256
+TILE_SCORE_BYTES = 3 * 256 * 256 * 4
+MIN_TILE_ROWS, MAX_TILE_ROWS = 16, 256
+
+
+def tile_shape(groups: int, key_len: int) -> tuple[int, int]:
+    """(rows per head, keys per tile) of the online-softmax path."""
+    rows = TILE_SCORE_BYTES // (4 * groups * TILE_KEYS)
+    return max(MIN_TILE_ROWS, min(MAX_TILE_ROWS, rows)), TILE_KEYS
+
+
 def block_rows(groups: int, key_len: int) -> int:
     per_row = 4 * groups * max(1, key_len)
     rows = min(MAX_ROWS, max(MIN_ROWS, TARGET_BLOCK_BYTES // per_row))
@@ -168,6 +185,11 @@ def attention(
         heads, a, b = clip
         heads = torch.ones(num_heads, dtype=torch.bool) if heads is None else heads.to("cpu", torch.bool)
     weights = None if column_weights is None else column_weights.to(torch.float32).expand(bsz, q_len)
+    groups = num_heads // key.shape[1]
+    if clip is None and column_weights is None:  # plain rows: key tiles with an online softmax
+        rows, keys = tile_shape(groups, k_len)
+    else:  # whole rows: the column sums and the clipping need each row's final lse
+        rows, keys = block_rows(groups, k_len), 0
     out, lse, cols = module.rowblock_attention(
         query.float().contiguous(),
         key.float().contiguous(),
@@ -175,11 +197,12 @@ def attention(
         float(scaling),
         mask,
         causal,
-        block_rows(num_heads // key.shape[1], k_len),
+        rows,
         heads,
         float(a),
         float(b),
         weights,
         None if active is None else active.to("cpu", torch.bool).expand(bsz, num_heads, q_len),
+        keys,
     )
     return out, lse, (cols if column_weights is not None else None)

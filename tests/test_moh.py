@@ -324,7 +324,7 @@ def test_load_balance_loss_by_hand():
     def by_hand(dtype):
         expected = []
         for layer in (1, 2):
-            x = hidden[layer][real].to(dtype)  # real tokens only
+            x = hidden[layer][real].detach().to(dtype)  # real tokens only
             p = torch.softmax(x @ surgery.routers[str(layer)].routed.detach().to(dtype).T, -1)  # (N, 4)
             f = torch.nn.functional.one_hot(p.topk(2, -1).indices, 4).sum(1).to(dtype)
             expected.append((p.mean(0) * f.mean(0)).mean() * 16)

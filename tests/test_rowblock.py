@@ -147,6 +147,27 @@ def test_skipped_rows_are_never_computed(case):
     assert (cols - ref_cols).abs().max() <= tol["sums"]
 
 
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("tile", [(1, 5), (7, 16), (64, 512)], ids=["1x5", "7x16", "64x512"])
+def test_key_tiles_match_float64(case, tile, monkeypatch):
+    """Plain rows (no column sums, no clipping: MoH's path) take the online softmax over key tiles: at any tile
+    shape it matches float64, including rows whose keys start or end inside a tile, rows that see nothing and
+    skipped (head, query) rows; the running max grows across tiles on these peaked rows, so rescaling runs."""
+    monkeypatch.setattr(rowblock, "tile_shape", lambda groups, key_len: tile)
+    q, k, v, allowed, mask, is_causal = inputs(case)
+    ref_out, ref_lse, _ = reference(q, k, v, allowed)
+    tol = kernel_atol(q, k, v, allowed, SCALE, valid=allowed.any(-1)[:, 0])
+    active = torch.rand(q.shape[:3], generator=torch.Generator().manual_seed(3)) < 0.7
+    for rows in (None, active):
+        out, lse, cols = rowblock.attention(q, k, v, mask, SCALE, is_causal, active=rows)
+        on = torch.ones_like(active) if rows is None else rows
+        seen = on & allowed.any(-1).expand_as(ref_lse)
+        assert cols is None
+        assert (out - ref_out)[on].abs().max() <= tol["out"]
+        assert (lse - ref_lse)[seen].abs().max() <= tol["lse"]
+        assert torch.isinf(lse[~seen]).all() and not out[~seen].any()
+
+
 def test_column_sums_are_deterministic_at_any_thread_count():
     """Threads add their column sums in a fixed order: the same call gives the same bits, and another thread count
     (other chunks) still matches float64."""

@@ -6,6 +6,8 @@
 // from one GEMM, each row is normalised while it is hot in cache, the column sums accumulate from it, and the
 // value product is a second GEMM. Measured on SmolLM2 shapes (2 threads, fp32): about 1.15x flash at 2k-8k
 // tokens with the column sums, against 2x for the same pass written as torch ops (docs/benchmarks-cpu-kernels.md).
+// Calls that need neither (MoH's routed rows) take key tiles with an online softmax instead (block_keys > 0), as
+// flash attention does: a tile's scores stay in L2, and the routed-off rows are never packed into its GEMMs.
 //
 // Built on first use by attnsurgery/rowblock.py (torch.utils.cpp_extension); everything here has an exact
 // torch fallback (attnsurgery.kernels.tiled_attention), which the tests compare it against.
@@ -120,13 +122,14 @@ inline void clip(float* x, int64_t n, float a, float b) {
 // weights: none, or (B, Tq) fp32: also return the column sums sum_i weights[b, i] p[b, h, i, j] (B, H, Tk).
 // active: none, or bool (B, H, Tq): only those (head, query) rows are computed; the others get out 0, lse +inf
 //   and add nothing to the column sums (MoH's routed-off pairs, never computed).
+// block_keys: 0 for whole rows; otherwise keys per tile of the online softmax (no weights, no clip_heads then).
 // Returns out (B, H, Tq, Dv) fp32, lse (B, H, Tq) fp32 and the column sums (undefined without weights). A row
 // that sees no key gets out 0 and lse +inf, so a probability rebuilt from it as exp(s - lse) is 0.
 std::vector<at::Tensor> rowblock_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                                            const c10::optional<at::Tensor>& mask, bool causal, int64_t block_rows,
                                            const c10::optional<at::Tensor>& clip_heads, double clip_a, double clip_b,
                                            const c10::optional<at::Tensor>& weights,
-                                           const c10::optional<at::Tensor>& active) {
+                                           const c10::optional<at::Tensor>& active, int64_t block_keys) {
   for (const at::Tensor* t : {&q, &k, &v})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 4,
                 "rowblock_attention: q, k and v must be contiguous 4-d fp32 CPU tensors");
@@ -136,6 +139,7 @@ std::vector<at::Tensor> rowblock_attention(const at::Tensor& q, const at::Tensor
                   k.size(3) == D && v.size(2) == Tk,
               "rowblock_attention: mismatched q/k/v shapes");
   TORCH_CHECK(block_rows > 0, "rowblock_attention: block_rows must be positive");
+  TORCH_CHECK(block_keys >= 0, "rowblock_attention: block_keys must be 0 (whole rows) or positive");
   const int64_t G = H / Hkv;
   const bool has_mask = mask.has_value() && mask->defined();
   const bool* mp = nullptr;
@@ -156,6 +160,9 @@ std::vector<at::Tensor> rowblock_attention(const at::Tensor& q, const at::Tensor
     for (int64_t h = 0; h < H; ++h) clipped[h] = ch.data_ptr<bool>()[h];
   }
   const bool want_cols = weights.has_value() && weights->defined();
+  // key tiles (online softmax) give exact rows only: column sums and clipping need each row's final lse first
+  TORCH_CHECK(block_keys == 0 || (!want_cols && std::none_of(clipped.begin(), clipped.end(), [](char c) { return c; })),
+              "rowblock_attention: key tiles (block_keys > 0) cannot give column sums or clipped rows");
   at::Tensor w;
   if (want_cols) {
     w = weights->contiguous();
@@ -194,7 +201,8 @@ std::vector<at::Tensor> rowblock_attention(const at::Tensor& q, const at::Tensor
   at::parallel_for(0, B * Hkv * nblocks, 1, [&](int64_t begin, int64_t end) {
     FlushDenormals flush;
     const int64_t R = G * block_rows;
-    std::vector<float> qs(R * D), s(R * Tk), o(R * Dv), inv(R);
+    const int64_t tile = block_keys > 0 ? std::min(block_keys, Tk) : Tk;
+    std::vector<float> qs(R * D), s(R * std::max<int64_t>(tile, 1)), o(R * Dv), inv(R), row_m(R), alpha(R);
     std::vector<int64_t> lo(block_rows), hi(block_rows), row_g(R), row_i(R);
     const int64_t first_group = begin / nblocks;
     std::vector<float> local(want_cols ? ((end - 1) / nblocks - first_group + 1) * G * Tk : 0);
@@ -245,6 +253,63 @@ std::vector<at::Tensor> rowblock_attention(const at::Tensor& q, const at::Tensor
       float* group_cols = want_cols ? local.data() + (bh - first_group) * G * Tk : nullptr;
       const float* kb = kp + ((b * Hkv + kv) * Tk + k_lo) * D;
       const float* vb = vp + ((b * Hkv + kv) * Tk + k_lo) * Dv;
+      if (block_keys > 0) {
+        // Online softmax over key tiles (as flash attention): a tile's scores (rows x tile) stay in L2 where the
+        // whole rows below stream through L3. Each row keeps its running max and sum; the accumulated output is
+        // rescaled when the max grows, and normalised at the end.
+        std::fill(o.begin(), o.begin() + rows * Dv, 0.f);
+        std::fill(row_m.begin(), row_m.begin() + rows, kNegInf);
+        std::fill(inv.begin(), inv.begin() + rows, 0.f);  // the running sums
+        const int64_t ntiles = (nk + block_keys - 1) / block_keys;
+        const int64_t step = ntiles > 0 ? (nk + ntiles - 1) / ntiles : 1;  // even tiles: no sliver of a GEMM
+        for (int64_t c0 = 0; c0 < nk; c0 += step) {
+          const int64_t n = std::min(nk, c0 + step) - c0;
+          gemm('T', 'N', n, rows, D, kb + c0 * D, D, qs.data(), D, 0.f, s.data(), n);
+          bool rescale = false;
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t i = row_i[r];
+            float* x = s.data() + r * n;
+            const int64_t a = std::clamp<int64_t>(lo[i] - k_lo - c0, 0, n);
+            const int64_t e = std::clamp<int64_t>(hi[i] - k_lo - c0, a, n);
+            std::fill(x, x + a, 0.f);
+            std::fill(x + e, x + n, 0.f);
+            if (has_mask) {
+              const bool* row = mb + (r0 + i) * Tk + k_lo + c0;
+              for (int64_t j = a; j < e; ++j)
+                if (!row[j]) x[j] = kNegInf;
+            }
+            const float m = e > a ? row_max(x + a, e - a) : kNegInf;
+            alpha[r] = 1.f;
+            if (m == kNegInf) {  // no visible key of this row in this tile
+              std::fill(x + a, x + e, 0.f);
+              continue;
+            }
+            const float top = std::max(row_m[r], m);
+            if (row_m[r] != kNegInf && top > row_m[r]) alpha[r] = std::exp(row_m[r] - top), rescale = true;
+            inv[r] = inv[r] * alpha[r] + exp_sum(x + a, e - a, top);
+            row_m[r] = top;
+          }
+          if (rescale)
+            for (int64_t r = 0; r < rows; ++r)
+              if (alpha[r] != 1.f)
+                for (int64_t d = 0; d < Dv; ++d) o[r * Dv + d] *= alpha[r];
+          gemm('N', 'N', Dv, rows, n, vb + c0 * Dv, Dv, s.data(), n, 1.f, o.data(), Dv);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t row = (b * H + kv * G + row_g[r]) * Tq + r0 + row_i[r];
+          float* dst = op + row * Dv;
+          const float* src = o.data() + r * Dv;
+          if (inv[r] == 0.f) {  // the row sees no key
+            std::fill(dst, dst + Dv, 0.f);
+            lp[row] = kInf;
+            continue;
+          }
+          const float f = 1.f / inv[r];
+          for (int64_t d = 0; d < Dv; ++d) dst[d] = src[d] * f;
+          lp[row] = row_m[r] + std::log(inv[r]);
+        }
+        continue;
+      }
       // scores (rows x nk), row-major: s = qs @ k^T
       if (nk > 0) gemm('T', 'N', nk, rows, D, kb, D, qs.data(), D, 0.f, s.data(), nk);
       for (int64_t r = 0; r < rows; ++r) {
