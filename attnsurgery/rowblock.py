@@ -36,6 +36,11 @@ MIN_ROWS, MAX_ROWS = 64, 256
 #: the most one thread's score block may take at long context (rows shrink below MIN_ROWS past it)
 MAX_BLOCK_BYTES = TILE_BYTES  # the torch tiled pass's budget (ATTNSURGERY_TILE_MB), read once in kernels
 
+#: the calling convention this file speaks; csrc/rowblock.cpp exports the one it was built with. They differ when a
+#: long-running process imported this file and attnsurgery was updated before its first kernel call: torch then
+#: compiles the new source, and calling it with the old arguments would fail hours into a job
+API = 2
+
 _module: Any = None
 _failure: str | None = None
 
@@ -73,11 +78,17 @@ def load() -> Any:
             extra_cflags=_flags(),
             verbose=os.environ.get("ATTNSURGERY_ROWBLOCK_VERBOSE", "0") == "1",  # the compiler's output
         )
+        if getattr(_module, "API", None) != API:
+            raise RuntimeError(
+                f"the compiled kernel speaks API {getattr(_module, 'API', None)}, this attnsurgery {API} (was "
+                "attnsurgery updated while this process ran? restart it)"
+            )
     except Exception as err:  # no compiler, no ninja, an unexpected toolchain: the torch path still works
+        _module = None
         _failure = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
         warnings.warn(
-            "attnsurgery: the CPU row-block kernel could not be built "
-            f"({_failure}); ACT, clipped softmax and MoH use their slower exact torch paths on CPU. Install a "
+            "attnsurgery: the CPU row-block kernel could not be built or loaded "
+            f"({_failure}); ACT, clipped softmax and MoH use their slower exact torch paths on CPU. A build needs a "
             "C++ compiler (e.g. apt install g++) and ninja (pip install ninja); ATTNSURGERY_ROWBLOCK_VERBOSE=1 "
             "shows the compiler's output, ATTNSURGERY_ROWBLOCK=0 silences this.",
             RuntimeWarning,

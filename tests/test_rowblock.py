@@ -271,6 +271,24 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch):
     assert (fast - slow).abs().max() <= logit_atol("llama")
 
 
+def test_kernel_of_another_version_is_refused(monkeypatch):
+    """A process that imported an older attnsurgery compiles the newer source on its first kernel call (torch keys
+    builds by source): a build whose calling convention differs is refused with one warning that says to restart,
+    and the exact torch path runs, instead of a TypeError hours into a job."""
+    built = rowblock.load()
+    monkeypatch.setattr(rowblock, "_module", None)
+    monkeypatch.setattr(rowblock, "_failure", None)
+    monkeypatch.setattr(rowblock, "API", built.API + 1)
+    monkeypatch.setattr("torch.utils.cpp_extension.load", lambda *a, **kw: built)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert rowblock.load() is None
+        q, k, v, _, mask, is_causal = inputs("causal-gqa")
+        assert not rowblock.usable(q, k, v, mask)
+    messages = [str(w.message) for w in caught if "row-block" in str(w.message)]
+    assert len(messages) == 1 and "restart" in messages[0], messages
+
+
 @pytest.mark.slow
 def test_smollm2_act_on_kernel(monkeypatch):
     """The real model: ACT through the kernel is as close to ACT in float64 as ACT through the torch path is, and

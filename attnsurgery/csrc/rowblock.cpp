@@ -370,6 +370,9 @@ std::vector<at::Tensor> rowblock_attention(const at::Tensor& q, const at::Tensor
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // the calling convention's version: attnsurgery/rowblock.py refuses a build of another one (a process that
+  // imported an older attnsurgery, then compiled a newer source on its first kernel call)
+  m.attr("API") = 2;
   m.def("rowblock_attention", &rowblock_attention,
         "exact row-block attention with lse, column sums, clipping and skipped (head, query) rows");
 }
