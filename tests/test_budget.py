@@ -296,8 +296,15 @@ def test_a_fresh_clone_continues_from_the_committed_snapshot(tmp_path, model_dir
     curve = json.loads((run_budget_table(table, tmp_path / "out", arms=["gates"]) / "curve.json").read_text())
     point = curve["arms"]["gates"]["points"][-1]
     assert point["tokens"] == 6 * tokens and point["warm_start"] == f"runs/gates/stage1@{4 * tokens}"
-    after = json.loads((runs / "stage1" / "training.json").read_text())["train_loss"]
+    history = json.loads((runs / "stage1" / "training.json").read_text())
+    after = history["train_loss"]
     assert len(after) == 6 and after[:4] == before  # one history, continued
+    assert len(history["step_seconds"]) == 6  # step times too: the rate of the whole run, not this process's
+    # the point's training time is the run's over both processes, not the seconds of the process that finished it
+    recipe = yaml.safe_load((runs / f"stage1@{6 * tokens}" / "recipe.yaml").read_text())["training"]
+    assert point["train_seconds"] == [recipe["seconds"]]
+    assert point["step_seconds"] == [recipe["median_step_seconds"]]
+    assert recipe["seconds"] > sum(history["step_seconds"])  # every step, the first process's too
     assert "warm_start" not in curve["arms"]["gates"]["points"][0]
 
 
@@ -391,17 +398,32 @@ def test_extrapolation_recovers_a_power_law_and_says_when_it_cannot():
 
     budgets = [25_600, 102_400, 409_600]
     points = [point(t, 100 * (t / 10_000) ** -0.5) for t in budgets]
-    previous = 0
-    for p in points:  # stage 1 continues: each point's seconds cover the tokens since the previous budget
-        p["seconds"] = (p["tokens"] - previous) / 1024 * 10
-        previous = p["tokens"]
+    for p in points:  # stage 1 continues: its training time at a budget covers every step up to it
+        p["train_seconds"] = [p["tokens"] / 1024 * 10]
+        p["seconds"] = 1.0  # the process that finished the point resumed near its end: no rate
     ex = extrapolate([point(6_400, 500.0), *points], goal_pct=5)  # the 6.4k warm-up point is left out
     assert ex["fit_points"] == budgets
     assert ex["per_x4"] == pytest.approx(0.5)
     assert ex["tokens_to_goal"] == pytest.approx(10_000 * 20**2, rel=1e-6)
-    assert ex["tokens_per_second"] == pytest.approx(102.4, rel=0.05)
+    assert ex["tokens_per_second"] == pytest.approx(102.4) and ex["rate_from"] == "wall time"
     assert ex["hours_to_goal"] == pytest.approx(4e6 / ex["tokens_per_second"] / 3600)
     assert extrapolate(points, goal_pct=200)["tokens_to_goal"] == 0  # met already
     flat = [point(t, 50.0 + t / 1e6) for t in budgets]
     assert extrapolate(flat, goal_pct=5)["tokens_to_goal"] is None  # not falling: no promise
     assert extrapolate(points[:1], goal_pct=5) is None  # one point is no trend
+
+
+def test_training_rate_comes_from_the_runs_not_the_process_that_finished_a_point():
+    """A point resumed near its end has a few seconds of its own; the rate comes from its runs' step times (median:
+    a pause does not move it), else from their wall time over every session, else it is unknown."""
+    from attnsurgery.eval.budget_report import training_rate
+
+    # two stages of 100 steps of 1,024 tokens; the process that finished the point ran 25 steps of it
+    point = {"tokens": 204_800, "steps": [100, 100], "seconds": 60.0}
+    assert training_rate(point) == (None, None)
+    wall = {**point, "train_seconds": [1_000.0, 3_000.0]}
+    assert training_rate(wall) == (pytest.approx(204_800 / 4_000), "wall time")
+    median = {**wall, "step_seconds": [2.0, 6.0]}
+    assert training_rate(median) == (pytest.approx(204_800 / 800), "median step")
+    partial = {**wall, "step_seconds": [2.0, None]}  # a run from before step times were kept
+    assert training_rate(partial)[1] == "wall time"

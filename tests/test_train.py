@@ -7,6 +7,7 @@ import contextlib
 import copy
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -161,6 +162,12 @@ def test_resume_continues_exactly(data, tmp_path):
     handle = scale_and_lora(model)
     result = train(model, handle, data, cfg(), out_dir=tmp_path / "b", resume=True, progress=False)
     assert result.steps == 4
+    # one time per step across the resume (the rate of a run trained over sessions is its median step)
+    assert len(result.step_seconds) == 4 and all(t > 0 for t in result.step_seconds)
+    saved = json.loads((tmp_path / "b" / "training.json").read_text())["step_seconds"]
+    assert saved == result.step_seconds
+    recipe = yaml.safe_load((tmp_path / "b" / "recipe.yaml").read_text())["training"]
+    assert recipe["median_step_seconds"] == pytest.approx(statistics.median(saved), abs=1e-3)
     for a, b in zip(full.surgeries, handle.surgeries):
         for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
             # exact: the checkpoint holds the float32 states, optimiser moments and data position as they were,

@@ -113,6 +113,18 @@ inline void clip(float* x, int64_t n, float a, float b) {
   for (; j < n; ++j) x[j] = std::min(1.f, std::max(0.f, a * x[j] + b));
 }
 
+// One row's scores over a block's n keys, of which [a, e) are the row's visible range: keys outside it take no part
+// in the value product (0), keys the mask hides inside it become -inf. Returns the max over the range (-inf when
+// the row sees none of these keys). `visible`: the mask row at the block's first key, or null without a mask.
+inline float mask_row(float* x, int64_t n, int64_t a, int64_t e, const bool* visible) {
+  std::fill(x, x + a, 0.f);
+  std::fill(x + e, x + n, 0.f);
+  if (visible != nullptr)
+    for (int64_t j = a; j < e; ++j)
+      if (!visible[j]) x[j] = kNegInf;
+  return e > a ? row_max(x + a, e - a) : kNegInf;
+}
+
 }  // namespace
 
 // q (B, H, Tq, D), k (B, Hkv, Tk, D), v (B, Hkv, Tk, Dv): fp32, contiguous; H a multiple of Hkv (GQA).
@@ -271,14 +283,7 @@ std::vector<at::Tensor> rowblock_attention(const at::Tensor& q, const at::Tensor
             float* x = s.data() + r * n;
             const int64_t a = std::clamp<int64_t>(lo[i] - k_lo - c0, 0, n);
             const int64_t e = std::clamp<int64_t>(hi[i] - k_lo - c0, a, n);
-            std::fill(x, x + a, 0.f);
-            std::fill(x + e, x + n, 0.f);
-            if (has_mask) {
-              const bool* row = mb + (r0 + i) * Tk + k_lo + c0;
-              for (int64_t j = a; j < e; ++j)
-                if (!row[j]) x[j] = kNegInf;
-            }
-            const float m = e > a ? row_max(x + a, e - a) : kNegInf;
+            const float m = mask_row(x, n, a, e, has_mask ? mb + (r0 + i) * Tk + k_lo + c0 : nullptr);
             alpha[r] = 1.f;
             if (m == kNegInf) {  // no visible key of this row in this tile
               std::fill(x + a, x + e, 0.f);
@@ -317,14 +322,7 @@ std::vector<at::Tensor> rowblock_attention(const at::Tensor& q, const at::Tensor
         float* x = s.data() + r * nk;
         // the row's visible range within the block's (a row that sees nothing has lo = hi = Tk: clamp to nk)
         const int64_t a = std::clamp<int64_t>(lo[i] - k_lo, 0, nk), e = std::clamp<int64_t>(hi[i] - k_lo, a, nk);
-        std::fill(x, x + a, 0.f);  // keys outside the row's range take no part in the value product
-        std::fill(x + e, x + nk, 0.f);
-        if (has_mask) {
-          const bool* row = mb + (r0 + i) * Tk + k_lo;
-          for (int64_t j = a; j < e; ++j)
-            if (!row[j]) x[j] = kNegInf;
-        }
-        const float m = e > a ? row_max(x + a, e - a) : kNegInf;
+        const float m = mask_row(x, nk, a, e, has_mask ? mb + (r0 + i) * Tk + k_lo : nullptr);
         if (m == kNegInf) {  // the row sees no key
           std::fill(x + a, x + e, 0.f);
           lp[(b * H + head) * Tq + r0 + i] = kInf;

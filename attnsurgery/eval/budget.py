@@ -64,6 +64,21 @@ def _snapshot(run_dir: Path, dest: Path) -> None:
     tmp.rename(dest)
 
 
+def _timing(runs: Path, arm: BudgetArm, budget: int) -> dict[str, list[float | None]]:
+    """Each stage's training time at a budget, from its snapshot's recipe: ``train_seconds`` is the run's wall time
+    over every session (stage 1's adds up across budgets), ``step_seconds`` its median step (None where the run
+    kept no step times). A point's own wall time covers only the process that finished it."""
+    seconds: list[float | None] = []
+    median: list[float | None] = []
+    for stage in arm.stages:
+        recipe = runs / f"{stage.name}@{budget}" / "recipe.yaml"
+        saved = (yaml.safe_load(recipe.read_text()) or {}) if recipe.is_file() else {}
+        training = saved.get("training") or {}
+        seconds.append(training.get("seconds"))
+        median.append(training.get("median_step_seconds"))
+    return {"train_seconds": seconds, "step_seconds": median}
+
+
 def _read_curve(path: Path) -> dict[str, Any]:
     if path.is_file():
         return json.loads(path.read_text())
@@ -218,6 +233,9 @@ def run_budget_table(
                 curve["baselines"][key] = perplexity(model, test)
         baseline = curve["baselines"][key]
         runs = out / ("runs" if device == "cpu" else f"runs-{device}") / arm.name
+        for point in entry["points"]:  # points made before they kept their training time: from the snapshots
+            if "train_seconds" not in point and point.get("device", "cpu") == device:
+                point.update(_timing(runs, arm, point["budget"]))
         for budget in todo:
             started = time.perf_counter()
             steps = arm.stage_steps(budget)
@@ -247,7 +265,9 @@ def run_budget_table(
                 "ppl": ppl,
                 "baseline_ppl": baseline,
                 "rel_pct": 100.0 * (ppl / baseline - 1.0),
+                # this process's time (training, snapshots, scoring); the runs' training time is train_seconds
                 "seconds": round(time.perf_counter() - started, 1),
+                **_timing(runs, arm, budget),
                 "device": device,
                 "state": str(prior.relative_to(out)),
             }

@@ -14,6 +14,22 @@ if TYPE_CHECKING:
     from .budget import BudgetTable
 
 
+def training_rate(point: dict[str, Any]) -> tuple[float | None, str | None]:
+    """Training tokens per second of the runs behind a point, and what the figure is. From each stage's median step
+    where its run kept step times ("median step": a pause, a resume or a busy minute does not move it); else from
+    the runs' wall time over every session ("wall time": other jobs and pauses included, so it reads slow). Stage 1
+    is one run continued across budgets, so its time at this budget covers all its steps; later stages run afresh.
+    The point's own ``seconds`` is no rate: it covers only the process that finished it."""
+    steps = point["steps"]
+    per_step = point["tokens"] / max(1, sum(steps))
+    medians, seconds = point.get("step_seconds") or [], point.get("train_seconds") or []
+    if len(medians) == len(steps) and all(m for m in medians):
+        return per_step * sum(steps) / sum(n * m for n, m in zip(steps, medians)), "median step"
+    if len(seconds) == len(steps) and all(t for t in seconds):
+        return per_step * sum(steps) / sum(seconds), "wall time"
+    return None, None
+
+
 def extrapolate(
     points: list[dict[str, Any]], goal_pct: float, min_tokens: int = 20_000
 ) -> dict[str, Any] | None:
@@ -45,20 +61,13 @@ def extrapolate(
         tokens = None
     else:
         tokens = int(math.exp((math.log(goal_pct) - a) / b))
-    # training rate: tokens trained per second over the arm's points (each point's seconds cover what it trained:
-    # stage 1 continued from the previous budget, later stages afresh)
-    trained, seconds, prev_first = 0, 0.0, 0
-    for p in sorted((p for p in points if p.get("device", "cpu") == "cpu"), key=lambda p: p["tokens"]):
-        per_step = p["tokens"] / max(1, sum(p["steps"]))
-        trained += (p["steps"][0] - prev_first + sum(p["steps"][1:])) * per_step
-        seconds += p.get("seconds", 0.0)
-        prev_first = p["steps"][0]
-    rate = trained / seconds if seconds > 0 else None
+    rate, rate_from = training_rate(last)
     return {
         "fit_points": [p["tokens"] for p in usable],
         "per_x4": 4**b,  # the relative change multiplies by this per x4 tokens
         "tokens_to_goal": tokens,
         "tokens_per_second": rate,
+        "rate_from": rate_from,
         "hours_to_goal": (tokens / rate / 3600.0) if tokens and rate else (0.0 if tokens == 0 else None),
     }
 
@@ -94,15 +103,17 @@ def render_curve(curve: dict[str, Any], table: BudgetTable | None = None) -> str
         else:
             hours = f"{ex['hours_to_goal']:,.0f} h" if ex["hours_to_goal"] is not None else "?"
             where = f"~{ex['tokens_to_goal']:,.0f} tokens (~{hours} at this machine's rate)"
-        rate = f"{ex['tokens_per_second']:.0f}" if ex["tokens_per_second"] else "?"
+        rate = f"{ex['tokens_per_second']:.0f} ({ex['rate_from']})" if ex["tokens_per_second"] else "?"
         fit = ", ".join(f"{t:,}" for t in ex["fit_points"])
         rows.append(f"| {name} | +{arm['goal_pct']:g}% | {fit} | x{ex['per_x4']:.2f} | {rate} | {where} |")
     if rows:
         lines += [
             "",
             "Where each curve leads: a power law in tokens fitted to its points from 20k tokens on (log-log least "
-            "squares), extrapolated to the goal; the rate is the arm's measured training tokens per second on "
-            "this CPU (contended runs read slower). An extrapolation, not a promise: such curves flatten.",
+            "squares), extrapolated to the goal; the rate is the training tokens per second of the runs behind the "
+            "arm's latest fitted point on this CPU: from their median step time where the runs kept step times, "
+            "else from their wall time over every session (pauses and other jobs on the cores included, so it "
+            "reads slow). An extrapolation, not a promise: such curves flatten.",
             "",
             "| arm | goal | fitted on (tokens) | change per x4 tokens | tokens/s | goal reached at |",
             "|---|---:|---|---:|---:|---|",

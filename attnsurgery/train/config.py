@@ -4,6 +4,7 @@ and the trainer's errors. The loop is :mod:`.trainer`; the run folder it writes,
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,12 @@ class TrainResult:
     seconds: float
     tokens: int
     parts: dict[str, list[float]] = field(default_factory=dict)  # per objective term, per step
+    step_seconds: list[float] = field(default_factory=list)  # wall time per step, across resumes
+
+    @property
+    def median_step_seconds(self) -> float | None:
+        """The run's typical step time: a median, so a pause or a busy minute does not move it."""
+        return statistics.median(self.step_seconds) if self.step_seconds else None
 
     @property
     def final_val(self) -> dict[str, float]:

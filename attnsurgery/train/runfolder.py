@@ -81,7 +81,7 @@ def _diff(saved: dict, now: dict, prefix: str = "") -> list[str]:
 
 
 def _warm_start(folder: Path, config: TrainConfig, data: TrainingData) -> tuple:
-    """(step, train losses, per-term losses, validations, seconds) of a finished run folder, after checking that it
+    """(step, train losses, per-term losses, validations, seconds, step seconds) of a finished run folder, after checking that it
     is this run (same objective, rates, batch, windows, seed and data)."""
     import yaml
 
@@ -116,6 +116,7 @@ def _warm_start(folder: Path, config: TrainConfig, data: TrainingData) -> tuple:
         {k: list(v) for k, v in (hist.get("parts") or {}).items()},
         list(hist.get("validation") or []),
         float(training.get("seconds") or 0.0),
+        list(hist.get("step_seconds") or []),  # folders written before step times were kept have none
     )
 
 
@@ -203,7 +204,10 @@ def write_run(
             "objective": config.objective,
             "steps": result.steps,
             "tokens": result.tokens,
-            "seconds": round(result.seconds, 1),
+            "seconds": round(result.seconds, 1),  # wall time, every session and pause included
+            "median_step_seconds": (
+                None if result.median_step_seconds is None else round(result.median_step_seconds, 3)
+            ),
             "kept": f"{config.keep} (step {result.best_step if config.keep == 'best' else result.steps})",
             "config": dataclasses.asdict(config),
             "data": data.describe(),
@@ -220,7 +224,14 @@ def write_run(
     tmp_recipe.write_text(yaml.safe_dump(recipe, sort_keys=False, width=110))
     tmp_hist = out / (HISTORY + ".tmp")
     tmp_hist.write_text(
-        json.dumps({"train_loss": result.train_loss, "parts": result.parts, "validation": result.val_history})
+        json.dumps(
+            {
+                "train_loss": result.train_loss,
+                "parts": result.parts,
+                "validation": result.val_history,
+                "step_seconds": result.step_seconds,
+            }
+        )
         + "\n"
     )
     for tmp, final in staged:

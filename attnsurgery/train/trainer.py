@@ -271,6 +271,7 @@ class _Run:
         self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
 
         self.history: list[float] = []
+        self.step_seconds: list[float] = []  # per step: their median is the rate, whatever paused the run
         self.parts_hist: dict[str, list[float]] = {}
         self.val_history: list[dict[str, float]] = []
         self.best: tuple[float, int, dict[str, torch.Tensor] | None] = (
@@ -317,12 +318,18 @@ class _Run:
                 ckpt["val_history"],
             )
             self.parts_hist, self.elapsed = ckpt["parts"], ckpt["seconds"]
+            self.step_seconds = list(ckpt.get("step_seconds", []))  # older checkpoints kept none
             self.best = (ckpt["best"][0], ckpt["best"][1], ckpt["best_state"])
             self.saved = [self.start_step]
         elif warm_start is not None:
-            self.start_step, self.history, self.parts_hist, self.val_history, self.elapsed = _warm_start(
-                Path(warm_start), config, self.data
-            )
+            (
+                self.start_step,
+                self.history,
+                self.parts_hist,
+                self.val_history,
+                self.elapsed,
+                self.step_seconds,
+            ) = _warm_start(Path(warm_start), config, self.data)
             if self.start_step > config.steps:
                 raise TrainingError(
                     f"warm_start {warm_start} is at step {self.start_step}, past steps={config.steps}."
@@ -343,6 +350,7 @@ class _Run:
                 "optimizer": self.optimizer.state_dict(),
                 "history": self.history,
                 "parts": self.parts_hist,
+                "step_seconds": self.step_seconds,
                 "val_history": self.val_history,
                 "best": self.best[:2],
                 "best_state": self.best[2],
@@ -425,8 +433,8 @@ class _Run:
         )
         tokens_per_step = config.batch_size * data.train.shape[1]
         stale, step = 0, self.start_step
-        t_last = time.perf_counter()
         while step < config.steps:
+            t_step = time.perf_counter()  # the step alone: validation and checkpoints are timed apart
             idx = _batch_indices(step, len(data.train), config.batch_size, config.seed)
             mine = idx.view(world, config.grad_accum, self.per_micro)[accelerator.process_index]
             step_parts: dict[str, float] = {}
@@ -469,11 +477,9 @@ class _Run:
             self.history.append(loss_value)
             for k, v in step_parts.items():
                 self.parts_hist.setdefault(k, []).append(v)
-            now = time.perf_counter()
-            bar.set_postfix(
-                loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_step / max(now - t_last, 1e-9):.0f}"
-            )
-            t_last = now
+            took = time.perf_counter() - t_step
+            self.step_seconds.append(round(took, 4))
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_step / max(took, 1e-9):.0f}")
             bar.update(1)
             if step % config.val_every == 0 or step == config.steps:
                 row = self.validate(step)
@@ -510,6 +516,7 @@ class _Run:
             seconds=self.elapsed + time.perf_counter() - self.started,
             tokens=len(self.history) * config.batch_size * int(self.data.train.shape[1]),
             parts=self.parts_hist,
+            step_seconds=self.step_seconds,
         )
         if self.out is not None and self.accelerator.is_main_process:
             write_run(self.out, self.model, self.handle, result, config, self.data, model_name)
