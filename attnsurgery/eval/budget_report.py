@@ -123,8 +123,8 @@ def render_curve(curve: dict[str, Any], table: BudgetTable | None = None) -> str
 
 
 def plot_curve(curve: dict[str, Any], path: Path, title: str = "") -> Path | None:
-    """Relative perplexity change against training tokens (log x; symlog y so +2% and +300% both read), one colour
-    per arm, its goal as a dashed line of the same colour."""
+    """Relative perplexity change against training tokens (log x; symlog y, linear below 1%, so +2% and +300% both
+    read), one colour per arm, its goal as a dashed line of the same colour, each arm's latest point labelled."""
     arms = {k: v for k, v in curve["arms"].items() if v["points"]}
     if not arms:
         return None
@@ -132,6 +132,7 @@ def plot_curve(curve: dict[str, Any], path: Path, title: str = "") -> Path | Non
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter
 
     fig, ax = plt.subplots(figsize=(8, 5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -143,10 +144,30 @@ def plot_curve(curve: dict[str, Any], path: Path, title: str = "") -> Path | Non
                 xs = [p["tokens"] for p in points]
                 ys = [p["rel_pct"] for p in points]
                 ax.plot(xs, ys, style, color=c, label=f"{name} ({arm['model']}, {device})")
+                ax.annotate(
+                    f"{ys[-1]:+.1f}%",
+                    (xs[-1], ys[-1]),
+                    textcoords="offset points",
+                    xytext=(6, 4),
+                    fontsize=7,
+                    color=c,
+                )
         ax.axhline(arm["goal_pct"], color=c, ls="--", lw=1, alpha=0.8)
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xscale("log")
-    ax.set_yscale("symlog", linthresh=10)
+    tokens = [p["tokens"] for arm in arms.values() for p in arm["points"]]
+    ax.set_xlim(min(tokens) / 1.5, max(tokens) * 2.5)  # room for the last point's label
+    values = [p["rel_pct"] for arm in arms.values() for p in arm["points"]] + [
+        a["goal_pct"] for a in arms.values()
+    ]
+    ax.set_yscale("symlog", linthresh=1)
+    # percent ticks at 1-2-5 steps, as far as the data reach (a symlog axis labels only its decades by itself)
+    steps = [m * 10**e for e in range(5) for m in (1, 2, 5)]
+    ticks = [0.0] + [t for t in steps if t <= max(values) * 2] + [-t for t in steps if -t >= min(values) * 2]
+    ax.yaxis.set_major_locator(FixedLocator(sorted(ticks)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:+g}%" if v else "0"))
+    low = min(values)
+    ax.set_ylim(bottom=low * 2 if low < 0 else 0.0, top=max(values) * 2)  # no empty negative half
     ax.set_xlabel("training tokens")
     ax.set_ylabel("test perplexity vs unpatched (%)")
     ax.set_title(title or "budget curves", fontsize=10)
