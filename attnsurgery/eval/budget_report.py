@@ -21,12 +21,11 @@ def training_rate(point: dict[str, Any]) -> tuple[float | None, str | None]:
     is one run continued across budgets, so its time at this budget covers all its steps; later stages run afresh.
     The point's own ``seconds`` is no rate: it covers only the process that finished it."""
     steps = point["steps"]
-    per_step = point["tokens"] / max(1, sum(steps))
     medians, seconds = point.get("step_seconds") or [], point.get("train_seconds") or []
     if len(medians) == len(steps) and all(m for m in medians):
-        return per_step * sum(steps) / sum(n * m for n, m in zip(steps, medians)), "median step"
+        return point["tokens"] / sum(n * m for n, m in zip(steps, medians)), "median step"
     if len(seconds) == len(steps) and all(t for t in seconds):
-        return per_step * sum(steps) / sum(seconds), "wall time"
+        return point["tokens"] / sum(seconds), "wall time"
     return None, None
 
 

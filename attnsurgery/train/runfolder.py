@@ -81,8 +81,8 @@ def _diff(saved: dict, now: dict, prefix: str = "") -> list[str]:
 
 
 def _warm_start(folder: Path, config: TrainConfig, data: TrainingData) -> tuple:
-    """(step, train losses, per-term losses, validations, seconds, step seconds) of a finished run folder, after checking that it
-    is this run (same objective, rates, batch, windows, seed and data)."""
+    """(step, train losses, per-term losses, validations, seconds, step seconds) of a finished run folder, after
+    checking that it is this run (same objective, rates, batch, windows, seed and data)."""
     import yaml
 
     try:
