@@ -427,3 +427,76 @@ def test_training_rate_comes_from_the_runs_not_the_process_that_finished_a_point
     assert training_rate(median) == (pytest.approx(204_800 / 800), "median step")
     partial = {**wall, "step_seconds": [2.0, None]}  # a run from before step times were kept
     assert training_rate(partial)[1] == "wall time"
+
+
+def _stop_at(monkeypatch, calls):
+    """Ctrl-C at the start of the ``calls``-th training step of this process (counted over every stage)."""
+    import attnsurgery.train.trainer as trainer
+
+    real, seen = trainer._lr_factor, []
+
+    def lr_factor(step, config):
+        seen.append(step)
+        if len(seen) == calls:
+            raise KeyboardInterrupt
+        return real(step, config)
+
+    monkeypatch.setattr(trainer, "_lr_factor", lr_factor)
+
+
+@pytest.mark.parametrize("arm, run, stopped_at", [("gates", "stage1", 2), ("gates-then-lora", "lora", 3)])
+def test_a_run_longer_than_a_session_continues_from_its_partial_state(
+    tmp_path, model_dir, corpus, monkeypatch, arm, run, stopped_at
+):
+    """A stopped run keeps its state at the step it stopped as ``<run>@partial`` (small files to commit); a fresh
+    clone (no checkpoint) continues from there, says so in the point, and drops the partial once past it. The
+    partial state is the state the run had at that step: equal to an uninterrupted run's at the same step."""
+    from attnsurgery.train import TrainingInterrupted
+
+    tokens = 2 * SEQ
+    budget = 4 * tokens  # 4 steps, or 2 + 2 for the two-stage arm
+    table = write_table(tmp_path / "b.yaml", model_dir, corpus, [budget])
+    _stop_at(monkeypatch, stopped_at + 1)
+    with pytest.raises(TrainingInterrupted):
+        run_budget_table(table, tmp_path / "out", arms=[arm])
+    monkeypatch.undo()
+    runs = tmp_path / "out" / "runs" / arm
+    name = "stage1" if run == "stage1" else f"{run}-{budget}"
+    partial = runs / f"{name}@partial"
+    steps = stopped_at if run == "stage1" else stopped_at - 2  # the first stage's 2 steps came before
+    assert yaml.safe_load((partial / "recipe.yaml").read_text())["training"]["steps"] == steps
+    assert not (partial / "checkpoint.pt").exists() and not (tmp_path / "out" / "curve.json").is_file()
+
+    # the state the run had at that step: an uninterrupted run's (stage 1), or on the frozen first stage's state
+    if run == "stage1":
+        out = run_budget_table(
+            write_table(tmp_path / "r.yaml", model_dir, corpus, [steps * tokens]),
+            tmp_path / "ref",
+            arms=[arm],
+        )
+        ref_state = out / "runs" / arm / f"stage1@{steps * tokens}"
+    else:
+        ref_state = runs / f"gates@{budget}"
+    for ref in ref_state.glob("*.safetensors"):
+        mine, theirs = load_file(str(partial / ref.name)), load_file(str(ref))
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+    # a fresh clone: no checkpoint, no uncommitted states of the stopped run
+    (runs / name / "checkpoint.pt").unlink()
+    history = json.loads((partial / "training.json").read_text())["train_loss"]
+    curve = json.loads((run_budget_table(table, tmp_path / "out", arms=[arm]) / "curve.json").read_text())
+    point = curve["arms"][arm]["points"][0]
+    assert point["tokens"] == budget and point["warm_start"] == f"runs/{arm}/{name}@partial"
+    after = json.loads((runs / name / "training.json").read_text())["train_loss"]
+    assert (
+        len(after) == 2 * tokens * (4 if run == "stage1" else 2) // tokens // 2 and after[:steps] == history
+    )
+    assert not partial.exists()  # past it: the budget's snapshot replaces it
+
+
+@pytest.mark.parametrize("minutes", ["0", "-5", "nan"])
+def test_minutes_must_be_a_positive_time(minutes, capsys):
+    from attnsurgery.eval.budget import main
+
+    assert main(["no-such-table.yaml", "--minutes", minutes]) == 2
+    assert f"--minutes {float(minutes)}" in capsys.readouterr().err

@@ -12,13 +12,15 @@ step: a run continued to more steps is the run trained that long at once; ``test
 Later stages start from stage 1's state at that budget (kept as a snapshot) and train their share of the budget
 afresh. Every point is written as it lands (``curve.json``, ``curve.md``, ``curve.png``), each stage's state at
 each budget is kept as a recipe folder (``runs/<arm>/<stage>-<tokens>/``) and an interrupted run continues from
-its checkpoint, so a curve grows across sessions.
+its checkpoint, so a curve grows across sessions. A run stopped before its budget (Ctrl-C, SIGTERM, ``--minutes``)
+also keeps its state as ``runs/<arm>/<run>@partial/``: small files to commit, from which a fresh clone continues.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -117,7 +119,7 @@ def _train_stage(
     model: Any, arm: BudgetArm, stage: Stage, steps: int, run_dir: Path, prior: Path | None, data: Any
 ) -> Any:
     """Train (or continue) one stage's run to ``steps``; returns the patched handle holding the trained state."""
-    from ..train import TrainConfig, train
+    from ..train import TrainConfig, TrainingInterrupted, train
 
     handle = _stage_surgeries(model, stage, prior)
     try:
@@ -139,25 +141,27 @@ def _train_stage(
                 "points were measured when it passed them (curve.json keeps them)."
             )
         resume = (run_dir / "checkpoint.pt").is_file()
-        warm = None if resume or prior is not None else _latest_snapshot(run_dir.parent, stage.name, steps)
-        if warm is not None:  # a fresh clone: continue the last committed state (its optimiser starts afresh)
-            from ..api import patch
-            from ..recipe import find_recipe
-
-            handle.remove()
-            handle = patch(model, find_recipe(warm))
-        train(
-            model,
-            handle,
-            data,
-            config,
-            out_dir=run_dir,
-            resume=resume,
-            overwrite=not resume,
-            model_name=arm.model,
-            warm_start=warm,
-            label=f"{arm.name} · {stage.name} to {steps} steps",
-        )
+        # a fresh clone: continue the last committed state of this run (a budget's snapshot, or the partial one an
+        # earlier session stopped at); its optimiser starts afresh
+        warm = None if resume else _latest_snapshot(run_dir.parent, run_dir.name, steps)
+        if warm is not None:
+            _load_states(handle, warm)
+        try:
+            train(
+                model,
+                handle,
+                data,
+                config,
+                out_dir=run_dir,
+                resume=resume,
+                overwrite=not resume,
+                model_name=arm.model,
+                warm_start=warm,
+                label=f"{arm.name} · {stage.name} to {steps} steps",
+            )
+        except TrainingInterrupted:
+            _keep_partial(model, handle, config, data, run_dir, arm.model)
+            raise
         handle.warm_start = warm
     except BaseException:
         handle.remove()
@@ -165,14 +169,83 @@ def _train_stage(
     return handle
 
 
-def _latest_snapshot(runs: Path, stage: str, steps: int) -> Path | None:
-    """The stage's committed snapshot with the most steps (at most ``steps``) whose state files are present."""
+def _latest_snapshot(runs: Path, run: str, steps: int) -> Path | None:
+    """The committed snapshot of run ``run`` (a stage-1 ``<stage>@<budget>``, or ``<run>@partial``) with the most
+    steps (at most ``steps``) whose state files are present."""
     best: tuple[int, Path | None] = (0, None)
-    for folder in runs.glob(f"{stage}@*"):
+    for folder in runs.glob(f"{run}@*"):
         done = _trained_steps(folder)
         if best[0] < done <= steps:
             best = (done, folder)
     return best[1]
+
+
+def _partial(run_dir: Path) -> Path:
+    """Where a stopped run keeps its state at the step it stopped: small files a session can commit, so a run longer
+    than one session continues on a fresh clone (the checkpoint, with the optimiser's moments, is not committed)."""
+    return run_dir.with_name(run_dir.name + "@partial")
+
+
+def _load_states(handle: Any, folder: Path) -> None:
+    """Load a run folder's state files into ``handle``'s surgeries (the same stage, patched the same way)."""
+    from ..api import _load_state, _read_state
+    from ..engine import Engine
+
+    entries = (yaml.safe_load((folder / "recipe.yaml").read_text()) or {}).get("surgeries") or []
+    names = [s.name for s in handle.surgeries]
+    if [e.get("surgery") for e in entries] != names:
+        raise BudgetError(
+            f"{folder} holds the surgeries {[e.get('surgery') for e in entries]}, this stage patches {names}: it was "
+            "another run. Delete it to train this stage from its start."
+        )
+    engine = Engine.of(handle.model)
+    for entry, surgery in zip(entries, handle.surgeries):
+        if entry.get("state"):
+            _load_state(surgery, _read_state(folder / entry["state"]), engine)
+
+
+def _keep_partial(model: Any, handle: Any, config: Any, data: Any, run_dir: Path, model_name: str) -> None:
+    """After an interrupt: write the checkpoint's state as a finished-looking run folder ``<run>@partial`` (recipe,
+    history, state files; whole or not at all), which :func:`_latest_snapshot` continues from on a fresh clone."""
+    import torch
+
+    from ..engine import Engine
+    from ..train import TrainResult
+    from ..train.runfolder import write_run
+
+    ckpt_path = run_dir / "checkpoint.pt"
+    if not ckpt_path.is_file():
+        return
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if not ckpt["val_history"] or not ckpt["history"]:
+        return  # stopped before its first step: nothing to keep
+    with (
+        torch.no_grad()
+    ):  # the checkpoint's state (what --resume continues), not the live one a step may have moved
+        for i, surgery in enumerate(handle.surgeries):
+            surgery.load_state_dict(
+                {k[len(f"{i}.") :]: v for k, v in ckpt["state"].items() if k.startswith(f"{i}.")}
+            )
+    Engine.of(model).refresh()
+    steps = int(ckpt["step"])
+    result = TrainResult(
+        out_dir=None,
+        steps=steps,
+        train_loss=ckpt["history"][:steps],
+        val_history=ckpt["val_history"],
+        best_step=ckpt["best"][1],
+        seconds=float(ckpt["seconds"]),
+        tokens=steps * config.batch_size * int(data.train.shape[1]),
+        parts={k: v[:steps] for k, v in ckpt["parts"].items()},
+        step_seconds=list(ckpt.get("step_seconds", []))[:steps],
+    )
+    dest = _partial(run_dir)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_run(tmp, model, handle, result, config, data, model_name)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
 
 
 def run_budget_table(
@@ -257,6 +330,10 @@ def run_budget_table(
                 finally:
                     handle.remove()
                 _snapshot(run_dir, snapshot)
+                if (
+                    _trained_steps(_partial(run_dir)) <= n
+                ):  # the run went past where an earlier session stopped
+                    shutil.rmtree(_partial(run_dir), ignore_errors=True)
                 prior = snapshot
             point = {
                 "budget": budget,
@@ -409,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     from ..cli import route_library_noise
+    from ..train.config import TrainingInterrupted  # here: the package pulls in torch
 
     route_library_noise()
 
@@ -419,6 +497,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arm", action="append", help="only this arm (repeatable)")
     parser.add_argument(
         "--up-to", type=int, default=None, help="stop after the budgets of at most this many tokens"
+    )
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="stop cleanly after this many minutes (a session's time): the run keeps its checkpoint and a small "
+        "<run>@partial state to commit, from which a fresh clone continues",
     )
     parser.add_argument("--out", default=None, help="output folder (default evals/results/<table name>)")
     parser.add_argument(
@@ -432,6 +517,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="with --ship: replace a shipped recipe")
     args = parser.parse_args(argv)
     console = Console(stderr=True)
+    if args.minutes is not None and not (args.minutes > 0 and math.isfinite(args.minutes)):
+        console.print(
+            f"[red]error:[/red] --minutes {args.minutes}: give a positive number of minutes, e.g. 150."
+        )
+        return 2
 
     def stop(*_: Any) -> None:
         raise KeyboardInterrupt
@@ -440,6 +530,9 @@ def main(argv: list[str] | None = None) -> int:
     # trainer saves its checkpoint, the finished points are on disk, the next run continues
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    if args.minutes is not None and not args.ship:
+        signal.signal(signal.SIGALRM, stop)  # the time is up: the same clean stop as Ctrl-C
+        signal.alarm(max(1, round(args.minutes * 60)))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -463,6 +556,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         out = run_budget_table(args.table, args.out, args.arm, args.up_to, on_point=report)
+    except TrainingInterrupted as err:
+        console.print(
+            f"stopped: {err} The finished points are in curve.json; the next run continues from the checkpoint, "
+            "or on a fresh clone from the run's committed <run>@partial state."
+        )
+        return 130
     except AttnSurgeryError as err:
         console.print(f"[red]error:[/red] {err}")
         return 5 if isinstance(err, RecipeError) else 2
