@@ -234,6 +234,8 @@ def test_shipped_budget_table_loads():
         "gates-gemma-soft",
     } <= {a.name for a in table.arms}
     assert len(table.budgets) >= 5 and table.budgets[-1] >= 1_600_000
+    gemma = next(a for a in table.arms if a.name == "gates-gemma-soft")
+    assert gemma.w8a8_calib_windows  # its goal is half W8A8 gap: the curve scores it
     assert all(b / a == pytest.approx(4, rel=0.01) for a, b in zip(table.budgets, table.budgets[1:]))
 
 
@@ -500,3 +502,37 @@ def test_minutes_must_be_a_positive_time(minutes, capsys):
 
     assert main(["no-such-table.yaml", "--minutes", minutes]) == 2
     assert f"--minutes {float(minutes)}" in capsys.readouterr().err
+
+
+def test_w8a8_points_score_the_gap_and_earlier_points_are_scored_from_their_state(
+    tmp_path, model_dir, corpus
+):
+    """An arm with ``eval.w8a8_calib_windows`` scores static W8A8 at each point (its gap relative to the unpatched
+    model's); points made before it are scored from their kept state without training again, to the same numbers a
+    run that scored them from the start gives."""
+    tokens = 2 * SEQ
+    table = write_table(tmp_path / "b.yaml", model_dir, corpus, [tokens, 2 * tokens])
+    out = run_budget_table(table, tmp_path / "late", arms=["gates"])
+    runs = out / "runs" / "gates" / "stage1"
+    history = (runs / "training.json").read_text()
+    assert "ppl_w8a8" not in json.loads((out / "curve.json").read_text())["arms"]["gates"]["points"][0]
+
+    raw = yaml.safe_load(table.read_text())
+    raw["arms"][0]["eval"]["w8a8_calib_windows"] = 2
+    table.write_text(yaml.safe_dump(raw))
+    late = json.loads((run_budget_table(table, tmp_path / "late", arms=["gates"]) / "curve.json").read_text())
+    assert (runs / "training.json").read_text() == history  # scored, not trained again
+    early = json.loads(
+        (run_budget_table(table, tmp_path / "early", arms=["gates"]) / "curve.json").read_text()
+    )
+    for a, b in zip(late["arms"]["gates"]["points"], early["arms"]["gates"]["points"]):
+        assert a["ppl_w8a8"] == pytest.approx(b["ppl_w8a8"], rel=1e-6)
+        assert a["ppl_w8a8"] != a["ppl"]  # the quantisation was applied
+        gap, base_gap = a["ppl_w8a8"] - a["ppl"], a["baseline_ppl_w8a8"] - a["baseline_ppl"]
+        assert a["w8a8_gap_pct"] == pytest.approx(100 * (gap / base_gap - 1))
+    assert "| gates | cpu |" in (tmp_path / "late" / "curve.md").read_text()
+
+    raw["arms"][0]["eval"]["w8a8_calib_windows"] = 0
+    table.write_text(yaml.safe_dump(raw))
+    with pytest.raises(BudgetError, match="w8a8_calib_windows"):
+        load_budget_table(table)

@@ -288,7 +288,17 @@ def run_budget_table(
         entry.update(model=arm.model, goal_pct=arm.goal_pct, eval_seq_len=arm.eval_seq_len, note=arm.note)
         done = {p["budget"] for p in entry["points"] if p.get("device", "cpu") == device}
         todo = [b for b in budgets if b not in done]
-        if not todo:
+        runs = out / ("runs" if device == "cpu" else f"runs-{device}") / arm.name
+        # points made before the arm scored W8A8 (or on a machine without it): scored now from their kept state
+        unscored = [
+            p
+            for p in entry["points"]
+            if arm.w8a8_calib_windows
+            and "ppl_w8a8" not in p
+            and p.get("device", "cpu") == device
+            and _trained_steps(out / p["state"]) > 0
+        ]
+        if not todo and not unscored:
             continue
         if arm.model not in loaded:
             loaded.clear()  # one model in memory at a time
@@ -305,7 +315,25 @@ def run_budget_table(
             with torch.no_grad():
                 curve["baselines"][key] = perplexity(model, test)
         baseline = curve["baselines"][key]
-        runs = out / ("runs" if device == "cpu" else f"runs-{device}") / arm.name
+        w8a8: dict[str, Any] | None = (
+            None  # the calibration windows and the unpatched model's W8A8 perplexity
+        )
+        if arm.w8a8_calib_windows:
+            # the calibration split of the test corpus, as the outlier tables calibrate (evals/outliers.yaml)
+            calib = prepare_data(tokenizer, table.test_data, arm.eval_seq_len, max_context=max_context).train[
+                : arm.w8a8_calib_windows
+            ]
+            wkey = f"{key}|w8a8x{len(calib)}"
+            if wkey not in curve["baselines"]:
+                curve["baselines"][wkey] = _w8a8_perplexity(model, calib, test)
+            w8a8 = {"calib": calib, "baseline": curve["baselines"][wkey]}
+            for point in unscored:
+                from ..api import patch
+                from ..recipe import find_recipe
+
+                with patch(model, find_recipe(out / point["state"])):
+                    point.update(_w8a8_fields(model, w8a8, test, point["ppl"], baseline))
+                _write_curve(out, curve, table)
         for point in entry["points"]:  # points made before they kept their training time: from the snapshots
             if "train_seconds" not in point and point.get("device", "cpu") == device:
                 point.update(_timing(runs, arm, point["budget"]))
@@ -327,6 +355,7 @@ def run_budget_table(
                     else:
                         with torch.no_grad():
                             ppl = perplexity(model, test)
+                        scored = {} if w8a8 is None else _w8a8_fields(model, w8a8, test, ppl, baseline)
                 finally:
                     handle.remove()
                 _snapshot(run_dir, snapshot)
@@ -342,6 +371,7 @@ def run_budget_table(
                 "ppl": ppl,
                 "baseline_ppl": baseline,
                 "rel_pct": 100.0 * (ppl / baseline - 1.0),
+                **scored,
                 # this process's time (training, snapshots, scoring); the runs' training time is train_seconds
                 "seconds": round(time.perf_counter() - started, 1),
                 **_timing(runs, arm, budget),
@@ -359,6 +389,30 @@ def run_budget_table(
     if not (out / "curve.json").is_file():
         _write_curve(out, curve, table)
     return out
+
+
+def _w8a8_perplexity(model: Any, calib: Any, test: Any) -> float:
+    """Simulated static W8A8 perplexity: ranges calibrated on ``calib`` with the model as patched now."""
+    import torch
+
+    from .quant import perplexity, quantize_w8a8
+
+    with torch.no_grad(), quantize_w8a8(model, calib):
+        return perplexity(model, test)
+
+
+def _w8a8_fields(
+    model: Any, w8a8: dict[str, Any], test: Any, ppl: float, baseline: float
+) -> dict[str, float]:
+    """A point's W8A8 perplexity and its gap (W8A8 minus FP) relative to the unpatched model's gap."""
+    ppl_w8a8 = _w8a8_perplexity(model, w8a8["calib"], test)
+    base_gap = w8a8["baseline"] - baseline
+    return {
+        "ppl_w8a8": ppl_w8a8,
+        "baseline_ppl_w8a8": w8a8["baseline"],
+        # None: the unpatched model loses nothing to W8A8 here, so there is no gap to shrink
+        "w8a8_gap_pct": 100.0 * ((ppl_w8a8 - ppl) / base_gap - 1.0) if base_gap else None,
+    }
 
 
 # -- shipping -----------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ _TABLE_KEYS = {"name", "kind", "description", "data", "test_data", "budgets", "a
 _ARM_KEYS = {"name", "model", "note", "goal_pct", "seq_len", "eval", "stages", "recipe"}
 # a shipped recipe's state files together (issue 23: small states ship in the repository, each at most 20 MB)
 _STAGE_KEYS = {"name", "surgeries", "train", "share"}
-_EVAL_KEYS = {"seq_len", "windows"}
+_EVAL_KEYS = {"seq_len", "windows", "w8a8_calib_windows"}
 
 
 class BudgetError(RecipeError):
@@ -46,6 +46,9 @@ class BudgetArm:
     recipe: str | None = (
         None  # the shipped recipe its longest-trained state becomes (`--ship`), e.g. moh/smollm2-135m-x
     )
+    # with it: each point also scores static W8A8 (attnsurgery.eval.quant) calibrated on this many windows of the
+    # calibration split, and reports the W8A8 gap (W8A8 minus FP perplexity) against the unpatched model's
+    w8a8_calib_windows: int | None = None
 
     @property
     def tokens_per_step(self) -> int:
@@ -203,6 +206,11 @@ def load_budget_table(path: str | Path) -> BudgetTable:
                 eval_windows=_positive_int(f"{where}.eval.windows", eval_cfg.get("windows", 24)),
                 note=str(raw.get("note") or ""),
                 recipe=_recipe_name(f"{where} ({name})", raw.get("recipe")),
+                w8a8_calib_windows=(
+                    None
+                    if eval_cfg.get("w8a8_calib_windows") is None
+                    else _positive_int(f"{where}.eval.w8a8_calib_windows", eval_cfg["w8a8_calib_windows"])
+                ),
             )
         )
     if not arms:

@@ -90,6 +90,23 @@ def render_curve(curve: dict[str, Any], table: BudgetTable | None = None) -> str
                 f"{p['ppl']:.3f} | "
                 f"{p['baseline_ppl']:.3f} | {p['rel_pct']:+.1f}% | {met} |"
             )
+    scored = [(name, p) for name, arm in curve["arms"].items() for p in arm["points"] if "ppl_w8a8" in p]
+    if scored:
+        lines += [
+            "",
+            "Simulated static W8A8 (`attnsurgery.eval.quant`, ranges calibrated with the surgeries on) for the arms "
+            "that score it: the gap is W8A8 minus FP perplexity on the same test windows, and its change is against "
+            "the unpatched model's gap.",
+            "",
+            "| arm | device | tokens | FP ppl | W8A8 ppl | W8A8 gap | baseline gap | gap change |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, p in scored:
+            change = "n/a" if p["w8a8_gap_pct"] is None else f"{p['w8a8_gap_pct']:+.1f}%"
+            lines.append(
+                f"| {name} | {p.get('device', 'cpu')} | {p['tokens']:,} | {p['ppl']:.3f} | {p['ppl_w8a8']:,.3f} | "
+                f"{p['ppl_w8a8'] - p['ppl']:,.3f} | {p['baseline_ppl_w8a8'] - p['baseline_ppl']:,.3f} | {change} |"
+            )
     rows = []
     for name, arm in curve["arms"].items():
         ex = extrapolate(arm["points"], arm["goal_pct"])
