@@ -532,6 +532,18 @@ def test_w8a8_points_score_the_gap_and_earlier_points_are_scored_from_their_stat
         assert a["w8a8_gap_pct"] == pytest.approx(100 * (gap / base_gap - 1))
     assert "| gates | cpu |" in (tmp_path / "late" / "curve.md").read_text()
 
+    # the shipped recipe records the W8A8 figures of its point
+    from attnsurgery.eval.budget import ship_states
+    from attnsurgery.recipe import load_recipe_file
+
+    raw["arms"][0]["recipe"] = "gated_attention/tiny-gates"
+    table.write_text(yaml.safe_dump(raw))
+    (written,) = ship_states(table, tmp_path / "late", ["gates"], tmp_path / "recipes")
+    shipped = load_recipe_file(written)
+    last = late["arms"]["gates"]["points"][-1]
+    assert shipped.training["point"]["w8a8_gap_pct"] == last["w8a8_gap_pct"]
+    assert f"W8A8 gap {last['w8a8_gap_pct']:+.1f}%" in shipped.description
+
     raw["arms"][0]["eval"]["w8a8_calib_windows"] = 0
     table.write_text(yaml.safe_dump(raw))
     with pytest.raises(BudgetError, match="w8a8_calib_windows"):

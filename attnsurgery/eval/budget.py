@@ -507,7 +507,20 @@ def ship_states(
         training["point"] = {
             "table": str(table.path),
             "arm": arm.name,
-            **{k: point[k] for k in ("tokens", "ppl", "baseline_ppl", "rel_pct", "device") if k in point},
+            **{
+                k: point[k]
+                for k in (
+                    "tokens",
+                    "ppl",
+                    "baseline_ppl",
+                    "rel_pct",
+                    "ppl_w8a8",
+                    "baseline_ppl_w8a8",
+                    "w8a8_gap_pct",
+                    "device",
+                )
+                if k in point
+            },
             "eval": {"data": table.test_data, "seq_len": arm.eval_seq_len, "windows": arm.eval_windows},
         }
         what = (arm.note or arm.name).rstrip(". ")
@@ -519,6 +532,12 @@ def ship_states(
                 f"{point['baseline_ppl']:.3f}, goal +{arm.goal_pct:g}%) on {arm.eval_windows} windows of "
                 f"{arm.eval_seq_len} tokens of {table.test_data}'s test split. The longest-trained point of arm {arm.name} of "
                 f"{table.path} (training text: {table.data})."
+                + (
+                    f" Static W8A8 perplexity {point['ppl_w8a8']:,.3f} against the unpatched model's "
+                    f"{point['baseline_ppl_w8a8']:,.3f}: a W8A8 gap {point['w8a8_gap_pct']:+.1f}% against its gap."
+                    if point.get("w8a8_gap_pct") is not None
+                    else ""
+                )
             ),
             "model": arm.model,
             "surgeries": surgeries,
