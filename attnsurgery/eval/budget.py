@@ -629,10 +629,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         out = run_budget_table(args.table, args.out, args.arm, args.up_to, on_point=report)
-    except TrainingInterrupted as err:
+    except TrainingInterrupted:
         console.print(
-            f"stopped: {err} The finished points are in curve.json; the next run continues from the checkpoint, "
-            "or on a fresh clone from the run's committed <run>@partial state."
+            "stopped; the finished points are in curve.json. The same command continues the run from its "
+            "checkpoint, or on a fresh clone from its <run>@partial state (commit that folder's files)."
         )
         return 130
     except AttnSurgeryError as err:
