@@ -219,9 +219,8 @@ def _keep_partial(model: Any, handle: Any, config: Any, data: Any, run_dir: Path
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     if not ckpt["val_history"] or not ckpt["history"]:
         return  # stopped before its first step: nothing to keep
-    with (
-        torch.no_grad()
-    ):  # the checkpoint's state (what --resume continues), not the live one a step may have moved
+    # the checkpoint's state (what a resume continues), not the live one a step may have moved
+    with torch.no_grad():
         for i, surgery in enumerate(handle.surgeries):
             surgery.load_state_dict(
                 {k[len(f"{i}.") :]: v for k, v in ckpt["state"].items() if k.startswith(f"{i}.")}
@@ -231,13 +230,13 @@ def _keep_partial(model: Any, handle: Any, config: Any, data: Any, run_dir: Path
     result = TrainResult(
         out_dir=None,
         steps=steps,
-        train_loss=ckpt["history"][:steps],
+        train_loss=ckpt["history"],
         val_history=ckpt["val_history"],
         best_step=ckpt["best"][1],
         seconds=float(ckpt["seconds"]),
         tokens=steps * config.batch_size * int(data.train.shape[1]),
-        parts={k: v[:steps] for k, v in ckpt["parts"].items()},
-        step_seconds=list(ckpt.get("step_seconds", []))[:steps],
+        parts=ckpt["parts"],
+        step_seconds=list(ckpt.get("step_seconds", [])),
     )
     dest = _partial(run_dir)
     tmp = dest.with_name(dest.name + ".tmp")
@@ -315,9 +314,8 @@ def run_budget_table(
             with torch.no_grad():
                 curve["baselines"][key] = perplexity(model, test)
         baseline = curve["baselines"][key]
-        w8a8: dict[str, Any] | None = (
-            None  # the calibration windows and the unpatched model's W8A8 perplexity
-        )
+        # the calibration windows and the unpatched model's W8A8 perplexity, for an arm that scores W8A8
+        w8a8: dict[str, Any] | None = None
         if arm.w8a8_calib_windows:
             # the calibration split of the test corpus, as the outlier tables calibrate (evals/outliers.yaml)
             calib = prepare_data(tokenizer, table.test_data, arm.eval_seq_len, max_context=max_context).train[
@@ -327,10 +325,10 @@ def run_budget_table(
             if wkey not in curve["baselines"]:
                 curve["baselines"][wkey] = _w8a8_perplexity(model, calib, test)
             w8a8 = {"calib": calib, "baseline": curve["baselines"][wkey]}
-            for point in unscored:
-                from ..api import patch
-                from ..recipe import find_recipe
+            from ..api import patch
+            from ..recipe import find_recipe
 
+            for point in unscored:
                 with patch(model, find_recipe(out / point["state"])):
                     point.update(_w8a8_fields(model, w8a8, test, point["ppl"], baseline))
                 _write_curve(out, curve, table)
@@ -359,9 +357,8 @@ def run_budget_table(
                 finally:
                     handle.remove()
                 _snapshot(run_dir, snapshot)
-                if (
-                    _trained_steps(_partial(run_dir)) <= n
-                ):  # the run went past where an earlier session stopped
+                # the run went past where an earlier session stopped: its partial state is spent
+                if _trained_steps(_partial(run_dir)) <= n:
                     shutil.rmtree(_partial(run_dir), ignore_errors=True)
                 prior = snapshot
             point = {
