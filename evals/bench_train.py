@@ -24,6 +24,7 @@ import torch
 
 from attnsurgery import load_model, patch
 from attnsurgery.api import SurgeryHandle
+from attnsurgery.train.heap import keep_freed_memory
 
 
 @contextlib.contextmanager
@@ -39,7 +40,7 @@ def _all_weights_trainable(model):
 
 
 def _plain(model, windows, steps):
-    with _all_weights_trainable(model):
+    with _all_weights_trainable(model), keep_freed_memory():  # as the trainer runs its steps
         start = time.perf_counter()
         for i in range(steps):
             ids = windows[i % len(windows)]
@@ -53,7 +54,7 @@ def _plain_kd(model, windows, steps):
     weight on the kd loss: what distilling into the whole model pays per step, without the optimiser."""
     from attnsurgery.train.objectives import kd_loss
 
-    with _all_weights_trainable(model):
+    with _all_weights_trainable(model), keep_freed_memory():  # as the trainer runs its steps
         start = time.perf_counter()
         for i in range(steps):
             ids = windows[i % len(windows)]

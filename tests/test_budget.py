@@ -139,6 +139,35 @@ def test_up_to_stops_early(tmp_path, model_dir, corpus):
     assert [p["tokens"] for p in curve["arms"]["gates"]["points"]] == [tokens]
 
 
+def test_a_stage_under_bf16_autocast_says_so_on_its_point(tmp_path, model_dir, corpus):
+    tokens = 2 * SEQ
+    arms = [
+        {
+            "name": "bf16",
+            "model": str(model_dir),
+            "goal_pct": 5,
+            "seq_len": SEQ,
+            "eval": {"seq_len": SEQ, "windows": 2},
+            "stages": [
+                {
+                    "surgeries": GATES,
+                    "train": {"objective": "kd", "batch_size": 2, "lr": 0.05, "mixed_precision": "bf16"},
+                }
+            ],
+        }
+    ]
+    table = write_table(tmp_path / "b.yaml", model_dir, corpus, [tokens], arms=arms)
+    point = json.loads((run_budget_table(table, tmp_path / "out") / "curve.json").read_text())["arms"][
+        "bf16"
+    ]["points"][0]
+    assert point["mixed_precision"] == {"stage1": "bf16"}
+    assert point["ppl"] != point["baseline_ppl"]  # it trained
+    # fp32 training (the default) leaves no such field
+    plain = write_table(tmp_path / "p.yaml", model_dir, corpus, [tokens])
+    curve = json.loads((run_budget_table(plain, tmp_path / "p", arms=["gates"]) / "curve.json").read_text())
+    assert "mixed_precision" not in curve["arms"]["gates"]["points"][0]
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

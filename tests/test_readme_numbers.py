@@ -176,3 +176,36 @@ def test_row_block_speed_rows_match_committed_benchmarks():
     ):
         ratios = [f"{run3[(arm, n)]['time_ratio']:.2f}x" for n in (2048, 8192)]
         assert quoted.format(*ratios) in " ".join(text.split()), arm
+
+
+def test_readme_cpu_training_speed_figures_match_the_bf16_benchmark():
+    """The README's 'Speed on a CPU' bullet: heap and bf16 speed-ups, memory and gradient cosines from
+    docs/benchmarks-bf16.json."""
+    text = (ROOT / "README.md").read_text()
+    bullet = text[text.index("- **Speed on a CPU:**") :].split("\n- ")[0]
+    cases = {c["case"]: c for c in json.loads((ROOT / "docs/benchmarks-bf16.json").read_text())["cases"]}
+    gemma, smol = cases["gates-gemma-soft"], [c for name, c in cases.items() if name != "gates-gemma-soft"]
+
+    def arm(case, bf16, kept):
+        return next(a for a in case["arms"] if a["bf16"] == bf16 and a["heap_kept"] == kept)
+
+    def span(values, fmt):
+        return f"{fmt.format(min(values))}-{fmt.format(max(values))}"
+
+    heap = [arm(c, False, True)["speedup"] for c in smol]
+    both = [arm(c, True, True)["speedup"] for c in smol]
+    memory = max(
+        arm(c, False, True)["peak_rss_mib"] / arm(c, False, False)["peak_rss_mib"] for c in cases.values()
+    )
+    cosines = [c["grad_cos_bf16_fp32_min"] for c in cases.values()]
+    apart = [c["grad_cos_between_batches_fp32_max"] for c in cases.values()]
+    for figure in (
+        f"retrofit step {arm(gemma, False, True)['speedup']:.2f}x faster",
+        f"SmolLM2's {span(heap, '{:.2f}')}x",
+        f"up to {memory:.2f}x the peak memory",
+        f"({arm(gemma, True, True)['speedup']:.2f}x in all on Gemma-3",
+        f"{span(both, '{:.2f}')}x on SmolLM2",
+        f"cosine {min(cosines):.2f}-{max(cosines):.3f}",
+        f"sit at {span(apart, '{:.2f}')}",
+    ):
+        assert figure in " ".join(bullet.split()), figure

@@ -377,6 +377,14 @@ def run_budget_table(
             }
             if warm_from is not None:  # not one uninterrupted run: say so
                 point["warm_start"] = str(warm_from.relative_to(out))
+            # stages trained under autocast (the curve's points are otherwise fp32 training; scoring is fp32 always)
+            precision = {
+                st.name: st.train["mixed_precision"]
+                for st in arm.stages
+                if st.train.get("mixed_precision", "no") != "no"
+            }
+            if precision:
+                point["mixed_precision"] = precision
             entry["points"] = sorted(
                 [*entry["points"], point], key=lambda p: (p.get("device", "cpu"), p["tokens"])
             )

@@ -36,6 +36,7 @@ from ..engine import Engine
 from ..surgery import Stage, Surgery
 from .config import TrainConfig, TrainingDiverged, TrainingError, TrainingInterrupted, TrainResult
 from .data import TrainingData
+from .heap import keep_freed_memory
 from .objectives import TERMS, StepOutputs, parse_objective
 from .outlier import OutlierReader
 from .runfolder import CHECKPOINT, _atomic_save, _diff, _fingerprint, _warm_start, check_run_folder, write_run
@@ -45,6 +46,20 @@ from .sink import FIRST_SINK_LAYER, SinkProbe, attach_probe
 # The module accelerate wraps: the model plus its surgeries, computing the whole objective in forward (so DDP
 # sees every parameter that receives a gradient)
 # ----------------------------------------------------------------------------------------------------------
+
+
+def _allow_precision(mixed_precision: str) -> None:
+    """Let this process's next Accelerator take ``mixed_precision``.
+
+    accelerate keeps one process-wide state and refuses an Accelerator whose mixed precision differs from the first
+    one's ("restart your runtime"); one process here trains several runs (a budget table whose arms train in
+    different precisions, a test suite). The precision part of that state is dropped so the next Accelerator sets
+    it afresh; the process-group part (devices, ranks of a distributed launch) is kept."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, mixed_precision):
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 class _Trainee(nn.Module):
@@ -241,6 +256,7 @@ class _Run:
         elif resume:
             raise TrainingError("train: resume=True needs out_dir, the folder of the run to continue.")
 
+        _allow_precision(config.mixed_precision)
         self.accelerator = accelerator = Accelerator(
             mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available()
         )
@@ -398,7 +414,9 @@ class _Run:
             # eval mode: no dropout, so the loss the surgery parameters see is the one inference sees, the teacher
             # and student passes differ only by the surgeries, and N processes follow the 1-process curve
             model.eval()
-            self._steps(progress, after_step, label)
+            # each step's large tensors reuse the last step's pages instead of fresh mmaps (glibc; see .heap)
+            with keep_freed_memory():
+                self._steps(progress, after_step, label)
         except KeyboardInterrupt:
             done = len(self.history)
             self.save_checkpoint(done)
