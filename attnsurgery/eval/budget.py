@@ -209,9 +209,9 @@ def _keep_partial(model: Any, handle: Any, config: Any, data: Any, run_dir: Path
     history, state files; whole or not at all), which :func:`_latest_snapshot` continues from on a fresh clone."""
     import torch
 
-    from ..engine import Engine
     from ..train import TrainResult
     from ..train.runfolder import write_run
+    from ..train.trainer import load_trainable_state
 
     ckpt_path = run_dir / "checkpoint.pt"
     if not ckpt_path.is_file():
@@ -220,12 +220,7 @@ def _keep_partial(model: Any, handle: Any, config: Any, data: Any, run_dir: Path
     if not ckpt["val_history"] or not ckpt["history"]:
         return  # stopped before its first step: nothing to keep
     # the checkpoint's state (what a resume continues), not the live one a step may have moved
-    with torch.no_grad():
-        for i, surgery in enumerate(handle.surgeries):
-            surgery.load_state_dict(
-                {k[len(f"{i}.") :]: v for k, v in ckpt["state"].items() if k.startswith(f"{i}.")}
-            )
-    Engine.of(model).refresh()
+    load_trainable_state(model, list(handle.surgeries), ckpt["state"])
     steps = int(ckpt["step"])
     result = TrainResult(
         out_dir=None,

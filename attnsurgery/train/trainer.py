@@ -48,6 +48,14 @@ from .sink import FIRST_SINK_LAYER, SinkProbe, attach_probe
 # ----------------------------------------------------------------------------------------------------------
 
 
+def load_trainable_state(model: nn.Module, surgeries: list[Surgery], state: dict[str, torch.Tensor]) -> None:
+    """Load a checkpoint's ``state`` (keys ``"{i}.{name}"``: surgery ``i``'s own state entry) into ``surgeries``."""
+    with torch.no_grad():
+        for i, s in enumerate(surgeries):
+            s.load_state_dict({k[len(f"{i}.") :]: v for k, v in state.items() if k.startswith(f"{i}.")})
+    Engine.of(model).refresh()
+
+
 def _allow_precision(mixed_precision: str) -> None:
     """Let this process's next Accelerator take ``mixed_precision``.
 
@@ -308,11 +316,7 @@ class _Run:
         }
 
     def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for i, s in enumerate(self.surgeries):
-                own = {k[len(f"{i}.") :]: v for k, v in state.items() if k.startswith(f"{i}.")}
-                s.load_state_dict(own)
-        Engine.of(self.model).refresh()
+        load_trainable_state(self.model, self.surgeries, state)
 
     def restore(self, resume: bool, warm_start: str | Path | None) -> None:
         """Continue from the run folder's checkpoint (``resume``) or a finished run's committed state."""
