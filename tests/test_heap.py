@@ -25,14 +25,15 @@ def _faults_of_second_block() -> int:
 
 
 def test_kept_heap_reuses_pages_and_defaults_return():
+    # the default: a fresh mapping each time, every page faulted in again (PAGES faults, or PAGES / 512 where
+    # transparent huge pages are on for every mapping; relative checks below hold either way)
     fresh = _faults_of_second_block()
-    # the default: a fresh mapping each time, every page faulted in again
-    assert fresh > PAGES // 2, fresh
+    assert fresh >= PAGES // 512 // 2, fresh
     with keep_freed_memory() as on:
         assert on
         kept = _faults_of_second_block()
-    assert kept < PAGES // 20, (kept, fresh)
-    assert _faults_of_second_block() > PAGES // 2  # restored on exit
+    assert kept * 10 <= fresh, (kept, fresh)
+    assert _faults_of_second_block() * 2 >= fresh  # restored on exit
 
 
 def test_switches_off(monkeypatch):
@@ -41,4 +42,4 @@ def test_switches_off(monkeypatch):
     monkeypatch.setenv("ATTNSURGERY_KEEP_HEAP", "0")
     with keep_freed_memory() as on:
         assert not on
-        assert _faults_of_second_block() > PAGES // 2
+        assert _faults_of_second_block() >= PAGES // 512 // 2
