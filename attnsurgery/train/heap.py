@@ -6,8 +6,9 @@ block above 32 MB with a fresh ``mmap`` and unmaps it on ``free``, so each step 
 new pages in the kernel. Measured (docs/benchmarks-bf16.md, 2 threads, batch 4 x 256): a Gemma-3 gated-retrofit
 step 1.63x faster in fp32 (12.7 s -> 7.8 s) and 2.45x under bf16 autocast, which makes more short-lived copies;
 SmolLM2 steps 1.04-1.06x; the same arithmetic either way. The price is peak memory: the heap keeps what it once
-held, up to 1.24x the resident peak on Gemma-3 (10.5 GB against 8.5 GB). PyTorch's CPU tuning guide gets the same by preloading jemalloc or tcmalloc; this is
-the part of it a running process can still switch on, with the C library's own ``mallopt``.
+held, up to 1.24x the resident peak on Gemma-3 (10.5 GB against 8.5 GB). PyTorch's CPU tuning guide gets the same
+by preloading jemalloc or tcmalloc; this is the part of it a running process can still switch on, with the C
+library's own ``mallopt``.
 
 Inside :func:`keep_freed_memory` the heap serves every size (no ``mmap`` per block) and is never trimmed; on exit
 the defaults come back and the free memory is returned to the system (``malloc_trim``). Elsewhere than glibc
