@@ -39,7 +39,7 @@ MAX_BLOCK_BYTES = TILE_BYTES  # the torch tiled pass's budget (ATTNSURGERY_TILE_
 #: the calling convention this file speaks; csrc/rowblock.cpp exports the one it was built with. They differ when a
 #: long-running process imported this file and attnsurgery was updated before its first kernel call: torch then
 #: compiles the new source, and calling it with the old arguments would fail hours into a job
-API = 2
+API = 3
 
 _module: Any = None
 _failure: str | None = None
@@ -160,6 +160,14 @@ def block_rows(groups: int, key_len: int) -> int:
     return max(1, min(rows, MAX_BLOCK_BYTES // per_row))
 
 
+def _readable(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the kernel reads it: fp32 rows of unit stride (transformers' transposed projections pass as they
+    are, with no copy per layer); anything else as a contiguous fp32 copy."""
+    if x.dtype == torch.float32 and x.stride(-1) == 1 and x.stride(-2) >= x.shape[-1]:
+        return x
+    return x.float().contiguous()
+
+
 def attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -179,7 +187,8 @@ def attention(
     become ``clamp(a p + b, 0, 1)``. ``column_weights`` (B, Tq): also return ``sum_i w_i p_ij`` (B, H, Tk).
     ``active`` (B, H, Tq) bool: compute only those (head, query) rows (MoH's routed pairs); the others are never
     computed: out 0, lse ``+inf``, nothing in the column sums.
-    Returns ``out`` (B, H, Tq, Dv) fp32, ``lse`` (B, H, Tq) fp32 (``+inf`` on a row that sees no key, whose output
+    Returns ``out`` (B, H, Tq, Dv) fp32 (a view of (B, Tq, H, Dv) memory: ``out.transpose(1, 2)`` is contiguous, the
+    layout an attention function returns), ``lse`` (B, H, Tq) fp32 (``+inf`` on a row that sees no key, whose output
     is 0) and the column sums or None. Call :func:`ready` first.
     """
     module = load()
@@ -202,9 +211,9 @@ def attention(
     else:  # whole rows: the column sums and the clipping need each row's final lse
         rows, keys = block_rows(groups, k_len), 0
     out, lse, cols = module.rowblock_attention(
-        query.float().contiguous(),
-        key.float().contiguous(),
-        value.float().contiguous(),
+        _readable(query),
+        _readable(key),
+        _readable(value),
         float(scaling),
         mask,
         causal,

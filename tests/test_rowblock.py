@@ -203,6 +203,31 @@ def test_block_boundaries_do_not_matter(monkeypatch):
         assert (cols - ref_cols).abs().max() <= tol["sums"]
 
 
+@pytest.mark.parametrize("case", ["causal-gqa", "left-padded", "decode-row"])
+@pytest.mark.parametrize("tiles", [False, True], ids=["whole-rows", "key-tiles"])
+def test_transposed_views_are_read_in_place(case, tiles, monkeypatch):
+    """transformers hands the attention function (B, H, T, D) views of its (B, T, H, D) projections: the kernel reads
+    them where they lie (no copy) and gives what it gives for contiguous copies, within the float64 tolerance; its
+    output is a view whose (B, Tq, H, Dv) transpose is contiguous (an attention function's return layout)."""
+    q, k, v, allowed, mask, is_causal = inputs(case)
+    views = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)]  # (B, T, H, D) memory
+    assert all(rowblock._readable(x) is x for x in views)  # no copy
+    weights = None if tiles else torch.ones(q.shape[0], q.shape[2])
+    ref_out, ref_lse, ref_cols = reference(q, k, v, allowed, weights=weights)
+    tol = kernel_atol(q, k, v, allowed, SCALE, valid=allowed.any(-1)[:, 0])
+    seen = allowed.any(-1).expand_as(ref_lse)
+    for args in ((q, k, v), views):
+        out, lse, cols = rowblock.attention(*args, mask, SCALE, is_causal, column_weights=weights)
+        assert out.transpose(1, 2).is_contiguous()
+        assert (out - ref_out).abs().max() <= tol["out"]
+        assert (lse - ref_lse)[seen].abs().max() <= tol["lse"]
+        if not tiles:
+            assert (cols - ref_cols).abs().max() <= tol["sums"]
+    # a key stride below a row's width (an expanded tensor) cannot be a GEMM operand: copied, not misread
+    narrow = k[:, :, :1].expand(-1, -1, k.shape[2], -1)
+    assert rowblock._readable(narrow) is not narrow and rowblock._readable(narrow).is_contiguous()
+
+
 def _count_calls(monkeypatch):
     calls = []
     real = rowblock.attention

@@ -127,7 +127,9 @@ inline float mask_row(float* x, int64_t n, int64_t a, int64_t e, const bool* vis
 
 }  // namespace
 
-// q (B, H, Tq, D), k (B, Hkv, Tk, D), v (B, Hkv, Tk, Dv): fp32, contiguous; H a multiple of Hkv (GQA).
+// q (B, H, Tq, D), k (B, Hkv, Tk, D), v (B, Hkv, Tk, Dv): fp32 with unit stride along the last dimension, any
+//   other strides (a token's stride at least a row's width); H a multiple of Hkv (GQA). transformers hands over
+//   views of its (B, T, H, D) projections: read in place, without a contiguous copy of each per layer.
 // mask: none, or bool (B|1, 1, Tq, Tk) contiguous, true = visible. Without a mask, `causal` makes key j visible
 //   from row i iff j <= i (SDPA's upper-left alignment); otherwise every key is visible.
 // clip_heads: none, or bool (H,): on those heads the probabilities become clamp(clip_a p + clip_b, 0, 1).
@@ -135,16 +137,19 @@ inline float mask_row(float* x, int64_t n, int64_t a, int64_t e, const bool* vis
 // active: none, or bool (B, H, Tq): only those (head, query) rows are computed; the others get out 0, lse +inf
 //   and add nothing to the column sums (MoH's routed-off pairs, never computed).
 // block_keys: 0 for whole rows; otherwise keys per tile of the online softmax (no weights, no clip_heads then).
-// Returns out (B, H, Tq, Dv) fp32, lse (B, H, Tq) fp32 and the column sums (undefined without weights). A row
-// that sees no key gets out 0 and lse +inf, so a probability rebuilt from it as exp(s - lse) is 0.
+// Returns out (B, H, Tq, Dv) fp32, a view of (B, Tq, H, Dv) memory (the layout transformers' attention functions
+// return, so the caller's reshape is free), lse (B, H, Tq) fp32 and the column sums (undefined without weights). A
+// row that sees no key gets out 0 and lse +inf, so a probability rebuilt from it as exp(s - lse) is 0.
 std::vector<at::Tensor> rowblock_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                                            const c10::optional<at::Tensor>& mask, bool causal, int64_t block_rows,
                                            const c10::optional<at::Tensor>& clip_heads, double clip_a, double clip_b,
                                            const c10::optional<at::Tensor>& weights,
                                            const c10::optional<at::Tensor>& active, int64_t block_keys) {
   for (const at::Tensor* t : {&q, &k, &v})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 4,
-                "rowblock_attention: q, k and v must be contiguous 4-d fp32 CPU tensors");
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 4 && t->stride(3) == 1 &&
+                    t->stride(2) >= t->size(3),
+                "rowblock_attention: q, k and v must be 4-d fp32 CPU tensors with unit stride along the last "
+                "dimension and a token stride of at least a row");
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Tk = k.size(2), Dv = v.size(3);
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0 && k.size(0) == B && v.size(0) == B && v.size(1) == Hkv &&
@@ -191,7 +196,7 @@ std::vector<at::Tensor> rowblock_attention(const at::Tensor& q, const at::Tensor
                 "rowblock_attention: active must be bool (B, H, Tq)");
     ap = act.data_ptr<bool>();
   }
-  auto out = ap != nullptr ? at::zeros({B, H, Tq, Dv}, q.options()) : at::empty({B, H, Tq, Dv}, q.options());
+  auto out = ap != nullptr ? at::zeros({B, Tq, H, Dv}, q.options()) : at::empty({B, Tq, H, Dv}, q.options());
   auto lse = ap != nullptr ? at::full({B, H, Tq}, kInf, q.options()) : at::empty({B, H, Tq}, q.options());
   // Column sums: each chunk of work parallel_for hands a thread accumulates into its own buffer over the (batch,
   // kv-head) groups it covers (its units are contiguous, so about B x Hkv / threads + 1 groups); the buffers are
@@ -201,6 +206,11 @@ std::vector<at::Tensor> rowblock_attention(const at::Tensor& q, const at::Tensor
   std::mutex partials_lock;
   std::map<int64_t, std::pair<int64_t, std::vector<float>>> partials;  // chunk start -> (first group, sums)
   const float* qp = q.data_ptr<float>();
+  const int64_t qsB = q.stride(0), qsH = q.stride(1), qsT = q.stride(2);
+  const int64_t ksB = k.stride(0), ksH = k.stride(1), ksT = k.stride(2);
+  const int64_t vsB = v.stride(0), vsH = v.stride(1), vsT = v.stride(2);
+  // out (B, Tq, H, Dv) memory: row (b, h, t) starts at ((b Tq + t) H + h) Dv
+  auto out_row = [&](int64_t b, int64_t h, int64_t t) { return ((b * Tq + t) * H + h) * Dv; };
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
   const float* wp = want_cols ? w.data_ptr<float>() : nullptr;
@@ -258,13 +268,13 @@ std::vector<at::Tensor> rowblock_attention(const at::Tensor& q, const at::Tensor
       const int64_t nk = k_hi - k_lo;
       // the block's queries, pre-scaled
       for (int64_t r = 0; r < rows; ++r) {
-        const float* src = qp + ((b * H + kv * G + row_g[r]) * Tq + r0 + row_i[r]) * D;
+        const float* src = qp + b * qsB + (kv * G + row_g[r]) * qsH + (r0 + row_i[r]) * qsT;
         float* dst = qs.data() + r * D;
         for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * fscale;
       }
       float* group_cols = want_cols ? local.data() + (bh - first_group) * G * Tk : nullptr;
-      const float* kb = kp + ((b * Hkv + kv) * Tk + k_lo) * D;
-      const float* vb = vp + ((b * Hkv + kv) * Tk + k_lo) * Dv;
+      const float* kb = kp + b * ksB + kv * ksH + k_lo * ksT;
+      const float* vb = vp + b * vsB + kv * vsH + k_lo * vsT;
       if (block_keys > 0) {
         // Online softmax over key tiles (as flash attention): a tile's scores (rows x tile) stay in L2 where the
         // whole rows below stream through L3. Each row keeps its running max and sum; the accumulated output is
@@ -276,7 +286,7 @@ std::vector<at::Tensor> rowblock_attention(const at::Tensor& q, const at::Tensor
         const int64_t step = ntiles > 0 ? (nk + ntiles - 1) / ntiles : 1;  // even tiles: no sliver of a GEMM
         for (int64_t c0 = 0; c0 < nk; c0 += step) {
           const int64_t n = std::min(nk, c0 + step) - c0;
-          gemm('T', 'N', n, rows, D, kb + c0 * D, D, qs.data(), D, 0.f, s.data(), n);
+          gemm('T', 'N', n, rows, D, kb + c0 * ksT, ksT, qs.data(), D, 0.f, s.data(), n);
           bool rescale = false;
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t i = row_i[r];
@@ -298,11 +308,11 @@ std::vector<at::Tensor> rowblock_attention(const at::Tensor& q, const at::Tensor
             for (int64_t r = 0; r < rows; ++r)
               if (alpha[r] != 1.f)
                 for (int64_t d = 0; d < Dv; ++d) o[r * Dv + d] *= alpha[r];
-          gemm('N', 'N', Dv, rows, n, vb + c0 * Dv, Dv, s.data(), n, 1.f, o.data(), Dv);
+          gemm('N', 'N', Dv, rows, n, vb + c0 * vsT, vsT, s.data(), n, 1.f, o.data(), Dv);
         }
         for (int64_t r = 0; r < rows; ++r) {
-          const int64_t row = (b * H + kv * G + row_g[r]) * Tq + r0 + row_i[r];
-          float* dst = op + row * Dv;
+          const int64_t head = kv * G + row_g[r], t = r0 + row_i[r], row = (b * H + head) * Tq + t;
+          float* dst = op + out_row(b, head, t);
           const float* src = o.data() + r * Dv;
           if (inv[r] == 0.f) {  // the row sees no key
             std::fill(dst, dst + Dv, 0.f);
@@ -316,7 +326,7 @@ std::vector<at::Tensor> rowblock_attention(const at::Tensor& q, const at::Tensor
         continue;
       }
       // scores (rows x nk), row-major: s = qs @ k^T
-      if (nk > 0) gemm('T', 'N', nk, rows, D, kb, D, qs.data(), D, 0.f, s.data(), nk);
+      if (nk > 0) gemm('T', 'N', nk, rows, D, kb, ksT, qs.data(), D, 0.f, s.data(), nk);
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = row_i[r], head = kv * G + row_g[r];
         float* x = s.data() + r * nk;
@@ -347,9 +357,9 @@ std::vector<at::Tensor> rowblock_attention(const at::Tensor& q, const at::Tensor
         }
       }
       // o (rows x Dv), row-major: o = p @ v
-      if (nk > 0) gemm('N', 'N', Dv, rows, nk, vb, Dv, s.data(), nk, 0.f, o.data(), Dv);
+      if (nk > 0) gemm('N', 'N', Dv, rows, nk, vb, vsT, s.data(), nk, 0.f, o.data(), Dv);
       for (int64_t r = 0; r < rows; ++r) {
-        float* dst = op + ((b * H + kv * G + row_g[r]) * Tq + r0 + row_i[r]) * Dv;
+        float* dst = op + out_row(b, kv * G + row_g[r], r0 + row_i[r]);
         const float* src = o.data() + r * Dv;
         const float f = nk > 0 ? inv[r] : 0.f;
         for (int64_t d = 0; d < Dv; ++d) dst[d] = f == 0.f ? 0.f : src[d] * f;
@@ -364,13 +374,13 @@ std::vector<at::Tensor> rowblock_attention(const at::Tensor& q, const at::Tensor
     const auto& [group, sums] = partial;
     axpy(cp + group * G * Tk, sums.data(), static_cast<int64_t>(sums.size()), 1.f);
   }
-  return {out, lse, cols};
+  return {out.transpose(1, 2), lse, cols};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // the calling convention's version: attnsurgery/rowblock.py refuses a build of another one (a process that
   // imported an older attnsurgery, then compiled a newer source on its first kernel call)
-  m.attr("API") = 2;
+  m.attr("API") = 3;
   m.def("rowblock_attention", &rowblock_attention,
         "exact row-block attention with lse, column sums, clipping and skipped (head, query) rows");
 }

@@ -8,7 +8,6 @@ from attnsurgery import flex, rowblock
 from attnsurgery.kernels import (
     AttentionStats,
     column_mask,
-    repeat_kv,
     sdpa_with_lse,
     softcapped,
     tiled_attention,
@@ -200,19 +199,14 @@ class ActSurgery(Surgery):
         most = int(sinks.sum(-1).max()) if sinks.numel() else 0
         if most == 0:
             return None
-        groups = call.query.shape[1] // call.key.shape[1]
         idx = sinks.to(torch.int8).sort(dim=-1, descending=True, stable=True).indices[..., :most]  # (B, H, m)
         chosen = sinks.gather(-1, idx)  # (B, H, m): False where a row has fewer than m sinks
-        k = repeat_kv(call.key, groups)
-        k_s = k.gather(2, idx[..., None].expand(-1, -1, -1, k.shape[-1])).float()  # (B, H, m, D)
+        # the sink keys alone, picked from each head's kv head: no (B, H, Tk, D) copy of the keys
+        k_s = self._pick(call.key, idx, call).float() * call.scaling  # (B, H, m, D)
         # in row chunks: an fp32 copy of a long prompt's queries would cost more than the attention itself
         q = call.query
         logits = torch.cat(
-            [
-                (q[:, :, s : s + _ROWS].float() * call.scaling) @ k_s.transpose(-1, -2)
-                for s in range(0, q.shape[2], _ROWS)
-            ],
-            dim=2,
+            [q[:, :, s : s + _ROWS].float() @ k_s.transpose(-1, -2) for s in range(0, q.shape[2], _ROWS)], dim=2
         )  # (B, H, Tq, m)
         logits = softcapped(logits, call.kwargs.get("softcap"))
         ok, bias = column_mask(call.attention_mask, call.is_causal, call.query_len, idx)  # no n x n mask
@@ -221,25 +215,41 @@ class ActSurgery(Surgery):
         ok = ok & chosen[:, :, None, :]
         return torch.exp((logits - lse[..., None]).masked_fill(~ok, float("-inf"))), idx
 
+    @staticmethod
+    def _pick(x: torch.Tensor, idx: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+        """Rows ``idx`` (B, H, m) of keys or values ``x`` (B, Hkv, Tk, D), each query head reading its kv head:
+        (B, H, m, D)."""
+        bsz, heads = idx.shape[:2]
+        kv_head = torch.arange(heads, device=x.device) // (heads // x.shape[1])
+        batch = torch.arange(bsz, device=x.device)[:, None, None]
+        return x[batch, kv_head[None, :, None], idx.to(x.device)]
+
     def redistribute(
         self, out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor, call: AttentionCall
     ) -> torch.Tensor:
         """Apply the sink scaling to fused outputs (B, H, Tq, Dv) through the O(n |S|) low-rank correction, in fp32;
-        returns the call's dtype."""
+        returns the call's dtype. ``out`` is the caller's fresh kernel output: edited in place when no gradient
+        needs it."""
         dtype = call.value.dtype
         found = self._sink_probs(lse, sinks, call)
         if found is None:
             return out.to(dtype)
         probs, idx = found
-        v = repeat_kv(call.value, call.query.shape[1] // call.key.shape[1])
-        v_s = v.gather(2, idx[..., None].expand(-1, -1, -1, v.shape[-1])).float()  # (B, H, m, Dv)
+        v_s = self._pick(call.value, idx, call).float()  # (B, H, m, Dv)
+        # beta u + c (o - u) with c = (1 - beta P) / (1 - P) and u = sum_s A_is v_s, written as c o + (beta - c) u:
+        # two passes over the output (a scale, then a rank-m GEMM accumulated into it) where the edit's elementwise
+        # form took six. Rows (almost) all on sinks keep c = 1 and add nothing: left as they are.
         mass = probs.sum(-1, keepdim=True)  # P_i
-        u = probs @ v_s  # u_i = sum_s A_is v_s
-        beta = self.config.beta
         rest = 1.0 - mass
+        beta = self.config.beta
+        keep = torch.where(rest > _EPS, (1.0 - beta * mass) / rest.clamp(min=_EPS), 1.0)
+        moved = torch.where(rest > _EPS, beta - keep, 0.0)
         out = out.float()
-        edited = beta * u + (1.0 - beta * mass) / rest.clamp(min=_EPS) * (out - u)
-        return torch.where(rest > _EPS, edited, out).to(dtype)
+        if out.requires_grad or torch.is_grad_enabled() and (probs.requires_grad or v_s.requires_grad):
+            return (out * keep + (probs * moved) @ v_s).to(dtype)
+        out.mul_(keep)
+        out += (probs * moved) @ v_s
+        return out.to(dtype)
 
     def _flex_attention(self, call: AttentionCall) -> torch.Tensor:
         """The GPU path (:mod:`attnsurgery.flex`): log-sum-exp, column sums, then one pass that scales the sink
