@@ -206,7 +206,8 @@ class ActSurgery(Surgery):
         # in row chunks: an fp32 copy of a long prompt's queries would cost more than the attention itself
         q = call.query
         logits = torch.cat(
-            [q[:, :, s : s + _ROWS].float() @ k_s.transpose(-1, -2) for s in range(0, q.shape[2], _ROWS)], dim=2
+            [q[:, :, s : s + _ROWS].float() @ k_s.transpose(-1, -2) for s in range(0, q.shape[2], _ROWS)],
+            dim=2,
         )  # (B, H, Tq, m)
         logits = softcapped(logits, call.kwargs.get("softcap"))
         ok, bias = column_mask(call.attention_mask, call.is_causal, call.query_len, idx)  # no n x n mask
