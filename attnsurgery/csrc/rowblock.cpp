@@ -220,7 +220,15 @@ std::vector<at::Tensor> rowblock_attention(const at::Tensor& q, const at::Tensor
   const int64_t nblocks = (Tq + block_rows - 1) / block_rows;
   const float fscale = float(scale), a_clip = float(clip_a), b_clip = float(clip_b);
 
-  at::parallel_for(0, B * Hkv * nblocks, 1, [&](int64_t begin, int64_t end) {
+  // The work: units u = (batch, kv head, row block), their blocks in the order described below. Each thread takes a
+  // contiguous range of units; run_units does one range.
+  const int64_t units = B * Hkv * nblocks;
+  auto unit_block = [&](int64_t u) {  // the row block of unit u
+    const int64_t w_ = u % nblocks;
+    return (w_ % 2 == 0) ? w_ / 2 : nblocks - 1 - w_ / 2;
+  };
+  auto run_units = [&](int64_t begin, int64_t end) {
+    if (begin >= end) return;
     FlushDenormals flush;
     const int64_t R = G * block_rows;
     const int64_t tile = block_keys > 0 ? std::min(block_keys, Tk) : Tk;
@@ -229,10 +237,9 @@ std::vector<at::Tensor> rowblock_attention(const at::Tensor& q, const at::Tensor
     const int64_t first_group = begin / nblocks;
     std::vector<float> local(want_cols ? ((end - 1) / nblocks - first_group + 1) * G * Tk : 0);
     for (int64_t u = begin; u < end; ++u) {
-      // Under causality later row blocks cost more: alternate early and late blocks so that the contiguous
-      // ranges parallel_for hands each thread carry about equal work.
-      const int64_t bh = u / nblocks, w_ = u % nblocks;
-      const int64_t blk = (w_ % 2 == 0) ? w_ / 2 : nblocks - 1 - w_ / 2;
+      // Under causality later row blocks cost more: early and late blocks alternate, so that ranges of units carry
+      // similar work even before the split below weighs them.
+      const int64_t bh = u / nblocks, blk = unit_block(u);
       const int64_t b = bh / Hkv, kv = bh % Hkv;
       const int64_t r0 = blk * block_rows, nr = std::min(Tq, r0 + block_rows) - r0;
       const bool* mb = has_mask ? mp + b * mask_stride : nullptr;
@@ -369,6 +376,44 @@ std::vector<at::Tensor> rowblock_attention(const at::Tensor& q, const at::Tensor
       std::lock_guard<std::mutex> guard(partials_lock);
       partials.emplace(begin, std::make_pair(first_group, std::move(local)));
     }
+  };
+
+  // Split the units between threads by their estimated work (rows computed x keys each sees), not by count:
+  // MoH's router sends most tokens to the same few heads, so whole kv groups have few active rows, and an even split
+  // of the units left one thread idle for a third of the call. The estimate reads the causal rule (with a cache
+  // offset where a mask is given), which padding masks follow closely; the split only moves work, never changes it.
+  // Deterministic for a given input and thread count, as the column sums' fixed order needs.
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), units));
+  std::vector<int64_t> bounds(threads + 1, units);
+  bounds[0] = 0;
+  if (threads > 1) {
+    std::vector<double> work(units + 1, 0.0);  // prefix sums of the units' estimated work
+    const int64_t offset = has_mask ? Tk - Tq : 0;
+    for (int64_t u = 0; u < units; ++u) {
+      const int64_t bh = u / nblocks, b = bh / Hkv, kv = bh % Hkv, r0 = unit_block(u) * block_rows;
+      const int64_t nr = std::min(Tq, r0 + block_rows) - r0;
+      double cost = 0.0;
+      for (int64_t i = 0; i < nr; ++i) {
+        int64_t heads = G;
+        if (ap != nullptr) {
+          heads = 0;
+          for (int64_t g = 0; g < G; ++g) heads += ap[(b * H + kv * G + g) * Tq + r0 + i];
+        }
+        const int64_t keys = (causal || has_mask) ? std::clamp<int64_t>(offset + r0 + i + 1, 1, Tk) : Tk;
+        cost += double(heads) * double(keys + D);  // + D: a row's fixed share (its query, output, lse)
+      }
+      work[u + 1] = work[u] + cost;
+    }
+    for (int64_t t = 1, u = 0; t < threads; ++t) {
+      const double target = work[units] * double(t) / double(threads);
+      while (u < units && work[u + 1] <= target) ++u;
+      // the boundary nearer the target: before unit u or after it
+      const int64_t pick = (u < units && work[u + 1] - target < target - work[u]) ? u + 1 : u;
+      bounds[t] = std::max(bounds[t - 1], pick);
+    }
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t) run_units(bounds[t], bounds[t + 1]);
   });
   for (const auto& [start, partial] : partials) {  // cols (B, H, Tk) is (B x Hkv groups) x G x Tk
     const auto& [group, sums] = partial;
@@ -377,10 +422,23 @@ std::vector<at::Tensor> rowblock_attention(const at::Tensor& q, const at::Tensor
   return {out.transpose(1, 2), lse, cols};
 }
 
+// How many threads a parallel_for of this module runs on (at::get_num_threads() where it was compiled with OpenMP;
+// 1 where the pragma was compiled out): the tests' check that the kernel's own loop is parallel.
+int64_t worker_threads() {
+  const int64_t n = at::get_num_threads();
+  std::vector<char> seen(n, 0);
+  at::parallel_for(0, n, 1, [&](int64_t first, int64_t last) {
+    const int64_t id = at::get_thread_num();
+    if (id >= 0 && id < n) seen[id] = 1;
+  });
+  return std::count(seen.begin(), seen.end(), 1);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // the calling convention's version: attnsurgery/rowblock.py refuses a build of another one (a process that
   // imported an older attnsurgery, then compiled a newer source on its first kernel call)
   m.attr("API") = 3;
   m.def("rowblock_attention", &rowblock_attention,
         "exact row-block attention with lse, column sums, clipping and skipped (head, query) rows");
+  m.def("worker_threads", &worker_threads, "threads a parallel_for of this module runs on");
 }
