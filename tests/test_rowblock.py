@@ -214,7 +214,9 @@ def test_skewed_routing_splits_by_work_at_any_thread_count(tiles):
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            results.append(rowblock.attention(q, k, v, mask, SCALE, is_causal, column_weights=weights, active=active))
+            results.append(
+                rowblock.attention(q, k, v, mask, SCALE, is_causal, column_weights=weights, active=active)
+            )
     finally:
         torch.set_num_threads(threads)
     for out, lse, _ in results[1:]:
