@@ -4,9 +4,11 @@ PyTorch's CPU flash kernel gives the output and log-sum-exp but not the column s
 clipped softmax needs each row's final lse before it can change one probability. :func:`attention` does both in
 one pass over blocks of whole query rows (``csrc/rowblock.cpp``): scores from one GEMM, each row normalised while it
 is in cache, column sums and clipping fused there, the value product as a second GEMM. On the 2-core CI machine
-(SmolLM2 shapes, fp32) it costs about 1.15x PyTorch's flash kernel where the same pass in torch ops costs 2x
-(``evals/bench.py``, docs/benchmarks-cpu-kernels.md). Calls that need neither (MoH's routed rows) take key tiles
-with an online softmax (flash attention's loop) instead, which keeps each tile's scores in a core's L2.
+(one SmolLM2 layer's real q/k/v, fp32, 2 threads) it costs 1.03-1.09x PyTorch's flash kernel where the same pass in
+torch ops costs 1.8-2.3x (``evals/bench_rowblock.py``, docs/benchmarks-rowblock.md; whole prefills in
+docs/benchmarks-cpu-kernels-time.md). Calls that need neither (MoH's routed rows) take key tiles with an online
+softmax (flash attention's loop) instead, which keeps each tile's scores in a core's L2: 0.89-0.95x flash for every
+row, 0.71-0.74x for MoH's 7 of 9 heads.
 
 The kernel is C++ compiled on first use with ``torch.utils.cpp_extension`` (about 25 s once per machine and torch
 version; cached by torch under ``$TORCH_EXTENSIONS_DIR``). Where no compiler is found or the build fails, callers
@@ -30,7 +32,8 @@ from .kernels import TILE_BYTES, has_bias, visible
 
 SOURCE = Path(__file__).with_name("csrc") / "rowblock.cpp"
 #: the score block a thread holds is (heads per kv head x rows) x keys fp32; about 6 MiB of it was fastest on
-#: SmolLM2 shapes (256 rows at 2k tokens, 64 at 8k: measured 1.07-1.13x flash), fewer than 64 rows starve the GEMMs
+#: SmolLM2 shapes (256 rows at 2k tokens, 64 at 8k), fewer than 64 rows starve the GEMMs. Tuned while the kernel's loop
+#: still ran on one thread (see _openmp); with both threads in the loop it measures 1.03-1.09x flash
 TARGET_BLOCK_BYTES = 6 * 2**20
 MIN_ROWS, MAX_ROWS = 64, 256
 #: the most one thread's score block may take at long context (rows shrink below MIN_ROWS past it)
@@ -150,9 +153,8 @@ def usable(
 
 #: keys per tile and the score tile's size (heads per kv head x rows x keys, fp32) of the online-softmax path that
 #: calls needing neither column sums nor clipping take (MoH's routed rows): the tile stays in a core's L2 where whole
-#: rows stream through the shared L3. Measured on SmolLM2 shapes (3 heads per kv head, 2 threads, 8k tokens): 256
-#: rows x 256 keys was fastest of 3x3 shapes from 128 to 512, 1.06x flash where whole rows took 1.13-1.74x (they
-#: slow down when a neighbour shares the L3; the tiles do not)
+#: rows stream through the shared L3. Measured on SmolLM2 shapes (3 heads per kv head, 8k tokens, the loop then on one
+#: thread): 256 rows x 256 keys was fastest of 3x3 shapes from 128 to 512; 0.89-0.95x flash at 2 threads now
 TILE_KEYS = 256
 TILE_SCORE_BYTES = 3 * 256 * 256 * 4
 MIN_TILE_ROWS, MAX_TILE_ROWS = 16, 256

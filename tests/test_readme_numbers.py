@@ -170,12 +170,47 @@ def test_row_block_speed_rows_match_committed_benchmarks():
         assert f"{run3[(arm, 8192)]['memory_ratio']:.2f}" == m8k, label
         checked += 1
     assert checked == len(names), "the README's row-block rows are missing"
+    flat = " ".join(text.split())
     for arm, quoted in (
         ("act beta=0.4 thr=0.1 (fused + correction)", "ACT measured {} / {}"),
         ("clipped_softmax (own kernel)", "clipped softmax {} / {}"),
     ):
         ratios = [f"{run3[(arm, n)]['time_ratio']:.2f}x" for n in (2048, 8192)]
-        assert quoted.format(*ratios) in " ".join(text.split()), arm
+        assert quoted.format(*ratios) in flat, arm
+    for arm, quoted in (  # the attention call alone, from the timed run
+        ("act beta=0.4 thr=0.1 (fused + correction)", "ACT {} / {}"),
+        ("clipped_softmax (own kernel)", "clipped softmax {} / {}"),
+        ("moh 75% heads (skipped work)", "MoH {} / {} of stock SDPA's"),
+    ):
+        ratios = [f"{timed[(arm, n)]['attention_ratio']:.2f}x" for n in (2048, 8192)]
+        assert quoted.format(*ratios) in flat, arm
+
+
+def test_row_block_thread_scaling_matches_its_benchmark():
+    """The README's 'a second thread speeds the kernel up A-Bx where it gave C-Dx, and flash E-Fx' from
+    docs/benchmarks-rowblock.json (one layer's q/k/v at 1 and 2 threads, both builds)."""
+    text = " ".join((ROOT / "README.md").read_text().split())
+    rows = json.loads((ROOT / "docs/benchmarks-rowblock.json").read_text())["results"]
+
+    def scaling(build, passes):
+        out = []
+        for r in rows:
+            one = next(
+                x for x in rows if (x["tokens"], x["build"], x["threads"]) == (r["tokens"], r["build"], 1)
+            )
+            if r["build"] == build and r["threads"] == 2:
+                out += [one["seconds"][p] / r["seconds"][p] for p in passes]
+        return f"{min(out):.2f}-{max(out):.2f}x"
+
+    kernel = [p for p in rows[0]["seconds"] if p != "stock sdpa (flash)"]
+    openmp, serial = "openmp loop", "serial loop (no -fopenmp)"
+    assert all(r["loop_threads"] == r["threads"] for r in rows if r["build"] == openmp)
+    assert all(r["loop_threads"] == 1 for r in rows if r["build"] == serial)
+    quoted = (
+        f"a second thread speeds the kernel up {scaling(openmp, kernel)} where it gave {scaling(serial, kernel)}, "
+        f"and flash {scaling(openmp, ['stock sdpa (flash)'])}"
+    )
+    assert quoted in text
 
 
 def test_readme_cpu_training_speed_figures_match_the_bf16_benchmark():
