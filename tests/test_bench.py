@@ -40,3 +40,28 @@ def test_bench_writes_ratios_per_length(tmp_path, monkeypatch):
     assert all(r["time_ratio"] == 1.0 for r in data["results"] if r["arm"] == "stock sdpa")
     table = out.with_suffix(".md").read_text()
     assert "Regenerate: `python evals/bench.py" in table and "| 48 | head_scale 0.5" in table
+
+
+def test_bench_rowblock_times_every_pass_on_real_qkv(tmp_path):
+    """evals/bench_rowblock.py end to end on the packaged SmolLM2 (one short prefill, one repeat): a row per pass with
+    its loop's thread count, the table beside the JSON; a wrong --out is refused before any model loads."""
+    import subprocess
+
+    script = str(ROOT / "evals" / "bench_rowblock.py")
+    bad = subprocess.run([sys.executable, script, "--out", str(tmp_path / "x.txt")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "must end in .json" in bad.stderr
+    out = tmp_path / "r.json"
+    argv = ["--lengths", "64", "--threads", "1", "--repeats", "1", "--out", str(out)]
+    done = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["tokens"] == 64 and row["threads"] == 1 and row["loop_threads"] == 1
+    assert set(row["seconds"]) == {
+        "stock sdpa (flash)",
+        "whole rows + column sums",
+        "whole rows, clipped",
+        "key tiles",
+        "key tiles, MoH 7/9",
+    }
+    assert all(0 < s < 60 for s in row["seconds"].values())
+    assert "| 64 | openmp loop | 1 | key tiles, MoH 7/9 |" in out.with_suffix(".md").read_text()
