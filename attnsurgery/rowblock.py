@@ -4,11 +4,11 @@ PyTorch's CPU flash kernel gives the output and log-sum-exp but not the column s
 clipped softmax needs each row's final lse before it can change one probability. :func:`attention` does both in
 one pass over blocks of whole query rows (``csrc/rowblock.cpp``): scores from one GEMM, each row normalised while it
 is in cache, column sums and clipping fused there, the value product as a second GEMM. On the 2-core CI machine
-(one SmolLM2 layer's real q/k/v, fp32, 2 threads) it costs 1.03-1.09x PyTorch's flash kernel where the same pass in
+(one SmolLM2 layer's real q/k/v, fp32, 2 threads) it costs 0.87-1.03x PyTorch's flash kernel where the same pass in
 torch ops costs 1.8-2.3x (``evals/bench_rowblock.py``, docs/benchmarks-rowblock.md; whole prefills in
 docs/benchmarks-cpu-kernels-time.md). Calls that need neither (MoH's routed rows) take key tiles with an online
-softmax (flash attention's loop) instead, which keeps each tile's scores in a core's L2: 0.89-0.95x flash for every
-row, 0.71-0.74x for MoH's 7 of 9 heads.
+softmax (flash attention's loop) instead, which keeps each tile's scores in a core's L2: 0.88-0.96x flash for every
+row, 0.70-0.77x for MoH's 7 of 9 heads.
 
 The kernel is C++ compiled on first use with ``torch.utils.cpp_extension`` (about 25 s once per machine and torch
 version; cached by torch under ``$TORCH_EXTENSIONS_DIR``). Where no compiler is found or the build fails, callers
@@ -31,12 +31,13 @@ import torch
 from .kernels import TILE_BYTES, has_bias, visible
 
 SOURCE = Path(__file__).with_name("csrc") / "rowblock.cpp"
-#: the score block a thread holds is (heads per kv head x rows) x keys fp32; about 6 MiB of it was fastest on
-#: SmolLM2 shapes (256 rows at 2k tokens, 64 at 8k), fewer than 64 rows starve the GEMMs. Tuned while the kernel's loop
-#: still ran on one thread (see _openmp); with both threads in the loop it measures 1.03-1.09x flash
-TARGET_BLOCK_BYTES = 6 * 2**20
-MIN_ROWS, MAX_ROWS = 64, 256
-#: the most one thread's score block may take at long context (rows shrink below MIN_ROWS past it)
+#: query rows per block of the whole-row path (times the heads sharing a kv head: 192 GEMM rows on SmolLM2). Fewer
+#: rows keep a block's scores nearer the core (1.5 MiB at 2k tokens, in its 2 MiB L2) and give threads more, smaller
+#: units; too few starve the GEMMs. Timed on one SmolLM2 layer's real q/k/v at 2 threads (the calls of
+#: evals/bench_rowblock.py): 64 rows beat 128 and 256 (the earlier ~6 MiB target) by 2-12% at 2k and 8k tokens; 32
+#: rows matched 64 at 512-2k tokens and lost 14% at 8k
+BLOCK_ROWS = 64
+#: the most one thread's score block may take at very long context (rows shrink below BLOCK_ROWS past it)
 MAX_BLOCK_BYTES = TILE_BYTES  # the torch tiled pass's budget (ATTNSURGERY_TILE_MB), read once in kernels
 
 #: the calling convention this file speaks; csrc/rowblock.cpp exports the one it was built with. They differ when a
@@ -154,7 +155,7 @@ def usable(
 #: keys per tile and the score tile's size (heads per kv head x rows x keys, fp32) of the online-softmax path that
 #: calls needing neither column sums nor clipping take (MoH's routed rows): the tile stays in a core's L2 where whole
 #: rows stream through the shared L3. Measured on SmolLM2 shapes (3 heads per kv head, 8k tokens, the loop then on one
-#: thread): 256 rows x 256 keys was fastest of 3x3 shapes from 128 to 512; 0.89-0.95x flash at 2 threads now
+#: thread): 256 rows x 256 keys was fastest of 3x3 shapes from 128 to 512; 0.88-0.96x flash at 2 threads now
 TILE_KEYS = 256
 TILE_SCORE_BYTES = 3 * 256 * 256 * 4
 MIN_TILE_ROWS, MAX_TILE_ROWS = 16, 256
@@ -168,8 +169,7 @@ def tile_shape(groups: int, key_len: int) -> tuple[int, int]:
 
 def block_rows(groups: int, key_len: int) -> int:
     per_row = 4 * groups * max(1, key_len)
-    rows = min(MAX_ROWS, max(MIN_ROWS, TARGET_BLOCK_BYTES // per_row))
-    return max(1, min(rows, MAX_BLOCK_BYTES // per_row))
+    return max(1, min(BLOCK_ROWS, MAX_BLOCK_BYTES // per_row))
 
 
 def _readable(x: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@
 // received attention (column sums of the probabilities) and clipped softmax needs every row's final lse before
 // it can touch a single probability. Both are one pass when a block holds whole rows: the block's scores come
 // from one GEMM, each row is normalised while it is hot in cache, the column sums accumulate from it, and the
-// value product is a second GEMM. Measured on one SmolLM2 layer's real q/k/v (2 threads, fp32): 1.03-1.09x flash at
+// value product is a second GEMM. Measured on one SmolLM2 layer's real q/k/v (2 threads, fp32): 0.87-1.00x flash at
 // 2k-8k tokens with the column sums (docs/benchmarks-rowblock.md), where the same pass as torch ops costs 1.8-2.3x.
 // Built with -fopenmp (attnsurgery/rowblock.py): without it the at::parallel_for below runs on one thread.
 // Calls that need neither (MoH's routed rows) take key tiles with an online softmax instead (block_keys > 0), as
