@@ -244,3 +244,19 @@ def test_readme_cpu_training_speed_figures_match_the_bf16_benchmark():
         f"sit at {span(apart, '{:.2f}')}",
     ):
         assert figure in " ".join(bullet.split()), figure
+
+
+def test_readme_gate_inference_figures_match_their_benchmark():
+    """The README's training bullet quotes the gates' prefill ratios at 512 / 2,048 / 8,192 tokens from
+    docs/benchmarks-gates.json."""
+    text = " ".join((ROOT / "README.md").read_text().split())
+    rows = {
+        (r["arm"], r["tokens"]): r
+        for r in json.loads((ROOT / "docs/benchmarks-gates.json").read_text())["results"]
+    }
+    for form, phrase in (("headwise", "headwise gate costs {}"), ("elementwise", "elementwise gate {}")):
+        ratios = " / ".join(
+            f"{rows[(f'gated_attention {form} (head-output stage)', n)]['time_ratio']:.2f}x"
+            for n in (512, 2048, 8192)
+        )
+        assert phrase.format(ratios) in text, form
