@@ -85,13 +85,30 @@ def load() -> Any:
     try:
         from torch.utils.cpp_extension import load as build
 
-        _module = build(
-            name="attnsurgery_rowblock",
-            sources=[str(SOURCE)],
-            extra_cflags=_flags(),
-            extra_ldflags=["-fopenmp"] if _openmp() else [],
-            verbose=os.environ.get("ATTNSURGERY_ROWBLOCK_VERBOSE", "0") == "1",  # the compiler's output
-        )
+        def compiled(openmp: bool) -> Any:
+            flags = _flags()
+            return build(
+                name="attnsurgery_rowblock",
+                sources=[str(SOURCE)],
+                extra_cflags=flags if openmp else [f for f in flags if f != "-fopenmp"],
+                extra_ldflags=["-fopenmp"] if openmp else [],
+                verbose=os.environ.get("ATTNSURGERY_ROWBLOCK_VERBOSE", "0") == "1",  # the compiler's output
+            )
+
+        try:
+            _module = compiled(_openmp())
+        except Exception:
+            if not _openmp():
+                raise
+            # a compiler without OpenMP (clang lacking libomp): the kernel still builds, its loop on one thread
+            _module = compiled(False)
+            warnings.warn(
+                "attnsurgery: the CPU row-block kernel was built without OpenMP (the compiler refused -fopenmp), "
+                "so its loop runs on one thread; install the compiler's OpenMP support (libgomp / libomp) for "
+                "the multi-threaded kernel.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         if getattr(_module, "API", None) != API:
             raise RuntimeError(
                 f"the compiled kernel speaks API {getattr(_module, 'API', None)}, this attnsurgery {API} (was "

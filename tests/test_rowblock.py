@@ -382,3 +382,27 @@ def test_smollm2_act_on_kernel(monkeypatch):
     tol = 2 * torch_path_error
     assert (fast.double() - exact).abs().max() <= tol
     assert (fast - stock).abs().max() > 10 * tol
+
+
+def test_compiler_without_openmp_still_builds_the_kernel(monkeypatch):
+    """A compiler that refuses -fopenmp (clang without libomp) gets the kernel built without it, with one warning
+    naming the fix; the build is not abandoned for the torch path."""
+    if not rowblock._openmp():
+        pytest.skip("ATen does not parallelise with OpenMP here: the flag is never asked for")
+    monkeypatch.setattr(rowblock, "_module", None)
+    monkeypatch.setattr(rowblock, "_failure", None)
+    builds = []
+
+    def fake_build(**kwargs):
+        builds.append(kwargs)
+        if "-fopenmp" in kwargs["extra_cflags"] or "-fopenmp" in kwargs["extra_ldflags"]:
+            raise RuntimeError("clang: error: unsupported option '-fopenmp'")
+        return type("Module", (), {"API": rowblock.API})()
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load", fake_build)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = rowblock.load()
+    assert module is not None and rowblock._failure is None and len(builds) == 2
+    messages = [str(w.message) for w in caught if "row-block" in str(w.message)]
+    assert len(messages) == 1 and "without OpenMP" in messages[0] and "libomp" in messages[0], messages
