@@ -19,6 +19,7 @@ torch path.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import threading
@@ -49,17 +50,18 @@ _module: Any = None
 _failure: str | None = None
 
 
+@functools.cache
 def _openmp() -> bool:
     """True where ATen parallelises with OpenMP (Linux wheels): ``at::parallel_for`` is a header template whose
     ``#pragma omp parallel`` only exists in code compiled with ``-fopenmp``. Without the flag the kernel's loop ran on
-    one thread while MKL split each small GEMM across the others (measured: 1.25x from a second core where PyTorch's
-    flash kernel gets 1.7x). Linked with ``-fopenmp``, the module shares torch's already loaded libgomp, so its threads
+    one thread while MKL split each small GEMM across the others (a second thread gave it 1.18-1.37x where PyTorch's
+    flash kernel gets 1.71-1.78x: docs/benchmarks-rowblock.md). Linked with ``-fopenmp``, the module shares torch's already loaded libgomp, so its threads
     are torch's ``torch.set_num_threads`` pool."""
     return platform.system() == "Linux" and "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
-def _flags() -> list[str]:
-    flags = ["-O3"] + (["-fopenmp"] if _openmp() else [])
+def _flags(openmp: bool) -> list[str]:
+    flags = ["-O3"] + (["-fopenmp"] if openmp else [])
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags.append("-march=native")
         # ATen's vector types pick their instruction set from these macros (as PyTorch's own kernels are built)
@@ -86,11 +88,10 @@ def load() -> Any:
         from torch.utils.cpp_extension import load as build
 
         def compiled(openmp: bool) -> Any:
-            flags = _flags()
             return build(
                 name="attnsurgery_rowblock",
                 sources=[str(SOURCE)],
-                extra_cflags=flags if openmp else [f for f in flags if f != "-fopenmp"],
+                extra_cflags=_flags(openmp),
                 extra_ldflags=["-fopenmp"] if openmp else [],
                 verbose=os.environ.get("ATTNSURGERY_ROWBLOCK_VERBOSE", "0") == "1",  # the compiler's output
             )

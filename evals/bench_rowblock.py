@@ -77,7 +77,7 @@ def _serial_module():
     return build(
         name="attnsurgery_rowblock_serial_loop",
         sources=[str(rowblock.SOURCE)],
-        extra_cflags=[f for f in rowblock._flags() if f != "-fopenmp"],
+        extra_cflags=rowblock._flags(openmp=False),
     )
 
 

@@ -202,7 +202,7 @@ class ActSurgery(Surgery):
         idx = sinks.to(torch.int8).sort(dim=-1, descending=True, stable=True).indices[..., :most]  # (B, H, m)
         chosen = sinks.gather(-1, idx)  # (B, H, m): False where a row has fewer than m sinks
         # the sink keys alone, picked from each head's kv head: no (B, H, Tk, D) copy of the keys
-        k_s = self._pick(call.key, idx, call).float() * call.scaling  # (B, H, m, D)
+        k_s = self._pick(call.key, idx).float() * call.scaling  # (B, H, m, D)
         # in row chunks: an fp32 copy of a long prompt's queries would cost more than the attention itself
         q = call.query
         logits = torch.cat(
@@ -217,7 +217,7 @@ class ActSurgery(Surgery):
         return torch.exp((logits - lse[..., None]).masked_fill(~ok, float("-inf"))), idx
 
     @staticmethod
-    def _pick(x: torch.Tensor, idx: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+    def _pick(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Rows ``idx`` (B, H, m) of keys or values ``x`` (B, Hkv, Tk, D), each query head reading its kv head:
         (B, H, m, D)."""
         bsz, heads = idx.shape[:2]
@@ -236,7 +236,7 @@ class ActSurgery(Surgery):
         if found is None:
             return out.to(dtype)
         probs, idx = found
-        v_s = self._pick(call.value, idx, call).float()  # (B, H, m, Dv)
+        v_s = self._pick(call.value, idx).float()  # (B, H, m, Dv)
         # beta u + c (o - u) with c = (1 - beta P) / (1 - P) and u = sum_s A_is v_s, written as c o + (beta - c) u:
         # two passes over the output (a scale, then a rank-m GEMM accumulated into it) where the edit's elementwise
         # form took six. Rows (almost) all on sinks keep c = 1 and add nothing: left as they are.
