@@ -1,45 +1,67 @@
 """attnsurgery.train.heap: inside keep_freed_memory a freed large block is reused without new page faults, and the
-defaults come back on exit (a large block is again a fresh mapping that faults its pages in)."""
+defaults come back on exit (a large block is again a fresh mapping that faults its pages in).
+
+Each measurement runs in a fresh interpreter: glibc moves a thread to a secondary arena for good after one failed
+allocation (any earlier test that provokes an out-of-memory error in the same worker), and a secondary arena maps
+every block above 64 MB fresh whatever mallopt says, so the page counts depend on what ran before in the process.
+"""
 
 from __future__ import annotations
 
-import resource
+import json
+import os
+import subprocess
+import sys
 
 import pytest
-import torch
 
-from attnsurgery.train.heap import _glibc, keep_freed_memory
+from attnsurgery.train.heap import _glibc
 
 MIB = 256  # well above glibc's 32 MB mmap ceiling: without the kept heap every such block is a fresh mapping
 PAGES = MIB * 1024 * 1024 // 4096
 
 pytestmark = pytest.mark.skipif(_glibc() is None, reason="mallopt is glibc's (Linux)")
 
+_PROBE = f"""
+import json, resource, sys
+import torch
+from attnsurgery.train.heap import keep_freed_memory
 
-def _faults_of_second_block() -> int:
-    """Minor page faults taken while a MIB block is allocated, filled and freed a second time."""
-    torch.empty(MIB * 1024 * 1024, dtype=torch.uint8).fill_(1)
+def faults_of_second_block():
+    # minor page faults taken while a {MIB} MB block is allocated, filled and freed a second time
+    torch.empty({MIB} * 2**20, dtype=torch.uint8).fill_(1)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.empty(MIB * 1024 * 1024, dtype=torch.uint8).fill_(1)
+    torch.empty({MIB} * 2**20, dtype=torch.uint8).fill_(1)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+result = {{"fresh": faults_of_second_block()}}
+with keep_freed_memory(enabled=sys.argv[1] == "on") as on:
+    result["on"] = on
+    result["inside"] = faults_of_second_block()
+result["after"] = faults_of_second_block()
+print(json.dumps(result))
+"""
+
+
+def _probe(mode: str, env: dict | None = None) -> dict:
+    done = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True,
+                          timeout=300, env=env)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_kept_heap_reuses_pages_and_defaults_return():
     # the default: a fresh mapping each time, every page faulted in again (PAGES faults, or PAGES / 512 where
     # transparent huge pages are on for every mapping; relative checks below hold either way)
-    fresh = _faults_of_second_block()
-    assert fresh >= PAGES // 512 // 2, fresh
-    with keep_freed_memory() as on:
-        assert on
-        kept = _faults_of_second_block()
-    assert kept * 10 <= fresh, (kept, fresh)
-    assert _faults_of_second_block() * 2 >= fresh  # restored on exit
+    got = _probe("on")
+    assert got["fresh"] >= PAGES // 512 // 2, got
+    assert got["on"], got
+    assert got["inside"] * 10 <= got["fresh"], got
+    assert got["after"] * 2 >= got["fresh"], got  # restored on exit
 
 
 def test_switches_off(monkeypatch):
-    with keep_freed_memory(enabled=False) as on:
-        assert not on
+    got = _probe("off")
+    assert not got["on"] and got["inside"] >= PAGES // 512 // 2, got
     monkeypatch.setenv("ATTNSURGERY_KEEP_HEAP", "0")
-    with keep_freed_memory() as on:
-        assert not on
-        assert _faults_of_second_block() >= PAGES // 512 // 2
+    got = _probe("on", env=dict(os.environ))
+    assert not got["on"] and got["inside"] >= PAGES // 512 // 2, got

@@ -12,7 +12,10 @@ library's own ``mallopt``.
 
 Inside :func:`keep_freed_memory` the heap serves every size (no ``mmap`` per block) and is never trimmed; on exit
 the defaults come back and the free memory is returned to the system (``malloc_trim``). Elsewhere than glibc
-(macOS, Windows, musl) it does nothing. ``ATTNSURGERY_KEEP_HEAP=0`` turns it off.
+(macOS, Windows, musl) it does nothing. ``ATTNSURGERY_KEEP_HEAP=0`` turns it off. One case it cannot help: after a
+failed allocation (an out-of-memory error caught and survived) glibc moves the thread to a secondary arena for the
+rest of the process, and a secondary arena maps every block above 64 MB fresh whatever ``mallopt`` says; a training
+run in its own process (``attnsurgery train``) is not affected.
 """
 
 from __future__ import annotations
