@@ -139,6 +139,37 @@ def test_up_to_stops_early(tmp_path, model_dir, corpus):
     assert [p["tokens"] for p in curve["arms"]["gates"]["points"]] == [tokens]
 
 
+def test_an_arm_trains_on_its_own_data_and_the_curve_says_which(tmp_path, model_dir, corpus):
+    """An arm's 'data' replaces the table's training text for that arm alone; curve.json records each arm's text."""
+    other = tmp_path / "other.txt"
+    other.write_text("\n\n".join(["a dog ran past the barn " * 12] * 30))
+    tokens = 2 * SEQ
+    arms = [
+        {"name": n, "model": str(model_dir), "goal_pct": 5, "seq_len": SEQ, "eval": {"seq_len": SEQ, "windows": 2},
+         "stages": [{"surgeries": GATES, "train": {"objective": "kd", "batch_size": 2, "lr": 0.05}}], **extra}
+        for n, extra in (("table-text", {}), ("own-text", {"data": str(other)}))
+    ]
+    table = write_table(tmp_path / "b.yaml", model_dir, corpus, [tokens], arms=arms)
+    out = run_budget_table(table, tmp_path / "out")
+    curve = json.loads((out / "curve.json").read_text())
+    assert curve["arms"]["table-text"]["data"] == str(corpus)
+    assert curve["arms"]["own-text"]["data"] == str(other)
+    sources = {  # what each run trained on, as its recipe records it
+        n: yaml.safe_load((out / curve["arms"][n]["points"][0]["state"] / "recipe.yaml").read_text())["training"][
+            "data"
+        ]["source"]
+        for n in ("table-text", "own-text")
+    }
+    assert sources == {"table-text": str(corpus), "own-text": str(other)}
+    # the same steps on other text give another state
+    a, b = (load_file(next((out / curve["arms"][n]["points"][0]["state"]).glob("state-*.safetensors")))
+            for n in ("table-text", "own-text"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    arms[1]["data"] = ""
+    with pytest.raises(BudgetError, match="'data' is the arm's training text"):
+        load_budget_table(write_table(tmp_path / "bad.yaml", model_dir, corpus, [tokens], arms=arms))
+
+
 def test_a_stage_under_bf16_autocast_says_so_on_its_point(tmp_path, model_dir, corpus):
     tokens = 2 * SEQ
     arms = [

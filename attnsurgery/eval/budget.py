@@ -279,7 +279,9 @@ def run_budget_table(
         entry = curve["arms"].setdefault(
             arm.name, {"model": arm.model, "goal_pct": arm.goal_pct, "points": []}
         )
-        entry.update(model=arm.model, goal_pct=arm.goal_pct, eval_seq_len=arm.eval_seq_len, note=arm.note)
+        train_text = arm.data or table.data
+        entry.update(model=arm.model, goal_pct=arm.goal_pct, eval_seq_len=arm.eval_seq_len, note=arm.note,
+                     data=train_text)
         done = {p["budget"] for p in entry["points"] if p.get("device", "cpu") == device}
         todo = [b for b in budgets if b not in done]
         runs = out / ("runs" if device == "cpu" else f"runs-{device}") / arm.name
@@ -300,7 +302,7 @@ def run_budget_table(
             loaded[arm.model][0].to(device)  # the baseline and every point are scored where training runs
         model, tokenizer = loaded[arm.model]
         max_context = getattr(model.config, "max_position_embeddings", None)
-        data = prepare_data(tokenizer, table.data, arm.seq_len, max_context=max_context, max_val_windows=8)
+        data = prepare_data(tokenizer, train_text, arm.seq_len, max_context=max_context, max_val_windows=8)
         test = _test_windows(tokenizer, table.test_data, arm.eval_seq_len, arm.eval_windows)
         key = f"{arm.model}|{table.test_data}|{arm.eval_seq_len}x{len(test)}" + (
             "" if device == "cpu" else f"|{device}"
@@ -531,7 +533,7 @@ def ship_states(
                 f"{point['rel_pct']:+.1f}% against the unpatched model ({point['ppl']:.3f} vs "
                 f"{point['baseline_ppl']:.3f}, goal +{arm.goal_pct:g}%) on {arm.eval_windows} windows of "
                 f"{arm.eval_seq_len} tokens of {table.test_data}'s test split. The longest-trained point of arm {arm.name} of "
-                f"{table.path} (training text: {table.data})."
+                f"{table.path} (training text: {arm.data or table.data})."
                 + (
                     f" Static W8A8 perplexity {point['ppl_w8a8']:,.3f} against the unpatched model's "
                     f"{point['baseline_ppl_w8a8']:,.3f}: a W8A8 gap {point['w8a8_gap_pct']:+.1f}% against its gap."

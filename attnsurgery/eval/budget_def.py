@@ -15,7 +15,7 @@ from ..errors import AttnSurgeryError, did_you_mean
 from ..recipe import RecipeError
 
 _TABLE_KEYS = {"name", "kind", "description", "data", "test_data", "budgets", "arms", "dtype"}
-_ARM_KEYS = {"name", "model", "note", "goal_pct", "seq_len", "eval", "stages", "recipe"}
+_ARM_KEYS = {"name", "model", "note", "goal_pct", "seq_len", "eval", "stages", "recipe", "data"}
 # a shipped recipe's state files together (issue 23: small states ship in the repository, each at most 20 MB)
 _STAGE_KEYS = {"name", "surgeries", "train", "share"}
 _EVAL_KEYS = {"seq_len", "windows", "w8a8_calib_windows"}
@@ -49,6 +49,7 @@ class BudgetArm:
     # with it: each point also scores static W8A8 (attnsurgery.eval.quant) calibrated on this many windows of the
     # calibration split, and reports the W8A8 gap (W8A8 minus FP perplexity) against the unpatched model's
     w8a8_calib_windows: int | None = None
+    data: str | None = None  # the arm's training text; None: the table's
 
     @property
     def tokens_per_step(self) -> int:
@@ -92,6 +93,16 @@ def _check(where: str, data: Any, allowed: set[str]) -> None:
             raise BudgetError(
                 f"{where}: unknown key {key!r}.{did_you_mean(str(key), allowed)} Allowed: {', '.join(sorted(allowed))}."
             )
+
+
+def _data_source(where: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise BudgetError(
+            f"{where}: 'data' is the arm's training text, a source name such as 'gutenberg_ppl+pdbooks'; got {value!r}."
+        )
+    return value.strip()
 
 
 def _positive_int(where: str, value: Any) -> int:
@@ -211,6 +222,7 @@ def load_budget_table(path: str | Path) -> BudgetTable:
                     if eval_cfg.get("w8a8_calib_windows") is None
                     else _positive_int(f"{where}.eval.w8a8_calib_windows", eval_cfg["w8a8_calib_windows"])
                 ),
+                data=_data_source(f"{where} ({name})", raw.get("data")),
             )
         )
     if not arms:
