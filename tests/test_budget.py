@@ -154,6 +154,7 @@ def test_an_arm_trains_on_its_own_data_and_the_curve_says_which(tmp_path, model_
     curve = json.loads((out / "curve.json").read_text())
     assert curve["arms"]["table-text"]["data"] == str(corpus)
     assert curve["arms"]["own-text"]["data"] == str(other)
+    assert "Regenerate: `attnsurgery reproduce /" in (out / "curve.md").read_text()  # this table's own path
     sources = {  # what each run trained on, as its recipe records it
         n: yaml.safe_load((out / curve["arms"][n]["points"][0]["state"] / "recipe.yaml").read_text())["training"][
             "data"

@@ -75,9 +75,15 @@ def render_curve(curve: dict[str, Any], table: BudgetTable | None = None) -> str
     lines = [f"# {table.name if table else 'budget'}", ""]
     if table is not None and table.description:
         lines += [table.description.strip(), ""]
+    source = "evals/budget.yaml"
+    if table is not None and table.path is not None:
+        try:
+            source = Path(table.path).resolve().relative_to(Path.cwd()).as_posix()
+        except ValueError:  # a table outside the working folder: its own path
+            source = str(table.path)
     lines += [
         "Test-split perplexity of each arm's state after the given number of training tokens, relative to the "
-        "unpatched model on the same windows. Regenerate: `attnsurgery reproduce evals/budget.yaml`.",
+        f"unpatched model on the same windows. Regenerate: `attnsurgery reproduce {source}`.",
         "",
         "| arm | model | device | goal | tokens | ppl | baseline | change | met |",
         "|---|---|---|---:|---:|---:|---:|---:|:-:|",

