@@ -36,6 +36,33 @@ def test_identity_init_runs_the_adapters_and_equals_base(arch):
     assert torch.equal(logits(model, ids), ref)
 
 
+def test_adapters_come_from_their_seed_and_leave_the_global_generator_alone():
+    model = tiny_model("llama")
+
+    def adapters(**kwargs):
+        with patch(model, "lora", **kwargs) as handle:
+            return {
+                k: (v["A"].weight.clone(), v["B"].weight.clone())
+                for k, v in handle.surgeries[0].adapters.items()
+            }
+
+    torch.manual_seed(1)
+    before = torch.random.get_rng_state()
+    first = adapters()
+    assert torch.equal(torch.random.get_rng_state(), before)  # patching drew nothing from the caller's stream
+    torch.manual_seed(2)
+    again, other = adapters(), adapters(seed=1)
+    for k, (a, b) in first.items():
+        assert torch.equal(a, again[k][0]) and not torch.equal(a, other[k][0])
+        assert not b.any()  # the identity: B = 0
+        # peft's distribution, U(+-1/sqrt(fan_in)): spread over the whole range, never past it
+        bound = a.shape[-1] ** -0.5
+        assert a.abs().max() <= bound and a.abs().max() > 0.9 * bound and a.std() > 0.5 * bound
+    randoms = adapters(init="random"), adapters(init="random")
+    for k in first:
+        assert torch.equal(randoms[0][k][1], randoms[1][k][1]) and randoms[0][k][1].abs().max() > 0.1
+
+
 def test_remove_restores_modules_and_grad_flags():
     model = tiny_model("llama")
     model.model.layers[0].self_attn.q_proj.weight.requires_grad_(False)

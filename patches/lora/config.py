@@ -25,6 +25,12 @@ class LoraSurgeryConfig(SurgeryConfig):
         "(gate_proj, up_proj, down_proj ...) work too. Default: every projection of the attention module.",
         kind="names",
     )
+    seed: int = arg(
+        0,
+        doc="Seed of the adapters' random init (A; B too with init='random'): the same seed gives the same "
+        "adapters, so a training run repeats, and patching leaves torch's global random state as it was.",
+        low=0,
+    )
     init: str = arg(
         "identity",
         doc="'identity': B = 0, so the adapted model starts exactly as the base model (peft's default); "
