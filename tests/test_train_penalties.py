@@ -92,8 +92,9 @@ def test_training_on_sink_lowers_the_share_and_leaves_no_probe(data):
     before = outlier_stats(model, [batch]).mean_sink_share
     before64 = outlier_stats(copy.deepcopy(model).double(), [batch]).mean_sink_share  # its float noise, below
     handle = patch(model, "lora", r=4, targets="q_proj,k_proj")
+    # lora_lr 0.02: at 0.05 the loss reaches nan by step 11 for each of LoRA seeds 0-3 (0.02 passes for each)
     config = TrainConfig(
-        steps=12, batch_size=2, seq_len=SEQ, lora_lr=0.05, objective="kd+5*sink", val_every=6
+        steps=12, batch_size=2, seq_len=SEQ, lora_lr=0.02, objective="kd+5*sink", val_every=6
     )
     result = train(model, handle, data, config, progress=False)
     engine = Engine.of(model)
