@@ -44,7 +44,7 @@ MAX_BLOCK_BYTES = TILE_BYTES  # the torch tiled pass's budget (ATTNSURGERY_TILE_
 #: the calling convention this file speaks; csrc/rowblock.cpp exports the one it was built with. They differ when a
 #: long-running process imported this file and attnsurgery was updated before its first kernel call: torch then
 #: compiles the new source, and calling it with the old arguments would fail hours into a job
-API = 3
+API = 4
 
 _module: Any = None
 _failure: str | None = None
@@ -256,3 +256,13 @@ def attention(
         keys,
     )
     return out, lse, (cols if column_weights is not None else None)
+
+
+def gate_heads_(
+    attn: torch.Tensor, logits: torch.Tensor, bias: torch.Tensor, scale: float, head_dim: int
+) -> torch.Tensor:
+    """Gated attention's elementwise gates in one pass: ``attn *= scale * sigmoid(logits + bias)`` in place, where
+    ``attn`` and ``logits`` are fp32 and contiguous with ``bias.numel()`` channels per row (heads x head_dim);
+    returns the per-head mean gate, ``(rows, heads)``. Inference on CPU only (no autograd): call :func:`load` first
+    and keep the torch ops where it returns None."""
+    return load().gate_heads_(attn, logits, bias, float(scale), int(head_dim))

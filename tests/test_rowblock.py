@@ -13,7 +13,16 @@ import warnings
 
 import pytest
 import torch
-from tiny import causal, kernel_atol, logit_atol, padded_batch, random_ids, stock_noise, tiny_model
+from tiny import (
+    KERNEL_NOISE_FACTOR,
+    causal,
+    kernel_atol,
+    logit_atol,
+    padded_batch,
+    random_ids,
+    stock_noise,
+    tiny_model,
+)
 
 from attnsurgery import load_model, patch, rowblock
 
@@ -304,6 +313,60 @@ def test_surgery_on_kernel_equals_torch_path(arch, name, monkeypatch):
     tol = logit_atol(arch)
     assert (fast - slow)[real].abs().max() <= tol
     assert (fast - stock)[real].abs().max() > 10 * tol  # the surgery is on
+
+
+@pytest.mark.parametrize("rows,heads,head_dim", [(37, 9, 64), (5, 3, 20), (8, 2, 3)])
+def test_gate_pass_matches_float64(rows, heads, head_dim):
+    """gated attention's one-pass elementwise gate (row tails where head_dim is not a vector's width) against the
+    float64 formula, within KERNEL_NOISE_FACTOR x the error the same formula shows in float32 torch ops."""
+    g = torch.Generator().manual_seed(rows)
+    attn, logits = (torch.randn(rows, heads * head_dim, generator=g) * 3 for _ in range(2))
+    bias, scale = torch.randn(heads * head_dim, generator=g), 1.7
+    want_gate = scale * torch.sigmoid(logits.double() + bias.double())
+    want = attn.double() * want_gate
+    torch_ops = attn * (torch.sigmoid(logits + bias) * scale)  # the surgery's torch path
+    noise = max((torch_ops.double() - want).abs().max().item(), torch.finfo(torch.float32).eps)
+    out = attn.clone()
+    means = rowblock.gate_heads_(out, logits, bias, scale, head_dim)
+    assert (out.double() - want).abs().max() <= KERNEL_NOISE_FACTOR * noise
+    want_means = want_gate.view(rows, heads, head_dim).mean(-1)
+    assert means.shape == (rows, heads)
+    assert (means.double() - want_means).abs().max() <= KERNEL_NOISE_FACTOR * torch.finfo(
+        torch.float32
+    ).eps * 2
+    assert (out - attn).abs().max() > 1  # it gated in place
+
+
+def test_gated_attention_on_kernel_equals_torch_path(monkeypatch):
+    """Elementwise gates at inference take the one-pass kernel; logits and mean gates equal the torch ops' on a
+    left-padded batch, and training (gradients) keeps the torch ops."""
+    model = tiny_model("llama")
+    ids, mask = padded_batch([random_ids(1, 21, seed=3)[0], random_ids(1, 14, seed=4)[0]])
+    calls = []
+    real = rowblock.gate_heads_
+    monkeypatch.setattr(rowblock, "gate_heads_", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        stock = model(ids, attention_mask=mask).logits
+    with patch(model, "gated_attention", form="elementwise", init_std=0.3, gate_init=0.4) as handle:
+        surgery = handle.surgeries[0]
+        with torch.no_grad():
+            fast = model(ids, attention_mask=mask).logits
+            fast_means = surgery.mean_gates()
+            assert len(calls) == model.config.num_hidden_layers, "the kernel was not used on every layer"
+            monkeypatch.setenv("ATTNSURGERY_ROWBLOCK", "0")
+            slow = model(ids, attention_mask=mask).logits
+            slow_means = surgery.mean_gates()
+        monkeypatch.delenv("ATTNSURGERY_ROWBLOCK")
+        calls.clear()
+        model(ids, attention_mask=mask).logits.sum().backward()
+        assert not calls and all(p.grad is not None for p in surgery.parameters())
+    real_tokens = mask.bool()
+    tol = logit_atol("llama")
+    assert (fast - slow)[real_tokens].abs().max() <= tol
+    assert (fast - stock)[real_tokens].abs().max() > 10 * tol  # the gates are on
+    assert fast_means.keys() == slow_means.keys()
+    for layer, value in slow_means.items():
+        assert fast_means[layer] == pytest.approx(value, abs=KERNEL_NOISE_FACTOR * 1e-6, rel=0)
 
 
 def test_training_keeps_the_torch_path(monkeypatch):

@@ -423,6 +423,48 @@ std::vector<at::Tensor> rowblock_attention(const at::Tensor& q, const at::Tensor
   return {out.transpose(1, 2), lse, cols};
 }
 
+// Gated attention's elementwise form at inference, in one pass: attn (N, C) *= scale * sigmoid(logits + bias), with
+// N = batch x tokens rows of C = heads x head_dim channels, in place; returns each row's per-head mean gate (N, H).
+// Torch ops make five passes over these (N, C) arrays (the bias copied into the GEMM's output, sigmoid, the scale,
+// the product, the per-head mean): about 4% of a SmolLM2 prefill at 2k tokens on 2 cores, where the gate's GEMM
+// itself is 4%. The sigmoid is PyTorch's vectorised formula, 1 / (1 + exp(-x)), on every element (row tails too).
+at::Tensor gate_heads_(at::Tensor attn, const at::Tensor& logits, const at::Tensor& bias, double scale,
+                       int64_t head_dim) {
+  TORCH_CHECK(attn.dtype() == at::kFloat && logits.dtype() == at::kFloat && bias.dtype() == at::kFloat,
+              "gate_heads_: float32 tensors only");
+  TORCH_CHECK(attn.is_contiguous() && logits.is_contiguous() && bias.is_contiguous(), "gate_heads_: contiguous only");
+  const int64_t C = bias.numel();
+  TORCH_CHECK(C > 0 && head_dim > 0 && C % head_dim == 0, "gate_heads_: channels must be whole heads");
+  TORCH_CHECK(attn.numel() == logits.numel() && attn.numel() % C == 0, "gate_heads_: attn and logits differ in size");
+  const int64_t N = attn.numel() / C, H = C / head_dim;
+  auto means = at::empty({N, H}, attn.options());
+  float* ap = attn.data_ptr<float>();
+  const float* lp = logits.data_ptr<float>();
+  const float* bp = bias.data_ptr<float>();
+  float* mp = means.data_ptr<float>();
+  const Vec one(1.f), zero(0.f), s(static_cast<float>(scale));
+  const float inv_d = 1.f / static_cast<float>(head_dim);
+  at::parallel_for(0, N, 16, [&](int64_t first, int64_t last) {
+    for (int64_t n = first; n < last; ++n) {
+      float* a = ap + n * C;
+      const float* l = lp + n * C;
+      for (int64_t h = 0; h < H; ++h) {
+        Vec sum(0.f);
+        for (int64_t d = h * head_dim; d < (h + 1) * head_dim; d += Vec::size()) {
+          const int64_t count = std::min<int64_t>(Vec::size(), (h + 1) * head_dim - d);
+          Vec x = Vec::loadu(l + d, count) + Vec::loadu(bp + d, count);
+          Vec g = (one + (zero - x).exp()).reciprocal() * s;
+          if (count < Vec::size()) g = Vec::set(zero, g, count);  // the lanes past the head add nothing
+          sum = sum + g;
+          (Vec::loadu(a + d, count) * g).store(a + d, count);
+        }
+        mp[n * H + h] = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sum) * inv_d;
+      }
+    }
+  });
+  return means;
+}
+
 // How many threads a parallel_for of this module runs on (at::get_num_threads() where it was compiled with OpenMP;
 // 1 where the pragma was compiled out): the tests' check that the kernel's own loop is parallel.
 int64_t worker_threads() {
@@ -438,8 +480,9 @@ int64_t worker_threads() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // the calling convention's version: attnsurgery/rowblock.py refuses a build of another one (a process that
   // imported an older attnsurgery, then compiled a newer source on its first kernel call)
-  m.attr("API") = 3;
+  m.attr("API") = 4;
   m.def("rowblock_attention", &rowblock_attention,
         "exact row-block attention with lse, column sums, clipping and skipped (head, query) rows");
+  m.def("gate_heads_", &gate_heads_, "gated attention's elementwise gates applied in place; per-head mean gates");
   m.def("worker_threads", &worker_threads, "threads a parallel_for of this module runs on");
 }

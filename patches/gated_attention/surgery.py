@@ -6,6 +6,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from attnsurgery import rowblock
 from attnsurgery.errors import SurgeryConfigError
 from attnsurgery.surgery import AttentionCall, Stage, Surgery
 from attnsurgery.targeting import module_device
@@ -162,12 +163,42 @@ class GatedAttentionSurgery(Surgery):
                 f"{None if hidden is None else tuple(hidden.shape)}); was the attention function called "
                 "outside the module's forward?"
             )
+        per_head = self._fused(layer, hidden, attn_output)
+        if per_head is not None:  # gated in place by the CPU kernel
+            self._record(layer, per_head, call)
+            return attn_output
         gate = self.gate_values(layer, hidden)  # (B, Tq, H, D | 1)
         self._record(layer, gate, call)
         gate = gate.to(device=attn_output.device, dtype=attn_output.dtype)
         if torch.is_grad_enabled() and (attn_output.requires_grad or gate.requires_grad):
             return attn_output * gate  # the attention's backward may need its output unchanged
         return attn_output.mul_(gate)  # inference: the kernel's fresh output, gated in place
+
+    def _fused(self, layer: int, hidden: torch.Tensor, attn_output: torch.Tensor) -> torch.Tensor | None:
+        """Inference on CPU in fp32, elementwise gates on every head: the gate GEMM without its bias, then one kernel
+        pass (``rowblock.gate_heads_``) adds the bias, takes the sigmoid and the scale, gates ``attn_output`` in place
+        and returns the per-head mean gates (B, Tq, H, 1); torch ops take five passes over those (B, Tq, H*D) arrays
+        (docs/benchmarks-gates.md). None where it does not apply: the torch ops below then run."""
+        gate = self.gates[str(layer)]
+        if (
+            torch.is_grad_enabled()
+            or gate.form != "elementwise"
+            or self._head_masks[layer] is not None
+            or attn_output.device.type != "cpu"
+            or attn_output.dtype != torch.float32
+            or hidden.dtype != torch.float32
+            or gate.weight.device.type != "cpu"
+            or not attn_output.is_contiguous()
+            or not rowblock.enabled()
+            or rowblock.load() is None
+        ):
+            return None
+        bsz, q_len, heads, head_dim = attn_output.shape
+        logits = torch.mm(
+            hidden.reshape(bsz * q_len, -1), gate.weight.t()
+        )  # (B*Tq, H*D), the bias added in the pass
+        means = rowblock.gate_heads_(attn_output, logits, gate.bias, self.gate_scale, head_dim)
+        return means.view(bsz, q_len, heads, 1)
 
     def _record(self, layer: int, gate: torch.Tensor, call: AttentionCall) -> None:
         """Mean gate over this layer's targeted heads and real (unpadded) query tokens. With a sparsity penalty the
