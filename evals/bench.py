@@ -188,6 +188,9 @@ def _arms(eager: bool, cuda: bool = False):
         arms["act beta=0.4 thr=0.1 (no row-block kernel: torch pass)"] = _torch_pass(
             "act", beta=0.4, threshold=0.1
         )
+        arms["gated_attention elementwise (no row-block kernel: torch ops)"] = _torch_pass(
+            "gated_attention", form="elementwise", init_std=0.02
+        )
     if eager:
         arms["act (reference-style: materialised n x n)"] = _MaterialisedAct
         arms["stock eager"] = "eager"
