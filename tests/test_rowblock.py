@@ -442,9 +442,13 @@ def test_smollm2_act_on_kernel(monkeypatch):
             slow = model(ids).logits
     torch_path_error = float((slow.double() - exact).abs().max())
     assert torch_path_error > stock_noise(model, ids)  # ACT's own rounding, beyond the stock model's
-    tol = 2 * torch_path_error
+    # KERNEL_NOISE_FACTOR x the torch path's error, as the other kernel checks: 2x held on the machines this ran on
+    # until an AMD EPYC (AVX512) CI host, where the kernel's error was 0.089 against the torch path's 0.018 on the
+    # last token (the same with the kernel source before the gate pass was added); ACT's detection compares column
+    # sums with a threshold, and float32 paths that sum in another order can decide a borderline column apart
+    tol = KERNEL_NOISE_FACTOR * torch_path_error
     assert (fast.double() - exact).abs().max() <= tol
-    assert (fast - stock).abs().max() > 10 * tol
+    assert (fast - stock).abs().max() > 20 * torch_path_error
 
 
 def test_compiler_without_openmp_still_builds_the_kernel(monkeypatch):
